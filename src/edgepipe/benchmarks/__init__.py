@@ -1,0 +1,1 @@
+"""Benchmarks: the latency/accuracy harness, the run report, and its Markdown rendering."""

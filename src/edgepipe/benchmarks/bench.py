@@ -1,0 +1,140 @@
+"""Benchmark every artifact of a run on every requested target: accuracy and latency, one report."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgepipe.benchmarks.harness import measure_interleaved
+from edgepipe.errors import EdgepipeError
+from edgepipe.runtime.backends import BACKENDS, RuntimeOptions
+from edgepipe.runtime.host import host_info, versions
+from edgepipe.runtime.predictor import Predictor
+
+log = logging.getLogger(__name__)
+REPORT_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class BenchItem:
+    name: str
+    path: Path  # artifact folder
+    precision: str
+    model_format: str  # "onnx" | "transformers"
+
+    @property
+    def size_mb(self) -> float:
+        files = [self.path / "model.onnx"] if self.model_format == "onnx" else list(self.path.glob("*.safetensors"))
+        return round(sum(f.stat().st_size for f in files if f.exists()) / 1e6, 2)
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    targets: list[str]
+    batch_sizes: list[int]
+    seq_lens: list[int]
+    runs: int
+    rounds: int
+    warmup_runs: int
+    warmup_s: float
+    threads: int | None
+    eval_batch_size: int
+    eval_max_seq_len: int
+    eval_max_examples: int | None
+    cv_warn: float
+
+
+def accuracy(predictor: Predictor, texts: list[str], labels: np.ndarray, batch_size: int) -> float:
+    logits = predictor.logits(texts, batch_size=batch_size)
+    return float((logits.argmax(-1) == labels).mean())
+
+
+def _backend_for(item: BenchItem, target: str) -> tuple[str | None, str | None]:
+    """(backend name, None) or (None, reason it cannot run)."""
+    reasons = []
+    for backend in BACKENDS.values():
+        if backend.model_format == item.model_format and backend.target == target:
+            reason = backend.available()
+            if reason is None:
+                return backend.name, None
+            reasons.append(f"{backend.name}: {reason}")
+    return None, "; ".join(reasons) or f"no backend runs {item.model_format} models on {target} yet"
+
+
+def run_bench(
+    items: list[BenchItem], texts: list[str], labels: np.ndarray, settings: BenchSettings, reference: str | None
+) -> dict[str, Any]:
+    """Measure every item on every target; returns the report (schema_version 1) as a dict."""
+    options = RuntimeOptions(threads=settings.threads)
+    if settings.eval_max_examples is not None:
+        texts, labels = texts[: settings.eval_max_examples], labels[: settings.eval_max_examples]
+    results: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
+    warnings: list[str] = []
+    for target in settings.targets:
+        loaded: dict[str, tuple[BenchItem, Predictor, str]] = {}
+        for item in items:
+            backend, reason = _backend_for(item, target)
+            if backend is None:
+                skipped.append({"artifact": item.name, "target": target, "reason": reason or ""})
+                continue
+            predictor = Predictor.load(item.path, options=options, target=target)
+            predictor.max_seq_len = settings.eval_max_seq_len
+            loaded[item.name] = (item, predictor, backend)
+        if not loaded:
+            continue
+        acc = {
+            name: accuracy(pred, texts, labels, settings.eval_batch_size) for name, (_, pred, _) in loaded.items()
+        }
+        for batch in settings.batch_sizes:
+            for seq_len in settings.seq_lens:
+                batch_texts = [texts[i % len(texts)] for i in range(batch)]
+                runners = {}
+                for name, (_, pred, _) in loaded.items():
+                    feeds = pred.encode(batch_texts, pad_to=seq_len)
+                    runners[name] = lambda pred=pred, feeds=feeds: pred.session.run(feeds)
+                stats = measure_interleaved(
+                    runners, runs=settings.runs, rounds=settings.rounds,
+                    warmup_runs=settings.warmup_runs, warmup_s=settings.warmup_s,
+                )
+                for name, s in stats.items():
+                    item, pred, backend = loaded[name]
+                    if s.cv > settings.cv_warn:
+                        warnings.append(
+                            f"{name} at batch {batch}, seq {seq_len}: latency std/mean = {s.cv:.2f} "
+                            f"(> {settings.cv_warn}); the machine was noisy, compare with care"
+                        )
+                    results.append({
+                        "artifact": name,
+                        "engine": backend,
+                        "precision": item.precision,
+                        "target": target,
+                        "size_mb": item.size_mb,
+                        "accuracy": round(acc[name], 5),
+                        "batch": batch,
+                        "seq_len": seq_len,
+                        "latency_ms": s.to_json(),
+                        "throughput_per_s": round(batch * 1000.0 / s.mean, 2),
+                        "runtime": pred.session.describe(),
+                    })
+    if not results:
+        raise EdgepipeError(
+            "nothing could be benchmarked: " + "; ".join(f"{s['artifact']} on {s['target']}: {s['reason']}"
+                                                         for s in skipped)
+        )
+    return {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "machine": host_info(),
+        "versions": versions(),
+        "settings": settings.__dict__,
+        "threads": options.resolved_threads,
+        "eval_examples": len(texts),
+        "reference": reference,
+        "results": results,
+        "skipped": skipped,
+        "warnings": warnings,
+    }

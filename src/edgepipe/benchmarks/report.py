@@ -1,0 +1,93 @@
+"""Render `report.json` as Markdown a person can read, and derive the notes worth saying out loud."""
+
+from __future__ import annotations
+
+from typing import Any
+
+BASELINE = "fp32"  # ORT fp32 without fusion: the speedup column is relative to it
+
+
+def _row_key(row: dict[str, Any]) -> tuple[str, int, int]:
+    return row["target"], row["batch"], row["seq_len"]
+
+
+def findings(report: dict[str, Any]) -> list[str]:
+    """Plain statements about the int8 artifacts relative to fp32, per shape."""
+    notes = []
+    groups: dict[tuple[str, int, int], dict[str, dict[str, Any]]] = {}
+    for row in report["results"]:
+        groups.setdefault(_row_key(row), {})[row["artifact"]] = row
+    for (target, batch, seq_len), rows in sorted(groups.items()):
+        p50 = {name: row["latency_ms"]["p50"] for name, row in rows.items()}
+        where = f"{target} batch {batch} seq {seq_len}"
+        static = [n for n, r in rows.items() if r["precision"] == "int8-static"]
+        dynamic = [n for n, r in rows.items() if r["precision"] == "int8-dynamic"]
+        fused = p50.get("fp32-fused")
+        for name in static:
+            for other in [*dynamic, "fp32-fused"]:
+                if other in p50 and p50[name] > p50[other]:
+                    notes.append(
+                        f"{where}: static int8 `{name}` ({p50[name]:.2f} ms) is slower than `{other}` "
+                        f"({p50[other]:.2f} ms) on this CPU"
+                    )
+        if fused is not None and BASELINE in p50:
+            best = min(p50, key=lambda n: p50[n])
+            notes.append(
+                f"{where}: fastest is `{best}` at {p50[best]:.2f} ms p50, "
+                f"{p50[BASELINE] / p50[best]:.2f}x ORT fp32 ({p50[BASELINE]:.2f} ms)"
+            )
+    return notes
+
+
+def render_markdown(report: dict[str, Any], title: str, gate_lines: list[str] | None = None) -> str:
+    machine, vers = report["machine"], report["versions"]
+    out = [f"# edgepipe report: {title}", ""]
+    out.append(
+        f"Machine: {machine['cpu']} ({machine['physical_cores']} physical / {machine['logical_cores']} logical cores, "
+        f"{machine['memory_gb']} GB), flags {', '.join(machine['cpu_flags']) or 'n/a'}; {machine['os']}."
+    )
+    out.append("Versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()) + ".")
+    settings = report["settings"]
+    out.append(
+        f"Latency: {settings['runs']} timed runs per artifact and shape, interleaved over {settings['rounds']} "
+        f"rounds, after >= {settings['warmup_runs']} warm-up runs and >= {settings['warmup_s']} s; "
+        f"threads {report['threads']}."
+    )
+    out += ["", f"## Accuracy (test split, {report['eval_examples']} examples)", ""]
+    out += ["| artifact | engine | precision | size MB | accuracy | vs reference |", "|---|---|---|---|---|---|"]
+    seen: dict[tuple[str, str], dict[str, Any]] = {}
+    for row in report["results"]:
+        seen.setdefault((row["artifact"], row["target"]), row)
+    ref = next((r["accuracy"] for (n, _), r in seen.items() if n == report.get("reference")), None)
+    for (name, _), row in seen.items():
+        delta = "" if ref is None else f"{100 * (row['accuracy'] - ref):+.2f} pt"
+        out.append(
+            f"| {name} | {row['engine']} | {row['precision']} | {row['size_mb']:.1f} | "
+            f"{100 * row['accuracy']:.2f}% | {delta} |"
+        )
+    groups: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
+    for row in report["results"]:
+        groups.setdefault(_row_key(row), []).append(row)
+    for (target, batch, seq_len), rows in groups.items():
+        base = next((r["latency_ms"]["p50"] for r in rows if r["artifact"] == BASELINE), None)
+        out += ["", f"## Latency: {target}, batch {batch}, sequence {seq_len} (ms)", ""]
+        out += [
+            "| artifact | p50 | p90 | p99 | mean ± std | per s | x vs ORT fp32 (p50) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in rows:
+            lat = row["latency_ms"]
+            speed = "" if base is None else f"{base / lat['p50']:.2f}"
+            out.append(
+                f"| {row['artifact']} | {lat['p50']:.2f} | {lat['p90']:.2f} | {lat['p99']:.2f} | "
+                f"{lat['mean']:.2f} ± {lat['std']:.2f} | {row['throughput_per_s']:.1f} | {speed} |"
+            )
+    notes = findings(report)
+    if notes or report["warnings"] or report["skipped"]:
+        out += ["", "## Notes", ""]
+        out += [f"- {n}" for n in notes]
+        out += [f"- warning: {w}" for w in report["warnings"]]
+        out += [f"- skipped `{s['artifact']}` on {s['target']}: {s['reason']}" for s in report["skipped"]]
+    if gate_lines:
+        out += ["", "## Gates", ""] + [f"- {line}" for line in gate_lines]
+    return "\n".join(out) + "\n"

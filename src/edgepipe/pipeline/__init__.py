@@ -1,0 +1,1 @@
+"""The pipeline: recipe schema, data, stages, runner, manifest and CLI."""

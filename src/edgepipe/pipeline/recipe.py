@@ -1,0 +1,301 @@
+"""Recipe schema v1 (pydantic) and loading: YAML -> validated, frozen `Recipe`.
+
+Nothing here imports torch: `edgepipe validate` must answer in well under a second.
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from edgepipe.errors import RecipeError
+
+SCHEMA_VERSION = 1
+
+
+class ArtifactKind(str, enum.Enum):
+    """What a stage consumes and produces; the runner checks the chain before running anything."""
+
+    HF_MODEL = "hf-model"
+    ONNX_FP32 = "onnx-fp32"
+    ONNX_FP32_FUSED = "onnx-fp32-fused"
+    ONNX_INT8 = "onnx-int8"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _positive_seq_len(value: int) -> int:
+    if value <= 0:
+        raise ValueError(f"sequence length must be > 0, got {value}")
+    return value
+
+
+class DataConfig(_Strict):
+    source: str = Field("rotten-tomatoes", description="built-in dataset name or a .csv/.jsonl file")
+    text_column: str = "text"
+    label_column: str = "label"
+    val_fraction: float = Field(0.1, gt=0, lt=0.5)
+    test_fraction: float = Field(0.1, gt=0, lt=0.5)
+    calibration_size: int = Field(256, ge=1, description="examples held out for int8 calibration")
+    max_examples: int | None = Field(None, ge=20, description="subsample after deduplication (tests)")
+
+
+class FinetuneConfig(_Strict):
+    kind: Literal["finetune"]
+    max_steps: int = Field(300, ge=1)
+    batch_size: int = Field(32, ge=1)
+    max_seq_len: int = 64
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    train_encoder: bool = Field(True, description="false trains only the task head")
+    eval_batch_size: int = Field(64, ge=1)
+
+    _check_len = field_validator("max_seq_len")(_positive_seq_len)
+
+    def consumes(self) -> tuple[ArtifactKind, ...]:
+        return (ArtifactKind.HF_MODEL,)
+
+    def produces(self) -> tuple[ArtifactKind, ...]:
+        return (ArtifactKind.HF_MODEL,)
+
+
+class ExportConfig(_Strict):
+    kind: Literal["export"]
+    opset: int = Field(17, ge=17, le=21)
+    export_shape: tuple[int, int] = Field((2, 16), description="(batch, seq_len) traced at export")
+    parity_shapes: list[tuple[int, int]] = Field(
+        default_factory=lambda: [(1, 7), (3, 45)], min_length=2, description="(batch, seq_len) checked"
+    )
+    parity_atol: float = Field(1e-4, gt=0)
+    fuse: bool = Field(True, description="also write a transformer-fused fp32 model where supported")
+
+    @model_validator(mode="after")
+    def _shapes(self) -> ExportConfig:
+        for batch, seq_len in [self.export_shape, *self.parity_shapes]:
+            if batch <= 0 or seq_len <= 0:
+                raise ValueError(f"shapes need batch > 0 and seq_len > 0, got ({batch}, {seq_len})")
+        if len({s for s in self.parity_shapes if s != tuple(self.export_shape)}) < 2:
+            raise ValueError("parity_shapes needs at least two shapes other than export_shape")
+        return self
+
+    def consumes(self) -> tuple[ArtifactKind, ...]:
+        return (ArtifactKind.HF_MODEL,)
+
+    def produces(self) -> tuple[ArtifactKind, ...]:
+        if self.fuse:
+            return (ArtifactKind.ONNX_FP32, ArtifactKind.ONNX_FP32_FUSED)
+        return (ArtifactKind.ONNX_FP32,)
+
+
+class CalibrationConfig(_Strict):
+    method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    samples: int = Field(256, ge=1, description="taken from the calibration split")
+    batch_size: int = Field(16, ge=1)
+    max_seq_len: int = 128
+    percentile: float = Field(99.999, gt=90, le=100)
+    num_bins: int = Field(2048, ge=128, description="histogram bins for entropy/percentile")
+
+    _check_len = field_validator("max_seq_len")(_positive_seq_len)
+
+
+class QuantizeConfig(_Strict):
+    kind: Literal["quantize"]
+    mode: Literal["dynamic", "static"]
+    source: Literal["fp32", "fp32-fused"] | None = Field(
+        None, description="which fp32 export to quantize; default: fused for dynamic, plain for static"
+    )
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="artifact name")
+    per_channel: bool = True
+    reduce_range: bool = False
+    weight_type: Literal["int8", "uint8"] = "int8"
+    activation_type: Literal["uint8", "int8"] = "uint8"
+    op_types: list[str] | None = Field(None, description="op types to quantize; default per mode")
+    nodes_to_exclude: list[str] = Field(default_factory=list)
+    preprocess: bool = Field(True, description="onnxruntime quant_pre_process before static quantization")
+    calibration: CalibrationConfig | None = None
+
+    @model_validator(mode="after")
+    def _calibration_only_for_static(self) -> QuantizeConfig:
+        if self.mode == "dynamic" and self.calibration is not None:
+            raise ValueError("calibration applies to mode: static only; remove it or set mode: static")
+        return self
+
+    @property
+    def source_kind(self) -> ArtifactKind:
+        source = self.source or ("fp32-fused" if self.mode == "dynamic" else "fp32")
+        return ArtifactKind.ONNX_FP32_FUSED if source == "fp32-fused" else ArtifactKind.ONNX_FP32
+
+    @property
+    def artifact_name(self) -> str:
+        return self.name or f"int8-{self.mode}"
+
+    def consumes(self) -> tuple[ArtifactKind, ...]:
+        return (self.source_kind,)
+
+    def produces(self) -> tuple[ArtifactKind, ...]:
+        return (ArtifactKind.ONNX_INT8,)
+
+
+StageConfig = Annotated[FinetuneConfig | ExportConfig | QuantizeConfig, Field(discriminator="kind")]
+
+
+class BenchConfig(_Strict):
+    targets: list[Literal["cpu", "cuda"]] = Field(default_factory=lambda: ["cpu"], min_length=1)
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], min_length=1)
+    seq_lens: list[int] = Field(default_factory=lambda: [128], min_length=1)
+    runs: int = Field(50, ge=5, description="timed runs per artifact and shape")
+    rounds: int = Field(5, ge=1, description="artifacts are interleaved over this many rounds")
+    warmup_runs: int = Field(5, ge=0)
+    warmup_s: float = Field(0.5, ge=0, description="keep warming up until this much time has passed")
+    threads: int | None = Field(None, ge=1, description="intra-op threads; default: physical cores")
+    eval_batch_size: int = Field(32, ge=1)
+    eval_max_seq_len: int = 128
+    eval_max_examples: int | None = Field(None, ge=1)
+    cv_warn: float = Field(0.15, gt=0, description="warn when std/mean of a latency exceeds this")
+    include_torch: bool = Field(True, description="also measure the PyTorch fp32 model")
+
+    _check_len = field_validator("eval_max_seq_len")(_positive_seq_len)
+
+    @field_validator("batch_sizes", "seq_lens")
+    @classmethod
+    def _positive(cls, values: list[int]) -> list[int]:
+        bad = [v for v in values if v <= 0]
+        if bad:
+            raise ValueError(f"every value must be > 0, got {bad}")
+        return values
+
+
+class GatesConfig(_Strict):
+    max_accuracy_drop: float | None = Field(
+        None, ge=0, le=1, description="largest allowed accuracy drop (0.01 = 1 point) of the gated artifacts"
+    )
+    artifacts: list[str] | None = Field(None, description="artifacts the gate applies to; default all")
+
+
+class Recipe(_Strict):
+    schema_version: Literal[1]
+    name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    model: str = Field(description="built-in model name or a local transformers folder")
+    task: Literal["text-classification"] = "text-classification"
+    data: DataConfig = Field(default_factory=DataConfig)  # type: ignore[arg-type]
+    stages: list[StageConfig] = Field(min_length=1)
+    bench: BenchConfig = Field(default_factory=BenchConfig)
+    gates: GatesConfig = Field(default_factory=GatesConfig)
+
+    @model_validator(mode="after")
+    def _unique_artifact_names(self) -> Recipe:
+        names = [s.artifact_name for s in self.stages if isinstance(s, QuantizeConfig)]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"two quantize stages produce the same artifact name {dupes}; set `name:` on one")
+        return self
+
+
+STAGE_KINDS = ("finetune", "export", "quantize")
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    # Drop the discriminator tag pydantic inserts after a list index (stages.0.finetune.lr -> stages.0.lr).
+    parts: list[str] = []
+    for i, item in enumerate(loc):
+        if isinstance(item, str) and item in STAGE_KINDS and i > 0 and isinstance(loc[i - 1], int):
+            continue
+        parts.append(str(item))
+    return ".".join(parts) or "(top level)"
+
+
+def _problems(error: ValidationError) -> list[str]:
+    problems = []
+    for err in error.errors():
+        key = _format_loc(err["loc"])
+        if err["type"] == "extra_forbidden":
+            problems.append(f"`{key}`: unknown key; remove it or check its spelling")
+        elif err["type"] == "missing":
+            problems.append(f"`{key}`: required key is missing")
+        else:
+            got = err.get("input")
+            shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
+            message = err["msg"].removeprefix("Value error, ")
+            problems.append(f"`{key}`: {message}{shown}")
+    return problems
+
+
+def parse_recipe(raw: Any, source: str = "recipe") -> Recipe:
+    """Validate a raw mapping; every problem is reported at once in one `RecipeError`."""
+    if not isinstance(raw, dict):
+        raise RecipeError([f"the top level must be a mapping of keys, got {type(raw).__name__}"], source)
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as error:
+        raise RecipeError(_problems(error), source) from None
+
+
+def read_recipe_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise RecipeError([f"recipe file not found: {path}; pass the path of a YAML recipe"], str(path))
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise RecipeError([f"not valid YAML: {error}"], str(path)) from None
+    if not isinstance(raw, dict):
+        raise RecipeError(["the top level must be a mapping of keys"], str(path))
+    return raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `--set a.b.0.c=VALUE` overrides (VALUE parsed as YAML) to a raw recipe mapping."""
+    problems = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            problems.append(f"override {item!r}: expected KEY=VALUE, e.g. stages.0.max_steps=100")
+            continue
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        node: Any = raw
+        parts = key.split(".")
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            where = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    problems.append(f"override `{key}`: `{where}` is not an index of a {len(node)}-item list")
+                    break
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+            else:
+                problems.append(f"override `{key}`: `{where}` is inside a value, not a mapping")
+                break
+    if problems:
+        raise RecipeError(problems, "--set")
+    return raw
+
+
+def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
+    raw = apply_overrides(read_recipe_file(path), overrides or [])
+    return parse_recipe(raw, str(path))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def default_recipe_path() -> Path:
+    return Path(__file__).resolve().parent.parent / "recipes" / "default.yaml"

@@ -1,0 +1,329 @@
+"""The runner: checks the whole chain, runs or reuses each stage, records the manifest, benchmarks.
+
+Each stage runs in a temporary folder that is renamed into place only when it completes, so a
+crash leaves no half-written stage. A stage whose key (config, input fingerprints, data, seed) is
+unchanged and whose files still hash as recorded is reused; `force` reruns everything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import edgepipe
+from edgepipe.errors import EdgepipeError, GateFailedError, InputError, RecipeError, StageError
+from edgepipe.pipeline.artifacts import (
+    Artifact,
+    config_hash,
+    file_records,
+    folder_fingerprint,
+    write_atomic,
+    write_json,
+)
+from edgepipe.pipeline.data import DataSplits, data_problem, load_splits
+from edgepipe.pipeline.models import model_problem, resolve_model
+from edgepipe.pipeline.recipe import ArtifactKind, Recipe, dump_recipe, parse_recipe
+from edgepipe.runtime.host import git_commit, host_info, versions
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+
+
+def check_chain(recipe: Recipe) -> list[str]:
+    """Every stage's inputs must be produced by the model or an earlier stage."""
+    available = {ArtifactKind.HF_MODEL}
+    problems = []
+    for i, stage in enumerate(recipe.stages):
+        missing = [k.value for k in stage.consumes() if k not in available]
+        if missing:
+            problems.append(
+                f"`stages.{i}` ({stage.kind}) needs {', '.join(missing)}, which no earlier stage produces; "
+                f"add or reorder stages (e.g. export before quantize, with fuse: true for a fused source)"
+            )
+        available.update(stage.produces())
+    return problems
+
+
+def check_recipe(recipe: Recipe, out: Path | None = None) -> list[str]:
+    """Everything that needs no computation: files exist, columns exist, chain is complete."""
+    problems = [p for p in (model_problem(recipe.model), data_problem(recipe.data)) if p]
+    problems += check_chain(recipe)
+    if out is not None and out.exists() and not out.is_dir():
+        problems.append(f"`--out`: {out} is a file; pass a folder (it is created if missing)")
+    return problems
+
+
+def _check_labels(model_dir: Path, recipe: Recipe, data: DataSplits) -> None:
+    if recipe.stages[0].kind == "finetune":
+        return  # the head is re-created for the data's labels
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    labels = [config.get("id2label", {})[k] for k in sorted(config.get("id2label", {}), key=int)]
+    if len(labels) != len(data.label_names):
+        raise InputError(
+            f"`model`: {recipe.model} predicts {len(labels)} labels {labels} but the data has "
+            f"{len(data.label_names)} {data.label_names}; add a finetune stage first or fix `data.label_column`"
+        )
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / MANIFEST
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    def stage(self, index: int, kind: str) -> Path:
+        return self.root / f"{index + 1:02d}-{kind}"
+
+
+def _load_manifest(paths: RunPaths) -> dict[str, Any]:
+    if paths.manifest.is_file():
+        try:
+            data = json.loads(paths.manifest.read_text(encoding="utf-8"))
+            if isinstance(data, dict):
+                return data
+        except json.JSONDecodeError:
+            log.warning("ignoring unreadable %s", paths.manifest)
+    return {}
+
+
+def _reusable(stage_dir: Path, key: str) -> dict[str, Any] | None:
+    record_file = stage_dir / "stage.json"
+    if not record_file.is_file():
+        return None
+    record = json.loads(record_file.read_text(encoding="utf-8"))
+    if record.get("key") != key:
+        return None
+    current = file_records(stage_dir)
+    if any(current.get(name) != meta for name, meta in record["files"].items()):
+        log.warning("%s: files changed since they were written; rerunning the stage", stage_dir.name)
+        return None
+    return record
+
+
+def _run_stage(index: int, stage: Any, inputs: dict[ArtifactKind, Artifact], key: str, paths: RunPaths,
+               recipe: Recipe, data: DataSplits) -> dict[str, Any]:
+    from edgepipe.pipeline.stages import StageContext, load_stages
+
+    final = paths.stage(index, stage.kind)
+    tmp = paths.root / f".{final.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    ctx = StageContext(stage_dir=tmp, seed=recipe.seed, task=recipe.task, data=data, cache_dir=paths.cache)
+    started = time.perf_counter()
+    try:
+        result = load_stages()[stage.kind](inputs, stage, ctx)
+    except EdgepipeError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except Exception as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise StageError(final.name, paths.root, f"{type(error).__name__}: {error}") from error
+    duration = time.perf_counter() - started
+    artifacts = [
+        Artifact(a.name, a.kind, final / a.path.relative_to(tmp), a.precision, folder_fingerprint(a.path))
+        for a in result.artifacts
+    ]
+    write_json(tmp / "metrics.json", result.metrics)
+    record = {
+        "index": index,
+        "kind": stage.kind,
+        "dir": final.name,
+        "key": key,
+        "config": stage.model_dump(mode="json"),
+        "config_hash": config_hash(stage.model_dump(mode="json")),
+        "duration_s": round(duration, 2),
+        "metrics": result.metrics,
+        "artifacts": [a.to_json(paths.root) for a in artifacts],
+        "files": file_records(tmp),
+    }
+    write_json(tmp / "stage.json", record)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return record
+
+
+def _bench_items(artifacts: list[Artifact], include_torch: bool) -> list[Any]:
+    from edgepipe.benchmarks.bench import BenchItem
+
+    items = []
+    for a in artifacts:
+        if a.kind == ArtifactKind.HF_MODEL:
+            if include_torch:
+                items.append(BenchItem(a.name, a.path, a.precision, "transformers"))
+        else:
+            items.append(BenchItem(a.name, a.path, a.precision, "onnx"))
+    return items
+
+
+def _settings(recipe: Recipe) -> Any:
+    from edgepipe.benchmarks.bench import BenchSettings
+
+    cfg = recipe.bench.model_dump()
+    cfg.pop("include_torch")
+    return BenchSettings(**cfg)
+
+
+def _gate(recipe: Recipe, report: dict[str, Any]) -> list[str]:
+    """Lines describing each gate check; failing lines start with FAIL."""
+    limit = recipe.gates.max_accuracy_drop
+    if limit is None:
+        return []
+    acc = {(r["artifact"], r["target"]): r["accuracy"] for r in report["results"]}
+    ref_name = report["reference"]
+    lines = []
+    for (name, target), value in acc.items():
+        ref = acc.get((ref_name, target))
+        if name == ref_name or ref is None:
+            continue
+        if recipe.gates.artifacts is not None and name not in recipe.gates.artifacts:
+            continue
+        drop = ref - value
+        verdict = "FAIL" if drop > limit else "pass"
+        lines.append(
+            f"{verdict}: `{name}` on {target} accuracy {100 * value:.2f}% vs `{ref_name}` {100 * ref:.2f}% "
+            f"(drop {100 * drop:.2f} pt, limit {100 * limit:.2f} pt)"
+        )
+    return lines
+
+
+def write_report(paths: RunPaths, recipe: Recipe, report: dict[str, Any]) -> list[str]:
+    from edgepipe.benchmarks.report import render_markdown
+
+    gate_lines = _gate(recipe, report)
+    report["gates"] = gate_lines
+    write_json(paths.root / REPORT_JSON, report)
+    write_atomic(paths.root / REPORT_MD, render_markdown(report, recipe.name, gate_lines))
+    return gate_lines
+
+
+def _raise_on_gates(gate_lines: list[str], paths: RunPaths) -> None:
+    failed = [line for line in gate_lines if line.startswith("FAIL")]
+    if failed:
+        raise GateFailedError(
+            "gate failed:\n  " + "\n  ".join(failed) + f"\nreport: {paths.root / REPORT_MD}"
+        )
+
+
+def prepare(recipe: Recipe, out: Path) -> tuple[RunPaths, DataSplits, Path]:
+    problems = check_recipe(recipe, out)
+    if problems:
+        raise RecipeError(problems)
+    data = load_splits(recipe.data, recipe.seed)
+    model_dir = resolve_model(recipe.model)
+    _check_labels(model_dir, recipe, data)
+    out.mkdir(parents=True, exist_ok=True)
+    return RunPaths(out.resolve()), data, model_dir
+
+
+def build(recipe: Recipe, out: Path, *, force: bool = False) -> Path:
+    """Run every stage (or reuse it), benchmark, gate. Returns the path of report.md."""
+    paths, data, model_dir = prepare(recipe, out)
+    manifest = _load_manifest(paths)
+    resolved = recipe.model_dump(mode="json")
+    manifest.update({
+        "schema_version": 1,
+        "edgepipe": edgepipe.__version__,
+        "git_commit": git_commit(),
+        "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "recipe": resolved,
+        "versions": versions(),
+        "host": host_info(),
+        "data": {"source": recipe.data.source, "fingerprint": data.fingerprint, "sizes": data.sizes(),
+                 "labels": data.label_names},
+    })
+    write_atomic(paths.root / "recipe.resolved.yaml", dump_recipe(recipe))
+    current = {ArtifactKind.HF_MODEL: Artifact("model", ArtifactKind.HF_MODEL, model_dir, "fp32",
+                                               folder_fingerprint(model_dir))}
+    produced: list[Artifact] = []
+    records = []
+    for index, stage in enumerate(recipe.stages):
+        inputs = {kind: current[kind] for kind in stage.consumes()}
+        key = config_hash([stage.kind, stage.model_dump(mode="json"), {k.value: a.fingerprint for k, a in
+                           inputs.items()}, data.fingerprint, recipe.seed, recipe.task, edgepipe.__version__])
+        stage_dir = paths.stage(index, stage.kind)
+        record = None if force else _reusable(stage_dir, key)
+        if record is not None:
+            log.info("%s: unchanged, reusing it", stage_dir.name)
+            record["reused"] = True
+        else:
+            log.info("%s: running", stage_dir.name)
+            record = _run_stage(index, stage, inputs, key, paths, recipe, data)
+            record["reused"] = False
+            log.info("%s: done in %.1f s", stage_dir.name, record["duration_s"])
+        records.append(record)
+        for item in record["artifacts"]:
+            artifact = Artifact.from_json(item, paths.root)
+            current[artifact.kind] = artifact
+            produced = [a for a in produced if a.name != artifact.name] + [artifact]
+        manifest["stages"] = records
+        write_json(paths.manifest, manifest)
+
+    hf = [a for a in produced if a.kind == ArtifactKind.HF_MODEL] or [current[ArtifactKind.HF_MODEL]]
+    artifacts = [hf[-1], *[a for a in produced if a.kind != ArtifactKind.HF_MODEL]]
+    manifest["artifacts"] = [a.to_json(paths.root) for a in artifacts]
+    bench_key = config_hash([[a.fingerprint for a in artifacts], recipe.bench.model_dump(), data.fingerprint])
+    report_file = paths.root / REPORT_JSON
+    previous = manifest.get("bench", {})
+    if not force and previous.get("key") == bench_key and report_file.is_file():
+        log.info("benchmark: artifacts and settings unchanged, keeping %s (rerun with `edgepipe bench`)",
+                 report_file.name)
+        report = json.loads(report_file.read_text(encoding="utf-8"))
+        gate_lines = write_report(paths, recipe, report)
+    else:
+        gate_lines = _bench(paths, recipe, artifacts, data)
+        manifest["bench"] = {"key": bench_key, "report": REPORT_JSON}
+    write_json(paths.manifest, manifest)
+    _raise_on_gates(gate_lines, paths)
+    return paths.root / REPORT_MD
+
+
+def _bench(paths: RunPaths, recipe: Recipe, artifacts: list[Artifact], data: DataSplits) -> list[str]:
+    from edgepipe.benchmarks.bench import run_bench
+
+    items = _bench_items(artifacts, recipe.bench.include_torch)
+    reference = items[0].name if items else None
+    log.info("benchmark: %d artifacts, batch %s x seq %s, %d runs each", len(items), recipe.bench.batch_sizes,
+             recipe.bench.seq_lens, recipe.bench.runs)
+    started = time.perf_counter()
+    report = run_bench(items, data.test.texts, data.test.labels, _settings(recipe), reference)
+    report["bench_seconds"] = round(time.perf_counter() - started, 1)
+    return write_report(paths, recipe, report)
+
+
+def bench(run_dir: Path) -> Path:
+    """Re-measure every artifact of an existing run (e.g. on another machine); rewrites the report."""
+    paths = RunPaths(run_dir.resolve())
+    if not run_dir.is_dir() or not paths.manifest.is_file():
+        raise InputError(f"{run_dir} is not a run folder (no {MANIFEST}); pass the --out folder of `edgepipe build`")
+    manifest = _load_manifest(paths)
+    if "artifacts" not in manifest or "recipe" not in manifest:
+        raise InputError(f"{paths.manifest} is incomplete (the build did not finish); rerun `edgepipe build`")
+    recipe = parse_recipe(manifest["recipe"], str(paths.manifest))
+    data = load_splits(recipe.data, recipe.seed)
+    if data.fingerprint != manifest["data"]["fingerprint"]:
+        raise InputError(
+            f"the data behind {recipe.data.source} changed since the build (fingerprint "
+            f"{data.fingerprint} != {manifest['data']['fingerprint']}); rerun `edgepipe build`"
+        )
+    artifacts = [Artifact.from_json(a, paths.root) for a in manifest["artifacts"]]
+    for a in artifacts:
+        if not a.path.exists():
+            raise InputError(f"artifact `{a.name}` is missing at {a.path}; rerun `edgepipe build`")
+    gate_lines = _bench(paths, recipe, artifacts, data)
+    _raise_on_gates(gate_lines, paths)
+    return paths.root / REPORT_MD

@@ -1,0 +1,55 @@
+"""Stage registry: one function per stage kind, `run(inputs, cfg, ctx) -> StageResult`.
+
+A stage writes only inside `ctx.stage_dir` (a temporary folder the runner renames when the stage
+completes), never mutates its inputs, is deterministic for a seed and does not print.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgepipe.pipeline.artifacts import Artifact
+from edgepipe.pipeline.data import DataSplits
+from edgepipe.pipeline.recipe import ArtifactKind
+
+
+@dataclass(frozen=True)
+class StageContext:
+    stage_dir: Path
+    seed: int
+    task: str
+    data: DataSplits
+    cache_dir: Path  # run-wide cache shared by stages (e.g. calibration ranges), keyed by content hash
+
+    @property
+    def progress(self) -> bool:
+        return sys.stderr.isatty()
+
+
+@dataclass
+class StageResult:
+    artifacts: list[Artifact]
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+StageFn = Callable[[dict[ArtifactKind, Artifact], Any, StageContext], StageResult]
+STAGES: dict[str, StageFn] = {}
+
+
+def register(kind: str) -> Callable[[StageFn], StageFn]:
+    def decorate(fn: StageFn) -> StageFn:
+        STAGES[kind] = fn
+        return fn
+
+    return decorate
+
+
+def load_stages() -> dict[str, StageFn]:
+    """Import the stage modules (they import torch) and return the registry."""
+    from edgepipe.pipeline.stages import export, finetune, quantize  # noqa: F401
+
+    return STAGES
