@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,11 @@ class BenchItem:
 
     @property
     def size_mb(self) -> float:
-        files = [self.path / "model.onnx"] if self.model_format == "onnx" else list(self.path.glob("*.safetensors"))
+        files = (
+            [self.path / "model.onnx"]
+            if self.model_format == "onnx"
+            else list(self.path.glob("*.safetensors"))
+        )
         return round(sum(f.stat().st_size for f in files if f.exists()) / 1e6, 2)
 
 
@@ -66,7 +72,11 @@ def _backend_for(item: BenchItem, target: str) -> tuple[str | None, str | None]:
 
 
 def run_bench(
-    items: list[BenchItem], texts: list[str], labels: np.ndarray, settings: BenchSettings, reference: str | None
+    items: list[BenchItem],
+    texts: list[str],
+    labels: np.ndarray,
+    settings: BenchSettings,
+    reference: str | None,
 ) -> dict[str, Any]:
     """Measure every item on every target; returns the report (schema_version 1) as a dict."""
     options = RuntimeOptions(threads=settings.threads)
@@ -88,18 +98,22 @@ def run_bench(
         if not loaded:
             continue
         acc = {
-            name: accuracy(pred, texts, labels, settings.eval_batch_size) for name, (_, pred, _) in loaded.items()
+            name: accuracy(pred, texts, labels, settings.eval_batch_size)
+            for name, (_, pred, _) in loaded.items()
         }
         for batch in settings.batch_sizes:
             for seq_len in settings.seq_lens:
                 batch_texts = [texts[i % len(texts)] for i in range(batch)]
-                runners = {}
+                runners: dict[str, Callable[[], object]] = {}
                 for name, (_, pred, _) in loaded.items():
                     feeds = pred.encode(batch_texts, pad_to=seq_len)
-                    runners[name] = lambda pred=pred, feeds=feeds: pred.session.run(feeds)
+                    runners[name] = functools.partial(pred.session.run, feeds)
                 stats = measure_interleaved(
-                    runners, runs=settings.runs, rounds=settings.rounds,
-                    warmup_runs=settings.warmup_runs, warmup_s=settings.warmup_s,
+                    runners,
+                    runs=settings.runs,
+                    rounds=settings.rounds,
+                    warmup_runs=settings.warmup_runs,
+                    warmup_s=settings.warmup_s,
                 )
                 for name, s in stats.items():
                     item, pred, backend = loaded[name]
@@ -108,23 +122,25 @@ def run_bench(
                             f"{name} at batch {batch}, seq {seq_len}: latency std/mean = {s.cv:.2f} "
                             f"(> {settings.cv_warn}); the machine was noisy, compare with care"
                         )
-                    results.append({
-                        "artifact": name,
-                        "engine": backend,
-                        "precision": item.precision,
-                        "target": target,
-                        "size_mb": item.size_mb,
-                        "accuracy": round(acc[name], 5),
-                        "batch": batch,
-                        "seq_len": seq_len,
-                        "latency_ms": s.to_json(),
-                        "throughput_per_s": round(batch * 1000.0 / s.mean, 2),
-                        "runtime": pred.session.describe(),
-                    })
+                    results.append(
+                        {
+                            "artifact": name,
+                            "engine": backend,
+                            "precision": item.precision,
+                            "target": target,
+                            "size_mb": item.size_mb,
+                            "accuracy": round(acc[name], 5),
+                            "batch": batch,
+                            "seq_len": seq_len,
+                            "latency_ms": s.to_json(),
+                            "throughput_per_s": round(batch * 1000.0 / s.mean, 2),
+                            "runtime": pred.session.describe(),
+                        }
+                    )
     if not results:
         raise EdgepipeError(
-            "nothing could be benchmarked: " + "; ".join(f"{s['artifact']} on {s['target']}: {s['reason']}"
-                                                         for s in skipped)
+            "nothing could be benchmarked: "
+            + "; ".join(f"{s['artifact']} on {s['target']}: {s['reason']}" for s in skipped)
         )
     return {
         "schema_version": REPORT_SCHEMA_VERSION,

@@ -39,8 +39,14 @@ def summarize(samples_ms: list[float]) -> LatencyStats:
     a = np.asarray(samples_ms, dtype=np.float64)
     p50, p90, p99 = np.percentile(a, [50, 90, 99])
     return LatencyStats(
-        p50=float(p50), p90=float(p90), p99=float(p99), mean=float(a.mean()), std=float(a.std(ddof=1) if len(a) > 1
-        else 0.0), min=float(a.min()), max=float(a.max()), n=len(a),
+        p50=float(p50),
+        p90=float(p90),
+        p99=float(p99),
+        mean=float(a.mean()),
+        std=float(a.std(ddof=1) if len(a) > 1 else 0.0),
+        min=float(a.min()),
+        max=float(a.max()),
+        n=len(a),
     )
 
 

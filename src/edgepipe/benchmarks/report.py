@@ -43,18 +43,23 @@ def render_markdown(report: dict[str, Any], title: str, gate_lines: list[str] | 
     machine, vers = report["machine"], report["versions"]
     out = [f"# edgepipe report: {title}", ""]
     out.append(
-        f"Machine: {machine['cpu']} ({machine['physical_cores']} physical / {machine['logical_cores']} logical cores, "
-        f"{machine['memory_gb']} GB), flags {', '.join(machine['cpu_flags']) or 'n/a'}; {machine['os']}."
+        f"Machine: {machine['cpu']} ({machine['physical_cores']} physical / "
+        f"{machine['logical_cores']} logical cores, {machine['memory_gb']} GB), "
+        f"flags {', '.join(machine['cpu_flags']) or 'n/a'}; {machine['os']}."
     )
     out.append("Versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()) + ".")
     settings = report["settings"]
     out.append(
-        f"Latency: {settings['runs']} timed runs per artifact and shape, interleaved over {settings['rounds']} "
-        f"rounds, after >= {settings['warmup_runs']} warm-up runs and >= {settings['warmup_s']} s; "
+        f"Latency: {settings['runs']} timed runs per artifact and shape, interleaved over "
+        f"{settings['rounds']} rounds, after >= {settings['warmup_runs']} warm-up runs and "
+        f">= {settings['warmup_s']} s; "
         f"threads {report['threads']}."
     )
     out += ["", f"## Accuracy (test split, {report['eval_examples']} examples)", ""]
-    out += ["| artifact | engine | precision | size MB | accuracy | vs reference |", "|---|---|---|---|---|---|"]
+    out += [
+        "| artifact | engine | precision | size MB | accuracy | vs reference |",
+        "|---|---|---|---|---|---|",
+    ]
     seen: dict[tuple[str, str], dict[str, Any]] = {}
     for row in report["results"]:
         seen.setdefault((row["artifact"], row["target"]), row)

@@ -52,12 +52,21 @@ def load_for_export(model_dir: Path) -> Any:
 def _real_inputs(tokenizer: Any, texts: list[str], batch: int, seq_len: int, names: tuple[str, ...]) -> dict:
     """Real sentences tokenized to exactly (batch, seq_len): padding and truncation both exercised."""
     chosen = [texts[i % len(texts)] for i in range(batch)]
-    encoded = tokenizer(chosen, padding="max_length", truncation=True, max_length=seq_len, return_tensors="np")
+    encoded = tokenizer(
+        chosen, padding="max_length", truncation=True, max_length=seq_len, return_tensors="np"
+    )
     return {n: np.asarray(encoded[n], dtype=np.int64) for n in names}
 
 
 def export_onnx(
-    model: Any, tokenizer: Any, texts: list[str], out_path: Path, *, opset: int, shape: tuple[int, int], task: str
+    model: Any,
+    tokenizer: Any,
+    texts: list[str],
+    out_path: Path,
+    *,
+    opset: int,
+    shape: tuple[int, int],
+    task: str,
 ) -> ExportSpec:
     import onnx
     import torch
@@ -115,8 +124,9 @@ def check_parity(
         got = session.run(None, feeds)[0]
         if got.shape != expected.shape:
             raise ExportParityError(
-                f"{onnx_path.name}: output `logits` has shape {got.shape} at (batch={batch}, seq_len={seq_len}),"
-                f" PyTorch gives {expected.shape}; the dynamic axes are wrong"
+                f"{onnx_path.name}: output `logits` has shape {got.shape} at "
+                f"(batch={batch}, seq_len={seq_len}), PyTorch gives {expected.shape}; "
+                "the dynamic axes are wrong"
             )
         diff = float(np.abs(got - expected).max())
         agree = float((got.argmax(-1) == expected.argmax(-1)).mean())
@@ -139,7 +149,9 @@ def fuse_transformer(onnx_path: Path, out_path: Path, config: Any) -> dict[str, 
 
     model_type = FUSIBLE_MODEL_TYPES.get(config.model_type)
     if model_type is None:
-        log.info("no transformer fusion for model_type %s (supported: %s)", config.model_type, FUSIBLE_MODEL_TYPES)
+        log.info(
+            "no transformer fusion for model_type %s (supported: %s)", config.model_type, FUSIBLE_MODEL_TYPES
+        )
         return None
     optimized = optimize_model(
         str(onnx_path),

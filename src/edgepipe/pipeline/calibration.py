@@ -14,7 +14,12 @@ import numpy as np
 
 class CalibrationSet:
     def __init__(
-        self, texts: list[str], tokenizer: Any, input_names: tuple[str, ...], batch_size: int, max_seq_len: int
+        self,
+        texts: list[str],
+        tokenizer: Any,
+        input_names: tuple[str, ...],
+        batch_size: int,
+        max_seq_len: int,
     ) -> None:
         self.texts = texts
         self.tokenizer = tokenizer
@@ -48,7 +53,7 @@ def ort_reader(calibration: CalibrationSet) -> Any:
     """Adapt a `CalibrationSet` to onnxruntime's `CalibrationDataReader`."""
     from onnxruntime.quantization import CalibrationDataReader
 
-    class _Reader(CalibrationDataReader):  # type: ignore[misc]
+    class _Reader(CalibrationDataReader):
         def __init__(self) -> None:
             self._it = iter(calibration)
 

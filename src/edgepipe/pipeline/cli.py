@@ -31,7 +31,7 @@ EXAMPLES = {
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgepipe",
-        description="Turn a trained model into small, fast, verified ONNX artifacts, driven by one YAML recipe.",
+        description="Turn a trained model into small, fast, verified ONNX artifacts from one YAML recipe.",
         epilog="\n\n".join(EXAMPLES.values()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -41,12 +41,19 @@ def _parser() -> argparse.ArgumentParser:
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         return sub.add_parser(
-            name, help=help_text, description=help_text, epilog=EXAMPLES[name],
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=EXAMPLES[name],
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
 
-    overrides = {"action": "append", "default": [], "metavar": "KEY=VALUE",
-                 "help": "override a recipe value (YAML), e.g. bench.runs=100; repeatable"}
+    overrides = {
+        "action": "append",
+        "default": [],
+        "metavar": "KEY=VALUE",
+        "help": "override a recipe value (YAML), e.g. bench.runs=100; repeatable",
+    }
     p = command("validate", "Check a recipe without running anything (no torch import).")
     p.add_argument("recipe", type=Path)
     p.add_argument("--set", dest="overrides", **overrides)  # type: ignore[arg-type]
@@ -127,8 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edgepipe: error: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
-        print("edgepipe: interrupted; rerun the same command to resume from the last completed stage",
-              file=sys.stderr)
+        print(
+            "edgepipe: interrupted; rerun the same command to resume from the last completed stage",
+            file=sys.stderr,
+        )
         return 130
 
 

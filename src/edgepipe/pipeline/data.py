@@ -138,7 +138,12 @@ def _rows(cfg: DataConfig) -> tuple[list[tuple[str, str]], list[str] | None]:
     if problem:
         raise InputError(problem)
     _, table = _read_table(Path(cfg.source))
-    return [(str(r.get(cfg.text_column) or ""), str(r.get(cfg.label_column) or "")) for r in table], None
+
+    def cell(row: dict[str, object], column: str) -> str:
+        value = row.get(column)
+        return "" if value is None else str(value)
+
+    return [(cell(r, cfg.text_column), cell(r, cfg.label_column)) for r in table], None
 
 
 def _dedupe(rows: list[tuple[str, str]]) -> list[tuple[str, str]]:

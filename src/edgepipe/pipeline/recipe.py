@@ -147,7 +147,7 @@ StageConfig = Annotated[FinetuneConfig | ExportConfig | QuantizeConfig, Field(di
 
 
 class BenchConfig(_Strict):
-    targets: list[Literal["cpu", "cuda"]] = Field(default_factory=lambda: ["cpu"], min_length=1)
+    targets: list[Literal["cpu", "cuda"]] = Field(default=["cpu"], min_length=1)
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], min_length=1)
     seq_lens: list[int] = Field(default_factory=lambda: [128], min_length=1)
     runs: int = Field(50, ge=5, description="timed runs per artifact and shape")
@@ -185,7 +185,7 @@ class Recipe(_Strict):
     seed: int = 0
     model: str = Field(description="built-in model name or a local transformers folder")
     task: Literal["text-classification"] = "text-classification"
-    data: DataConfig = Field(default_factory=DataConfig)  # type: ignore[arg-type]
+    data: DataConfig = Field(default_factory=DataConfig)
     stages: list[StageConfig] = Field(min_length=1)
     bench: BenchConfig = Field(default_factory=BenchConfig)
     gates: GatesConfig = Field(default_factory=GatesConfig)
@@ -195,7 +195,9 @@ class Recipe(_Strict):
         names = [s.artifact_name for s in self.stages if isinstance(s, QuantizeConfig)]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ValueError(f"two quantize stages produce the same artifact name {dupes}; set `name:` on one")
+            raise ValueError(
+                f"two quantize stages produce the same artifact name {dupes}; set `name:` on one"
+            )
         return self
 
 

@@ -31,6 +31,7 @@ from edgepipe.pipeline.data import DataSplits, data_problem, load_splits
 from edgepipe.pipeline.models import model_problem, resolve_model
 from edgepipe.pipeline.recipe import ArtifactKind, Recipe, dump_recipe, parse_recipe
 from edgepipe.runtime.host import git_commit, host_info, versions
+from edgepipe.runtime.predictor import model_labels
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -65,12 +66,12 @@ def check_recipe(recipe: Recipe, out: Path | None = None) -> list[str]:
 def _check_labels(model_dir: Path, recipe: Recipe, data: DataSplits) -> None:
     if recipe.stages[0].kind == "finetune":
         return  # the head is re-created for the data's labels
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    labels = [config.get("id2label", {})[k] for k in sorted(config.get("id2label", {}), key=int)]
+    labels = model_labels(model_dir)
     if len(labels) != len(data.label_names):
         raise InputError(
             f"`model`: {recipe.model} predicts {len(labels)} labels {labels} but the data has "
-            f"{len(data.label_names)} {data.label_names}; add a finetune stage first or fix `data.label_column`"
+            f"{len(data.label_names)} {data.label_names}; add a finetune stage first or fix "
+            "`data.label_column`"
         )
 
 
@@ -115,8 +116,15 @@ def _reusable(stage_dir: Path, key: str) -> dict[str, Any] | None:
     return record
 
 
-def _run_stage(index: int, stage: Any, inputs: dict[ArtifactKind, Artifact], key: str, paths: RunPaths,
-               recipe: Recipe, data: DataSplits) -> dict[str, Any]:
+def _run_stage(
+    index: int,
+    stage: Any,
+    inputs: dict[ArtifactKind, Artifact],
+    key: str,
+    paths: RunPaths,
+    recipe: Recipe,
+    data: DataSplits,
+) -> dict[str, Any]:
     from edgepipe.pipeline.stages import StageContext, load_stages
 
     final = paths.stage(index, stage.kind)
@@ -235,26 +243,44 @@ def build(recipe: Recipe, out: Path, *, force: bool = False) -> Path:
     paths, data, model_dir = prepare(recipe, out)
     manifest = _load_manifest(paths)
     resolved = recipe.model_dump(mode="json")
-    manifest.update({
-        "schema_version": 1,
-        "edgepipe": edgepipe.__version__,
-        "git_commit": git_commit(),
-        "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "recipe": resolved,
-        "versions": versions(),
-        "host": host_info(),
-        "data": {"source": recipe.data.source, "fingerprint": data.fingerprint, "sizes": data.sizes(),
-                 "labels": data.label_names},
-    })
+    manifest.update(
+        {
+            "schema_version": 1,
+            "edgepipe": edgepipe.__version__,
+            "git_commit": git_commit(),
+            "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "recipe": resolved,
+            "versions": versions(),
+            "host": host_info(),
+            "data": {
+                "source": recipe.data.source,
+                "fingerprint": data.fingerprint,
+                "sizes": data.sizes(),
+                "labels": data.label_names,
+            },
+        }
+    )
     write_atomic(paths.root / "recipe.resolved.yaml", dump_recipe(recipe))
-    current = {ArtifactKind.HF_MODEL: Artifact("model", ArtifactKind.HF_MODEL, model_dir, "fp32",
-                                               folder_fingerprint(model_dir))}
+    current = {
+        ArtifactKind.HF_MODEL: Artifact(
+            "model", ArtifactKind.HF_MODEL, model_dir, "fp32", folder_fingerprint(model_dir)
+        )
+    }
     produced: list[Artifact] = []
     records = []
     for index, stage in enumerate(recipe.stages):
         inputs = {kind: current[kind] for kind in stage.consumes()}
-        key = config_hash([stage.kind, stage.model_dump(mode="json"), {k.value: a.fingerprint for k, a in
-                           inputs.items()}, data.fingerprint, recipe.seed, recipe.task, edgepipe.__version__])
+        key = config_hash(
+            [
+                stage.kind,
+                stage.model_dump(mode="json"),
+                {k.value: a.fingerprint for k, a in inputs.items()},
+                data.fingerprint,
+                recipe.seed,
+                recipe.task,
+                edgepipe.__version__,
+            ]
+        )
         stage_dir = paths.stage(index, stage.kind)
         record = None if force else _reusable(stage_dir, key)
         if record is not None:
@@ -280,8 +306,10 @@ def build(recipe: Recipe, out: Path, *, force: bool = False) -> Path:
     report_file = paths.root / REPORT_JSON
     previous = manifest.get("bench", {})
     if not force and previous.get("key") == bench_key and report_file.is_file():
-        log.info("benchmark: artifacts and settings unchanged, keeping %s (rerun with `edgepipe bench`)",
-                 report_file.name)
+        log.info(
+            "benchmark: artifacts and settings unchanged, keeping %s (rerun with `edgepipe bench`)",
+            report_file.name,
+        )
         report = json.loads(report_file.read_text(encoding="utf-8"))
         gate_lines = write_report(paths, recipe, report)
     else:
@@ -297,8 +325,13 @@ def _bench(paths: RunPaths, recipe: Recipe, artifacts: list[Artifact], data: Dat
 
     items = _bench_items(artifacts, recipe.bench.include_torch)
     reference = items[0].name if items else None
-    log.info("benchmark: %d artifacts, batch %s x seq %s, %d runs each", len(items), recipe.bench.batch_sizes,
-             recipe.bench.seq_lens, recipe.bench.runs)
+    log.info(
+        "benchmark: %d artifacts, batch %s x seq %s, %d runs each",
+        len(items),
+        recipe.bench.batch_sizes,
+        recipe.bench.seq_lens,
+        recipe.bench.runs,
+    )
     started = time.perf_counter()
     report = run_bench(items, data.test.texts, data.test.labels, _settings(recipe), reference)
     report["bench_seconds"] = round(time.perf_counter() - started, 1)
@@ -309,7 +342,9 @@ def bench(run_dir: Path) -> Path:
     """Re-measure every artifact of an existing run (e.g. on another machine); rewrites the report."""
     paths = RunPaths(run_dir.resolve())
     if not run_dir.is_dir() or not paths.manifest.is_file():
-        raise InputError(f"{run_dir} is not a run folder (no {MANIFEST}); pass the --out folder of `edgepipe build`")
+        raise InputError(
+            f"{run_dir} is not a run folder (no {MANIFEST}); pass the --out folder of `edgepipe build`"
+        )
     manifest = _load_manifest(paths)
     if "artifacts" not in manifest or "recipe" not in manifest:
         raise InputError(f"{paths.manifest} is incomplete (the build did not finish); rerun `edgepipe build`")

@@ -10,9 +10,34 @@ from pathlib import Path
 from typing import Any
 
 # CPU flags that decide which int8/fp16 kernels a runtime can use.
-RELEVANT_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",
-                  "avx512_bf16", "amx_int8", "amx_bf16", "asimd", "asimddp", "sve", "i8mm")
-PACKAGES = ("edgepipe", "torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "numpy", "tensorrt")
+RELEVANT_FLAGS = (
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "amx_int8",
+    "amx_bf16",
+    "asimd",
+    "asimddp",
+    "sve",
+    "i8mm",
+)
+PACKAGES = (
+    "edgepipe",
+    "torch",
+    "transformers",
+    "onnx",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "numpy",
+    "tensorrt",
+)
 
 
 def _cpuinfo() -> tuple[str, list[str]]:
@@ -45,11 +70,18 @@ def git_commit() -> str | None:
     here = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(
-            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+            ["git", "-C", str(here), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=5, check=True,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None

@@ -1,6 +1,6 @@
 """`Predictor`: an artifact folder (ONNX or transformers) plus its tokenizer and labels, ready to call.
 
-    Predictor.load("runs/demo/03-quantize/int8-dynamic").predict(["great film"])
+Predictor.load("runs/demo/03-quantize/int8-dynamic").predict(["great film"])
 """
 
 from __future__ import annotations
@@ -30,19 +30,23 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=-1, keepdims=True)
 
 
-def _labels(folder: Path) -> list[str]:
+def model_labels(folder: Path) -> list[str]:
+    """Label names in id order, from edgepipe's metadata or the transformers config."""
     meta = folder / META_FILE
     if meta.is_file():
         return list(json.loads(meta.read_text(encoding="utf-8"))["labels"])
-    config = folder / "config.json"
-    if config.is_file():
-        id2label = json.loads(config.read_text(encoding="utf-8")).get("id2label") or {}
-        return [id2label[k] for k in sorted(id2label, key=int)]
+    if (folder / "config.json").is_file():
+        from transformers import AutoConfig
+
+        id2label = AutoConfig.from_pretrained(folder).id2label  # fills defaults config.json omits
+        return [id2label[k] for k in sorted(id2label)]
     raise InputError(f"{folder} has neither {META_FILE} nor config.json; it is not an artifact folder")
 
 
 class Predictor:
-    def __init__(self, session: Session, tokenizer: object, labels: list[str], max_seq_len: int = 128) -> None:
+    def __init__(
+        self, session: Session, tokenizer: object, labels: list[str], max_seq_len: int = 128
+    ) -> None:
         self.session = session
         self.tokenizer = tokenizer
         self.labels = labels
@@ -58,7 +62,7 @@ class Predictor:
         if not folder.is_dir():
             raise InputError(f"artifact folder not found: {folder}")
         fmt = "onnx" if (folder / "model.onnx").exists() else "transformers"
-        labels = _labels(folder)
+        labels = model_labels(folder)
         session = backend_for(fmt, target).load(folder, options or RuntimeOptions())
         return cls(session, AutoTokenizer.from_pretrained(folder), labels)
 
@@ -75,7 +79,9 @@ class Predictor:
         return {k: np.asarray(encoded[k], dtype=np.int64) for k in self.session.input_names if k in encoded}
 
     def logits(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
-        outputs = [self.session.run(self.encode(texts[i : i + batch_size])) for i in range(0, len(texts), batch_size)]
+        outputs = [
+            self.session.run(self.encode(texts[i : i + batch_size])) for i in range(0, len(texts), batch_size)
+        ]
         return np.concatenate(outputs, axis=0)
 
     def predict(self, texts: list[str]) -> list[Prediction]:
@@ -84,6 +90,8 @@ class Predictor:
         for row in probs:
             best = int(row.argmax())
             results.append(
-                Prediction(self.labels[best], float(row[best]), dict(zip(self.labels, row.tolist(), strict=True)))
+                Prediction(
+                    self.labels[best], float(row[best]), dict(zip(self.labels, row.tolist(), strict=True))
+                )
             )
         return results

@@ -32,7 +32,7 @@ def run_export(inputs: dict[ArtifactKind, Artifact], cfg: ExportConfig, ctx: Sta
     model = load_for_export(source)
     tokenizer = AutoTokenizer.from_pretrained(source)
     texts = ctx.data.val.texts[:16]
-    shapes = [tuple(s) for s in cfg.parity_shapes]
+    shapes = [(b, s) for b, s in cfg.parity_shapes]
 
     plain = ctx.stage_dir / "fp32"
     plain.mkdir(parents=True)

@@ -27,7 +27,7 @@ def _batches(n: int, batch_size: int, steps: int, rng: np.random.Generator) -> l
     return batches[:steps]
 
 
-def evaluate(model, tokenizer, split: Split, max_seq_len: int, batch_size: int) -> float:  # type: ignore[no-untyped-def]
+def evaluate(model, tokenizer, split: Split, max_seq_len: int, batch_size: int) -> float:
     import torch
 
     correct = 0
@@ -49,7 +49,11 @@ def evaluate(model, tokenizer, split: Split, max_seq_len: int, batch_size: int) 
 def run_finetune(inputs: dict[ArtifactKind, Artifact], cfg: FinetuneConfig, ctx: StageContext) -> StageResult:
     import torch
     from tqdm.auto import tqdm
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        get_linear_schedule_with_warmup,
+    )
 
     source = inputs[ArtifactKind.HF_MODEL].path
     labels = ctx.data.label_names
@@ -67,10 +71,14 @@ def run_finetune(inputs: dict[ArtifactKind, Artifact], cfg: FinetuneConfig, ctx:
             param.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    schedule = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * cfg.max_steps), cfg.max_steps)
+    schedule = get_linear_schedule_with_warmup(
+        optimizer, int(cfg.warmup_ratio * cfg.max_steps), cfg.max_steps
+    )
 
     train = ctx.data.train
-    batches = _batches(len(train), min(cfg.batch_size, len(train)), cfg.max_steps, np.random.default_rng(ctx.seed))
+    batches = _batches(
+        len(train), min(cfg.batch_size, len(train)), cfg.max_steps, np.random.default_rng(ctx.seed)
+    )
     losses: list[float] = []
     started = time.perf_counter()
     model.train()

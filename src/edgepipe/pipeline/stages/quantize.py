@@ -48,8 +48,14 @@ def _copy_companions(source: Path, dest: Path) -> None:
             shutil.copy2(item, dest / item.name)
 
 
-def _calibrate(model: Path, cfg: CalibrationConfig, op_types: list[str], ctx: StageContext, tokenizer: Any,
-               input_names: tuple[str, ...]) -> tuple[Path, dict[str, Any]]:
+def _calibrate(
+    model: Path,
+    cfg: CalibrationConfig,
+    op_types: list[str],
+    ctx: StageContext,
+    tokenizer: Any,
+    input_names: tuple[str, ...],
+) -> tuple[Path, dict[str, Any]]:
     """Collect activation ranges; reuse them from the run cache when model and data are unchanged."""
     from onnxruntime.quantization import create_calibrator
     from onnxruntime.quantization.calibrate import save_tensors_data
@@ -72,7 +78,10 @@ def _calibrate(model: Path, cfg: CalibrationConfig, op_types: list[str], ctx: St
     ranges_dir = ctx.stage_dir / ".calibration"
     ranges_dir.mkdir()
     calibrator = create_calibrator(
-        model, op_types, augmented_model_path=str(ranges_dir / "augmented.onnx"), calibrate_method=_method(cfg.method),
+        model,
+        op_types,
+        augmented_model_path=str(ranges_dir / "augmented.onnx"),
+        calibrate_method=_method(cfg.method),
         extra_options=extra,
     )
     calibrator.collect_data(ort_reader(calib))

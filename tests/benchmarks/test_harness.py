@@ -1,0 +1,89 @@
+import time
+
+import numpy as np
+import pytest
+
+from edgepipe.benchmarks.harness import measure_interleaved, summarize, warm_up
+from edgepipe.benchmarks.report import findings, render_markdown
+
+
+def test_summarize_percentiles() -> None:
+    stats = summarize([float(v) for v in range(1, 101)])
+    assert stats.p50 == pytest.approx(50.5) and stats.p90 == pytest.approx(90.1)
+    assert stats.p99 == pytest.approx(99.01) and stats.mean == pytest.approx(50.5)
+    assert stats.std == pytest.approx(np.std(np.arange(1, 101), ddof=1)) and stats.n == 100
+
+
+def test_warm_up_by_count_and_by_time() -> None:
+    calls = []
+    assert warm_up(lambda: calls.append(1), runs=7, seconds=0.0) == 7
+    started = time.perf_counter()
+    count = warm_up(lambda: time.sleep(0.01), runs=1, seconds=0.05)
+    assert time.perf_counter() - started >= 0.05 and count >= 4
+
+
+def test_interleaved_runs_each_runner_exactly_runs_times() -> None:
+    calls = {"a": 0, "b": 0}
+
+    def make(name: str, seconds: float):
+        def run() -> None:
+            calls[name] += 1
+            time.sleep(seconds)
+
+        return run
+
+    stats = measure_interleaved(
+        {"a": make("a", 0.001), "b": make("b", 0.004)}, runs=11, rounds=3, warmup_runs=2, warmup_s=0.0
+    )
+    assert calls == {"a": 13, "b": 13}
+    assert stats["a"].n == 11 and stats["b"].n == 11
+    assert stats["b"].p50 > stats["a"].p50 > 0.9
+
+
+def _row(name: str, precision: str, p50: float, std: float = 0.1) -> dict:
+    return {
+        "artifact": name,
+        "engine": "ort-cpu",
+        "precision": precision,
+        "target": "cpu",
+        "size_mb": 1.0,
+        "accuracy": 0.8,
+        "batch": 1,
+        "seq_len": 128,
+        "throughput_per_s": 1000 / p50,
+        "latency_ms": {"p50": p50, "p90": p50, "p99": p50, "mean": p50, "std": std},
+        "runtime": {},
+    }
+
+
+def test_report_says_when_static_int8_is_slower() -> None:
+    report = {
+        "machine": {
+            "cpu": "x",
+            "physical_cores": 2,
+            "logical_cores": 2,
+            "memory_gb": 1,
+            "cpu_flags": [],
+            "os": "l",
+        },
+        "versions": {"onnxruntime": "1"},
+        "threads": 2,
+        "eval_examples": 10,
+        "reference": "fp32",
+        "settings": {"runs": 50, "rounds": 5, "warmup_runs": 5, "warmup_s": 0.5},
+        "results": [
+            _row("fp32", "fp32", 20),
+            _row("fp32-fused", "fp32", 18),
+            _row("int8-dynamic", "int8-dynamic", 12),
+            _row("int8-static", "int8-static", 19),
+        ],
+        "warnings": ["noisy"],
+        "skipped": [{"artifact": "fp32", "target": "cuda", "reason": "no GPU"}],
+    }
+    notes = findings(report)
+    assert any(
+        "static int8 `int8-static` (19.00 ms) is slower than `int8-dynamic` (12.00 ms)" in n for n in notes
+    )
+    assert any("fastest is `int8-dynamic` at 12.00 ms p50, 1.67x ORT fp32" in n for n in notes)
+    text = render_markdown(report, "t")
+    assert "| int8-dynamic | 12.00 |" in text and "skipped `fp32` on cuda: no GPU" in text

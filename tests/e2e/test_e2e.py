@@ -1,0 +1,25 @@
+"""validate -> build -> bench through the CLI, in-process, on a tiny model and real data."""
+
+import json
+from pathlib import Path
+
+from conftest import tiny_recipe, write_recipe
+
+from edgepipe.pipeline.cli import main
+
+
+def test_validate_build_bench(tmp_path: Path, tiny_model_dir: Path, rt_csv: Path, capsys) -> None:
+    raw = tiny_recipe(tiny_model_dir, rt_csv)
+    raw["stages"] = raw["stages"][:3]  # finetune, export, dynamic int8
+    recipe = write_recipe(tmp_path / "r.yaml", raw)
+    out = tmp_path / "run"
+    assert main(["validate", str(recipe)]) == 0
+    assert main(["build", str(recipe), "--out", str(out), "--set", "bench.batch_sizes=[2]"]) == 0
+    assert f"report: {out.resolve() / 'report.md'}" in capsys.readouterr().out
+    first = json.loads((out / "report.json").read_text())
+    assert main(["bench", str(out)]) == 0
+    second = json.loads((out / "report.json").read_text())
+    assert {r["artifact"] for r in second["results"]} == {"teacher", "fp32", "fp32-fused", "int8-dynamic"}
+    assert [r["accuracy"] for r in second["results"]] == [r["accuracy"] for r in first["results"]]
+    metrics = json.loads((out / "01-finetune" / "metrics.json").read_text())
+    assert metrics["train_loss_end"] < metrics["train_loss_start"]

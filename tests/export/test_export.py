@@ -1,0 +1,67 @@
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from transformers import AutoTokenizer
+
+from edgepipe.errors import ExportParityError
+from edgepipe.export import check_parity, export_onnx, fuse_transformer
+from edgepipe.export.onnx_export import load_for_export
+
+TEXTS = [
+    "a gripping, beautifully shot film",
+    "dull and far too long",
+    "the cast does what it can with a thin script that never quite comes together",
+]
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    model = load_for_export(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    path = tmp_path_factory.mktemp("export") / "model.onnx"
+    spec = export_onnx(model, tokenizer, TEXTS, path, opset=17, shape=(2, 16), task="text-classification")
+    return model, tokenizer, path, spec
+
+
+def test_export_has_dynamic_named_axes_and_opset(exported) -> None:
+    _, _, path, spec = exported
+    graph = onnx.load(str(path)).graph
+    assert spec.input_names == ("input_ids", "attention_mask", "token_type_ids")
+    for tensor in graph.input:
+        dims = [d.dim_param for d in tensor.type.tensor_type.shape.dim]
+        assert dims == ["batch", "sequence"]
+    assert onnx.load(str(path)).opset_import[0].version == 17
+
+
+def test_parity_on_shapes_other_than_the_export_shape(exported) -> None:
+    model, tokenizer, path, spec = exported
+    results = check_parity(model, tokenizer, path, TEXTS, [(1, 5), (3, 61), (5, 9)], 1e-4, spec)
+    assert [(r.batch, r.seq_len) for r in results] == [(1, 5), (3, 61), (5, 9)]
+    assert all(r.max_abs_diff <= 1e-4 and r.argmax_agreement == 1.0 for r in results)
+
+
+def test_parity_error_names_the_output_and_difference(exported, tmp_path: Path) -> None:
+    model, tokenizer, path, spec = exported
+    broken = onnx.load(str(path))
+    weight = max(broken.graph.initializer, key=lambda t: int(np.prod(t.dims)) if len(t.dims) == 2 else 0)
+    values = numpy_helper.to_array(weight) * 1.5
+    weight.CopyFrom(numpy_helper.from_array(values.astype(np.float32), weight.name))
+    bad = tmp_path / "bad.onnx"
+    onnx.save(broken, str(bad))
+    with pytest.raises(
+        ExportParityError, match=r"bad.onnx: output `logits` differs from PyTorch by .* at \(batch=1"
+    ):
+        check_parity(model, tokenizer, bad, TEXTS, [(1, 7), (2, 9)], 1e-4, spec)
+
+
+def test_fusion_produces_attention_ops_with_parity(exported, tmp_path: Path) -> None:
+    model, tokenizer, path, spec = exported
+    fused = tmp_path / "fused.onnx"
+    stats = fuse_transformer(path, fused, model.config)
+    assert stats is not None and stats.get("Attention") == 2
+    ops = {n.op_type for n in onnx.load(str(fused)).graph.node}
+    assert "Attention" in ops and "Softmax" not in ops
+    check_parity(model, tokenizer, fused, TEXTS, [(1, 7), (3, 45)], 1e-4, spec)
