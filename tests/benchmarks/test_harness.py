@@ -1,4 +1,5 @@
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -22,22 +23,34 @@ def test_warm_up_by_count_and_by_time() -> None:
     assert time.perf_counter() - started >= 0.05 and count >= 4
 
 
-def test_interleaved_runs_each_runner_exactly_runs_times() -> None:
-    calls = {"a": 0, "b": 0}
+def test_interleaved_runs_one_artifact_at_a_time_exactly_runs_times() -> None:
+    calls: dict[tuple[str, int], int] = {}
+    alive: list[str] = []
+    opened: list[str] = []
 
-    def make(name: str, seconds: float):
-        def run() -> None:
-            calls[name] += 1
-            time.sleep(seconds)
+    @contextmanager
+    def open_runners(name: str):
+        assert alive == [], "two artifacts open at once"
+        alive.append(name)
+        opened.append(name)
+        seconds = {"a": 0.001, "b": 0.004}[name]
 
-        return run
+        def make(shape: int):
+            def run() -> None:
+                calls[(name, shape)] = calls.get((name, shape), 0) + 1
+                time.sleep(seconds * shape)
 
-    stats = measure_interleaved(
-        {"a": make("a", 0.001), "b": make("b", 0.004)}, runs=11, rounds=3, warmup_runs=2, warmup_s=0.0
-    )
-    assert calls == {"a": 13, "b": 13}
-    assert stats["a"].n == 11 and stats["b"].n == 11
-    assert stats["b"].p50 > stats["a"].p50 > 0.9
+            return run
+
+        yield {1: make(1), 2: make(2)}
+        alive.pop()
+
+    stats = measure_interleaved(["a", "b"], open_runners, runs=11, rounds=3, warmup_runs=2, warmup_s=0.0)
+    assert opened == ["a", "b", "b", "a", "a", "b"]  # rotating order, one block per round
+    assert calls == {("a", 1): 17, ("a", 2): 17, ("b", 1): 17, ("b", 2): 17}  # 11 timed + 3 x 2 warm-up
+    assert {s.n for s in stats.values()} == {11}
+    assert stats[("b", 1)].p50 > stats[("a", 1)].p50 > 0.9
+    assert stats[("a", 2)].p50 > stats[("a", 1)].p50
 
 
 def _row(name: str, precision: str, p50: float, std: float = 0.1) -> dict:

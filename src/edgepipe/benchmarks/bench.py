@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import functools
+import gc
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
-from edgepipe.benchmarks.harness import measure_interleaved
+from edgepipe.benchmarks.harness import LatencyStats, measure_interleaved
 from edgepipe.errors import EdgepipeError
 from edgepipe.runtime.backends import BACKENDS, RuntimeOptions
 from edgepipe.runtime.host import host_info, versions
@@ -71,6 +73,52 @@ def _backend_for(item: BenchItem, target: str) -> tuple[str | None, str | None]:
     return None, "; ".join(reasons) or f"no backend runs {item.model_format} models on {target} yet"
 
 
+def _measure_target(
+    usable: dict[str, BenchItem],
+    target: str,
+    texts: list[str],
+    labels: np.ndarray,
+    settings: BenchSettings,
+) -> tuple[dict[str, float], dict[tuple[str, Hashable], LatencyStats], dict[str, dict[str, Any]]]:
+    """Accuracy, latency per (artifact, shape) and runtime settings, one artifact alive at a time."""
+    options = RuntimeOptions(threads=settings.threads)
+    described: dict[str, dict[str, Any]] = {}
+
+    def load(name: str) -> Predictor:
+        predictor = Predictor.load(usable[name].path, options=options, target=target)
+        predictor.max_seq_len = settings.eval_max_seq_len
+        described[name] = predictor.session.describe()
+        return predictor
+
+    acc = {}
+    for name in usable:
+        acc[name] = accuracy(load(name), texts, labels, settings.eval_batch_size)
+        gc.collect()
+
+    @contextmanager
+    def open_runners(name: str) -> Iterator[dict[Hashable, Callable[[], object]]]:
+        predictor = load(name)
+        runners: dict[Hashable, Callable[[], object]] = {}
+        for batch in settings.batch_sizes:
+            batch_texts = [texts[i % len(texts)] for i in range(batch)]
+            for seq_len in settings.seq_lens:
+                feeds = predictor.encode(batch_texts, pad_to=seq_len)
+                runners[(batch, seq_len)] = functools.partial(predictor.session.run, feeds)
+        yield runners
+        del predictor, runners
+        gc.collect()
+
+    stats = measure_interleaved(
+        list(usable),
+        open_runners,
+        runs=settings.runs,
+        rounds=settings.rounds,
+        warmup_runs=settings.warmup_runs,
+        warmup_s=settings.warmup_s,
+    )
+    return acc, stats, described
+
+
 def run_bench(
     items: list[BenchItem],
     texts: list[str],
@@ -79,64 +127,46 @@ def run_bench(
     reference: str | None,
 ) -> dict[str, Any]:
     """Measure every item on every target; returns the report (schema_version 1) as a dict."""
-    options = RuntimeOptions(threads=settings.threads)
     if settings.eval_max_examples is not None:
         texts, labels = texts[: settings.eval_max_examples], labels[: settings.eval_max_examples]
     results: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     warnings: list[str] = []
     for target in settings.targets:
-        loaded: dict[str, tuple[BenchItem, Predictor, str]] = {}
+        usable: dict[str, BenchItem] = {}
+        engines: dict[str, str] = {}
         for item in items:
             backend, reason = _backend_for(item, target)
             if backend is None:
                 skipped.append({"artifact": item.name, "target": target, "reason": reason or ""})
-                continue
-            predictor = Predictor.load(item.path, options=options, target=target)
-            predictor.max_seq_len = settings.eval_max_seq_len
-            loaded[item.name] = (item, predictor, backend)
-        if not loaded:
+            else:
+                usable[item.name], engines[item.name] = item, backend
+        if not usable:
             continue
-        acc = {
-            name: accuracy(pred, texts, labels, settings.eval_batch_size)
-            for name, (_, pred, _) in loaded.items()
-        }
-        for batch in settings.batch_sizes:
-            for seq_len in settings.seq_lens:
-                batch_texts = [texts[i % len(texts)] for i in range(batch)]
-                runners: dict[str, Callable[[], object]] = {}
-                for name, (_, pred, _) in loaded.items():
-                    feeds = pred.encode(batch_texts, pad_to=seq_len)
-                    runners[name] = functools.partial(pred.session.run, feeds)
-                stats = measure_interleaved(
-                    runners,
-                    runs=settings.runs,
-                    rounds=settings.rounds,
-                    warmup_runs=settings.warmup_runs,
-                    warmup_s=settings.warmup_s,
+        acc, stats, described = _measure_target(usable, target, texts, labels, settings)
+        order = list(usable)
+        for (name, shape), s in sorted(stats.items(), key=lambda kv: (kv[0][1], order.index(kv[0][0]))):
+            batch, seq_len = cast(tuple[int, int], shape)
+            if s.cv > settings.cv_warn:
+                warnings.append(
+                    f"{name} at batch {batch}, seq {seq_len}: latency std/mean = {s.cv:.2f} "
+                    f"(> {settings.cv_warn}); the machine was noisy, compare with care"
                 )
-                for name, s in stats.items():
-                    item, pred, backend = loaded[name]
-                    if s.cv > settings.cv_warn:
-                        warnings.append(
-                            f"{name} at batch {batch}, seq {seq_len}: latency std/mean = {s.cv:.2f} "
-                            f"(> {settings.cv_warn}); the machine was noisy, compare with care"
-                        )
-                    results.append(
-                        {
-                            "artifact": name,
-                            "engine": backend,
-                            "precision": item.precision,
-                            "target": target,
-                            "size_mb": item.size_mb,
-                            "accuracy": round(acc[name], 5),
-                            "batch": batch,
-                            "seq_len": seq_len,
-                            "latency_ms": s.to_json(),
-                            "throughput_per_s": round(batch * 1000.0 / s.mean, 2),
-                            "runtime": pred.session.describe(),
-                        }
-                    )
+            results.append(
+                {
+                    "artifact": name,
+                    "engine": engines[name],
+                    "precision": usable[name].precision,
+                    "target": target,
+                    "size_mb": usable[name].size_mb,
+                    "accuracy": round(acc[name], 5),
+                    "batch": batch,
+                    "seq_len": seq_len,
+                    "latency_ms": s.to_json(),
+                    "throughput_per_s": round(batch * 1000.0 / s.mean, 2),
+                    "runtime": described[name],
+                }
+            )
     if not results:
         raise EdgepipeError(
             "nothing could be benchmarked: "
@@ -147,7 +177,7 @@ def run_bench(
         "machine": host_info(),
         "versions": versions(),
         "settings": settings.__dict__,
-        "threads": options.resolved_threads,
+        "threads": RuntimeOptions(threads=settings.threads).resolved_threads,
         "eval_examples": len(texts),
         "reference": reference,
         "results": results,

@@ -1,14 +1,16 @@
 """Latency measurement: warm-up by count and by time, interleaved rounds, robust statistics.
 
 Artifacts are timed in rotating order over several rounds so that machine drift (frequency,
-neighbours on a shared host) spreads over all of them instead of favouring whichever ran first.
+neighbours on a shared host) spreads over all of them instead of favouring whichever ran first,
+and one at a time so that they do not compete for the cores.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -59,21 +61,32 @@ def warm_up(fn: Callable[[], object], runs: int, seconds: float) -> int:
     return count
 
 
+Runner = Callable[[], object]
+Opener = Callable[[str], AbstractContextManager[dict[Hashable, Runner]]]
+
+
 def measure_interleaved(
-    runners: dict[str, Callable[[], object]], *, runs: int, rounds: int, warmup_runs: int, warmup_s: float
-) -> dict[str, LatencyStats]:
-    """Time each runner `runs` times in total, spread over `rounds` rounds in rotating order."""
-    names = list(runners)
-    for name in names:
-        warm_up(runners[name], warmup_runs, warmup_s)
-    samples: dict[str, list[float]] = {name: [] for name in names}
+    names: list[str], open_runners: Opener, *, runs: int, rounds: int, warmup_runs: int, warmup_s: float
+) -> dict[tuple[str, Hashable], LatencyStats]:
+    """Time every runner of every name `runs` times, spread over `rounds` rounds in rotating order.
+
+    `open_runners(name)` loads one artifact and yields its runners (one per input shape); it is closed
+    before the next artifact opens. Only one artifact is alive at a time: idle onnxruntime sessions keep
+    their worker threads spinning, and on a 2-core machine that stole time from the session being timed
+    (std/mean 0.3-0.4 with five sessions alive, 0.02-0.07 with one; see benchmarks/RESULTS.md).
+    Each block is warmed up again, by count and by time, after opening.
+    """
+    samples: dict[tuple[str, Hashable], list[float]] = {}
     per_round = math.ceil(runs / rounds)
     for r in range(rounds):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            fn = runners[name]
-            for _ in range(min(per_round, runs - len(samples[name]))):
-                start = time.perf_counter_ns()
-                fn()
-                samples[name].append((time.perf_counter_ns() - start) / 1e6)
-    return {name: summarize(values) for name, values in samples.items()}
+            with open_runners(name) as runners:
+                for key, fn in runners.items():
+                    taken = samples.setdefault((name, key), [])
+                    warm_up(fn, warmup_runs, warmup_s)
+                    for _ in range(min(per_round, runs - len(taken))):
+                        start = time.perf_counter_ns()
+                        fn()
+                        taken.append((time.perf_counter_ns() - start) / 1e6)
+    return {key: summarize(values) for key, values in samples.items()}
