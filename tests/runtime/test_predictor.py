@@ -26,7 +26,7 @@ def test_session_records_its_settings(built_run: Path) -> None:
     predictor = Predictor.load(built_run / "02-export" / "fp32", options=RuntimeOptions(threads=1))
     settings = predictor.session.describe()
     assert settings["providers"] == ["CPUExecutionProvider"] and settings["intra_op_threads"] == 1
-    assert settings["graph_optimization"] == "all"
+    assert settings["graph_optimization"] == "all" and settings["denormal_as_zero"] is True
 
 
 def test_corrupt_model_is_an_input_error(run_copy: Path) -> None:

@@ -50,6 +50,7 @@ class BenchSettings:
     warmup_runs: int
     warmup_s: float
     threads: int | None
+    denormal_as_zero: bool
     eval_batch_size: int
     eval_max_seq_len: int
     eval_max_examples: int | None
@@ -81,7 +82,7 @@ def _measure_target(
     settings: BenchSettings,
 ) -> tuple[dict[str, float], dict[tuple[str, Hashable], LatencyStats], dict[str, dict[str, Any]]]:
     """Accuracy, latency per (artifact, shape) and runtime settings, one artifact alive at a time."""
-    options = RuntimeOptions(threads=settings.threads)
+    options = RuntimeOptions(threads=settings.threads, denormal_as_zero=settings.denormal_as_zero)
     described: dict[str, dict[str, Any]] = {}
 
     def load(name: str) -> Predictor:
