@@ -37,7 +37,7 @@ def test_corrupt_model_is_an_input_error(run_copy: Path) -> None:
 
 
 def test_every_backend_says_whether_it_runs_here() -> None:
-    assert set(BACKENDS) == {"ort-cpu", "torch-cpu"}
+    assert set(BACKENDS) == {"ort-cpu", "torch"}
     for backend in BACKENDS.values():
         assert backend.available() is None
     with pytest.raises(BackendUnavailableError, match="unknown backend 'tensorrt'"):

@@ -153,7 +153,7 @@ class _TorchSession:
 
 
 class TorchCpuBackend:
-    name = "torch-cpu"
+    name = "torch"
     engine = "pytorch"
     target = "cpu"
     model_format = "transformers"
