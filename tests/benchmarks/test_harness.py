@@ -94,9 +94,7 @@ def test_report_says_when_static_int8_is_slower() -> None:
         "skipped": [{"artifact": "fp32", "target": "cuda", "reason": "no GPU"}],
     }
     notes = findings(report)
-    assert any(
-        "static int8 `int8-static` (19.00 ms) is slower than `int8-dynamic` (12.00 ms)" in n for n in notes
-    )
+    assert any("static int8 `int8-static` (19.00 ms) is slower than `int8-dynamic` (12.00 ms)" in n for n in notes)
     assert any("fastest is `int8-dynamic` at 12.00 ms p50, 1.67x ORT fp32" in n for n in notes)
     text = render_markdown(report, "t")
     assert "| int8-dynamic | 12.00 |" in text and "skipped `fp32` on cuda: no GPU" in text

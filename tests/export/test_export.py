@@ -51,9 +51,7 @@ def test_parity_error_names_the_output_and_difference(exported, tmp_path: Path) 
     weight.CopyFrom(numpy_helper.from_array(values.astype(np.float32), weight.name))
     bad = tmp_path / "bad.onnx"
     onnx.save(broken, str(bad))
-    with pytest.raises(
-        ExportParityError, match=r"bad.onnx: output `logits` differs from PyTorch by .* at \(batch=1"
-    ):
+    with pytest.raises(ExportParityError, match=r"bad.onnx: output `logits` differs from PyTorch by .* at \(batch=1"):
         check_parity(model, tokenizer, bad, TEXTS, [(1, 7), (2, 9)], 1e-4, spec)
 
 

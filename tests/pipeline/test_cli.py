@@ -22,9 +22,7 @@ def test_usage_error_is_exit_2() -> None:
 
 def test_bad_recipe_exit_2_one_message_no_traceback(tmp_path: Path, capsys) -> None:
     path = tmp_path / "r.yaml"
-    path.write_text(
-        "schema_version: 1\nmodel: minilm-l6\nstages: [{kind: export, opset: x}]\nbench: {seq_lens: [0]}\n"
-    )
+    path.write_text("schema_version: 1\nmodel: minilm-l6\nstages: [{kind: export, opset: x}]\nbench: {seq_lens: [0]}\n")
     assert main(["build", str(path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err

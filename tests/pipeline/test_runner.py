@@ -23,9 +23,7 @@ def test_manifest_records_versions_host_and_hashed_files(built_run: Path) -> Non
     assert [s["kind"] for s in manifest["stages"]] == ["finetune", "export", "quantize", "quantize"]
     for stage in manifest["stages"]:
         assert stage["duration_s"] >= 0 and stage["config_hash"] and stage["metrics"]
-        assert stage["files"] and all(
-            len(f["sha256"]) == 64 and f["size"] > 0 for f in stage["files"].values()
-        )
+        assert stage["files"] and all(len(f["sha256"]) == 64 and f["size"] > 0 for f in stage["files"].values())
     assert not list(built_run.glob(".*.partial"))
 
 

@@ -32,11 +32,7 @@ class BenchItem:
 
     @property
     def size_mb(self) -> float:
-        files = (
-            [self.path / "model.onnx"]
-            if self.model_format == "onnx"
-            else list(self.path.glob("*.safetensors"))
-        )
+        files = [self.path / "model.onnx"] if self.model_format == "onnx" else list(self.path.glob("*.safetensors"))
         return round(sum(f.stat().st_size for f in files if f.exists()) / 1e6, 2)
 
 

@@ -52,9 +52,7 @@ def load_for_export(model_dir: Path) -> Any:
 def _real_inputs(tokenizer: Any, texts: list[str], batch: int, seq_len: int, names: tuple[str, ...]) -> dict:
     """Real sentences tokenized to exactly (batch, seq_len): padding and truncation both exercised."""
     chosen = [texts[i % len(texts)] for i in range(batch)]
-    encoded = tokenizer(
-        chosen, padding="max_length", truncation=True, max_length=seq_len, return_tensors="np"
-    )
+    encoded = tokenizer(chosen, padding="max_length", truncation=True, max_length=seq_len, return_tensors="np")
     return {n: np.asarray(encoded[n], dtype=np.int64) for n in names}
 
 
@@ -149,9 +147,7 @@ def fuse_transformer(onnx_path: Path, out_path: Path, config: Any) -> dict[str, 
 
     model_type = FUSIBLE_MODEL_TYPES.get(config.model_type)
     if model_type is None:
-        log.info(
-            "no transformer fusion for model_type %s (supported: %s)", config.model_type, FUSIBLE_MODEL_TYPES
-        )
+        log.info("no transformer fusion for model_type %s (supported: %s)", config.model_type, FUSIBLE_MODEL_TYPES)
         return None
     optimized = optimize_model(
         str(onnx_path),

@@ -44,9 +44,7 @@ def model_problem(name: str) -> str | None:
         builtin = BUILTIN_MODELS[name]
         root = package_dir(builtin.package)
         if root is None or not (root / builtin.subdir / "config.json").is_file():
-            return (
-                f"`model`: built-in model {name!r} is not installed; run `{builtin.install}` (make demo does)"
-            )
+            return f"`model`: built-in model {name!r} is not installed; run `{builtin.install}` (make demo does)"
         return None
     path = Path(name)
     if not path.exists():

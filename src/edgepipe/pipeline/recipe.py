@@ -66,6 +66,76 @@ class FinetuneConfig(_Strict):
         return (ArtifactKind.HF_MODEL,)
 
 
+class StudentConfig(_Strict):
+    init: Literal["subset", "fresh", "folder"] = Field(
+        "subset", description="subset: keep teacher layers (weights copied); fresh: narrower config; folder"
+    )
+    layers: list[int] | None = Field(None, min_length=1, description="teacher layers to keep (subset)")
+    num_layers: int | None = Field(None, ge=1, description="evenly spaced subset, or the depth of a fresh student")
+    hidden_size: int | None = Field(None, ge=8)
+    num_heads: int | None = Field(None, ge=1)
+    intermediate_size: int | None = Field(None, ge=8)
+    init_from: str | None = Field(None, description="folder of a student to start from (init: folder)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StudentConfig:
+        if self.layers is not None and self.num_layers is not None:
+            raise ValueError("give either layers or num_layers, not both")
+        if self.layers is not None and self.init != "subset":
+            raise ValueError("layers applies to init: subset; use num_layers for a fresh student")
+        if self.layers is not None and sorted(set(self.layers)) != self.layers:
+            raise ValueError(f"layers must be increasing and distinct, got {self.layers}")
+        if self.init == "subset" and self.layers is None and self.num_layers is None:
+            raise ValueError("a subset student needs layers: [...] or num_layers: N")
+        if (self.init == "folder") != (self.init_from is not None):
+            raise ValueError("init_from is required with init: folder, and only there")
+        return self
+
+
+class LossWeights(_Strict):
+    """The seed's formula lambda * KD + (1 - lambda) * CE + beta * hidden is {kd: lambda, ce: 1 - lambda,
+    hidden: beta}."""
+
+    ce: float = Field(0.5, ge=0)
+    kd: float = Field(0.5, ge=0)
+    hidden: float = Field(0.0, ge=0)
+    attention: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _some(self) -> LossWeights:
+        if self.ce + self.kd + self.hidden + self.attention == 0:
+            raise ValueError("every loss weight is 0; give at least one of ce, kd, hidden, attention")
+        return self
+
+
+class DistillConfig(_Strict):
+    kind: Literal["distill"]
+    name: str = Field("student", pattern=r"^[A-Za-z0-9_.-]+$")
+    student: StudentConfig
+    loss: LossWeights = Field(default_factory=LossWeights)
+    temperature: float = Field(2.0, gt=0, description="softmax temperature of the KD term")
+    adaptive: Literal["none", "anneal", "wsl"] = Field(
+        "none", description="anneal: temperature -> 1 over training; wsl: per-sample KD weights"
+    )
+    layer_map: dict[int, int] | None = Field(None, description="student layer -> teacher layer (hidden loss)")
+    hidden_projection: bool = Field(True, description="learn a linear map when widths differ")
+    max_steps: int = Field(400, ge=1)
+    batch_size: int = Field(32, ge=1)
+    max_seq_len: int = 64
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    eval_batch_size: int = Field(64, ge=1)
+
+    _check_len = field_validator("max_seq_len")(_positive_seq_len)
+
+    def consumes(self) -> tuple[ArtifactKind, ...]:
+        return (ArtifactKind.HF_MODEL,)
+
+    def produces(self) -> tuple[ArtifactKind, ...]:
+        return (ArtifactKind.HF_MODEL,)
+
+
 class ExportConfig(_Strict):
     kind: Literal["export"]
     opset: int = Field(17, ge=17, le=21)
@@ -143,7 +213,7 @@ class QuantizeConfig(_Strict):
         return (ArtifactKind.ONNX_INT8,)
 
 
-StageConfig = Annotated[FinetuneConfig | ExportConfig | QuantizeConfig, Field(discriminator="kind")]
+StageConfig = Annotated[FinetuneConfig | DistillConfig | ExportConfig | QuantizeConfig, Field(discriminator="kind")]
 
 
 class BenchConfig(_Strict):
@@ -196,13 +266,11 @@ class Recipe(_Strict):
         names = [s.artifact_name for s in self.stages if isinstance(s, QuantizeConfig)]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ValueError(
-                f"two quantize stages produce the same artifact name {dupes}; set `name:` on one"
-            )
+            raise ValueError(f"two quantize stages produce the same artifact name {dupes}; set `name:` on one")
         return self
 
 
-STAGE_KINDS = ("finetune", "export", "quantize")
+STAGE_KINDS = ("finetune", "distill", "export", "quantize")
 
 
 def _format_loc(loc: tuple[Any, ...]) -> str:

@@ -29,7 +29,8 @@ from edgepipe.pipeline.artifacts import (
 )
 from edgepipe.pipeline.data import DataSplits, data_problem, load_splits
 from edgepipe.pipeline.models import model_problem, resolve_model
-from edgepipe.pipeline.recipe import ArtifactKind, Recipe, dump_recipe, parse_recipe
+from edgepipe.pipeline.recipe import ArtifactKind, DistillConfig, Recipe, dump_recipe, parse_recipe
+from edgepipe.pipeline.students import student_problems, student_shape
 from edgepipe.runtime.host import git_commit, host_info, versions
 from edgepipe.runtime.predictor import model_labels
 
@@ -54,10 +55,24 @@ def check_chain(recipe: Recipe) -> list[str]:
     return problems
 
 
+def check_students(recipe: Recipe) -> list[str]:
+    """Distill specs against the model's architecture (finetune keeps it), read from config.json."""
+    config = json.loads((resolve_model(recipe.model) / "config.json").read_text(encoding="utf-8"))
+    problems = []
+    for i, stage in enumerate(recipe.stages):
+        if isinstance(stage, DistillConfig):
+            problems += student_problems(stage, config, f"stages.{i}")
+            config = {**config, **student_shape(stage, config)}  # a later distill starts from this student
+    return problems
+
+
 def check_recipe(recipe: Recipe, out: Path | None = None) -> list[str]:
     """Everything that needs no computation: files exist, columns exist, chain is complete."""
-    problems = [p for p in (model_problem(recipe.model), data_problem(recipe.data)) if p]
+    model = model_problem(recipe.model)
+    problems = [p for p in (model, data_problem(recipe.data)) if p]
     problems += check_chain(recipe)
+    if model is None:
+        problems += check_students(recipe)
     if out is not None and out.exists() and not out.is_dir():
         problems.append(f"`--out`: {out} is a file; pass a folder (it is created if missing)")
     return problems
@@ -222,9 +237,7 @@ def write_report(paths: RunPaths, recipe: Recipe, report: dict[str, Any]) -> lis
 def _raise_on_gates(gate_lines: list[str], paths: RunPaths) -> None:
     failed = [line for line in gate_lines if line.startswith("FAIL")]
     if failed:
-        raise GateFailedError(
-            "gate failed:\n  " + "\n  ".join(failed) + f"\nreport: {paths.root / REPORT_MD}"
-        )
+        raise GateFailedError("gate failed:\n  " + "\n  ".join(failed) + f"\nreport: {paths.root / REPORT_MD}")
 
 
 def prepare(recipe: Recipe, out: Path) -> tuple[RunPaths, DataSplits, Path]:
@@ -299,8 +312,9 @@ def build(recipe: Recipe, out: Path, *, force: bool = False) -> Path:
         manifest["stages"] = records
         write_json(paths.manifest, manifest)
 
+    # every PyTorch model (teacher, students) and every ONNX artifact, teacher first: it is the reference
     hf = [a for a in produced if a.kind == ArtifactKind.HF_MODEL] or [current[ArtifactKind.HF_MODEL]]
-    artifacts = [hf[-1], *[a for a in produced if a.kind != ArtifactKind.HF_MODEL]]
+    artifacts = [*hf, *[a for a in produced if a.kind != ArtifactKind.HF_MODEL]]
     manifest["artifacts"] = [a.to_json(paths.root) for a in artifacts]
     bench_key = config_hash([[a.fingerprint for a in artifacts], recipe.bench.model_dump(), data.fingerprint])
     report_file = paths.root / REPORT_JSON
@@ -342,9 +356,7 @@ def bench(run_dir: Path) -> Path:
     """Re-measure every artifact of an existing run (e.g. on another machine); rewrites the report."""
     paths = RunPaths(run_dir.resolve())
     if not run_dir.is_dir() or not paths.manifest.is_file():
-        raise InputError(
-            f"{run_dir} is not a run folder (no {MANIFEST}); pass the --out folder of `edgepipe build`"
-        )
+        raise InputError(f"{run_dir} is not a run folder (no {MANIFEST}); pass the --out folder of `edgepipe build`")
     manifest = _load_manifest(paths)
     if "artifacts" not in manifest or "recipe" not in manifest:
         raise InputError(f"{paths.manifest} is incomplete (the build did not finish); rerun `edgepipe build`")

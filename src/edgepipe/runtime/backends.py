@@ -131,9 +131,7 @@ class _TorchSession:
         self._torch = torch
         self._model = AutoModelForSequenceClassification.from_pretrained(path).eval()
         forward_args = inspect.signature(self._model.forward).parameters
-        self.input_names = tuple(
-            n for n in ("input_ids", "attention_mask", "token_type_ids") if n in forward_args
-        )
+        self.input_names = tuple(n for n in ("input_ids", "attention_mask", "token_type_ids") if n in forward_args)
         self._settings = {
             "device": "cpu",
             "dtype": "float32",

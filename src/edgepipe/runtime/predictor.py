@@ -44,18 +44,14 @@ def model_labels(folder: Path) -> list[str]:
 
 
 class Predictor:
-    def __init__(
-        self, session: Session, tokenizer: object, labels: list[str], max_seq_len: int = 128
-    ) -> None:
+    def __init__(self, session: Session, tokenizer: object, labels: list[str], max_seq_len: int = 128) -> None:
         self.session = session
         self.tokenizer = tokenizer
         self.labels = labels
         self.max_seq_len = max_seq_len
 
     @classmethod
-    def load(
-        cls, folder: str | Path, *, options: RuntimeOptions | None = None, target: str = "cpu"
-    ) -> Predictor:
+    def load(cls, folder: str | Path, *, options: RuntimeOptions | None = None, target: str = "cpu") -> Predictor:
         from transformers import AutoTokenizer
 
         folder = Path(folder)
@@ -79,9 +75,7 @@ class Predictor:
         return {k: np.asarray(encoded[k], dtype=np.int64) for k in self.session.input_names if k in encoded}
 
     def logits(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
-        outputs = [
-            self.session.run(self.encode(texts[i : i + batch_size])) for i in range(0, len(texts), batch_size)
-        ]
+        outputs = [self.session.run(self.encode(texts[i : i + batch_size])) for i in range(0, len(texts), batch_size)]
         return np.concatenate(outputs, axis=0)
 
     def predict(self, texts: list[str]) -> list[Prediction]:
@@ -90,8 +84,6 @@ class Predictor:
         for row in probs:
             best = int(row.argmax())
             results.append(
-                Prediction(
-                    self.labels[best], float(row[best]), dict(zip(self.labels, row.tolist(), strict=True))
-                )
+                Prediction(self.labels[best], float(row[best]), dict(zip(self.labels, row.tolist(), strict=True)))
             )
         return results

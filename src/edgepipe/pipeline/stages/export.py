@@ -55,9 +55,7 @@ def run_export(inputs: dict[ArtifactKind, Artifact], cfg: ExportConfig, ctx: Sta
             fused.rmdir()
             metrics["fusion"] = f"not supported for model_type {model.config.model_type}"
         else:
-            fused_parity = check_parity(
-                model, tokenizer, fused / "model.onnx", texts, shapes, cfg.parity_atol, spec
-            )
+            fused_parity = check_parity(model, tokenizer, fused / "model.onnx", texts, shapes, cfg.parity_atol, spec)
             _finish(fused, model, tokenizer, ctx)
             artifacts.append(Artifact("fp32-fused", ArtifactKind.ONNX_FP32_FUSED, fused, "fp32"))
             metrics["fused_ops"] = fused_ops

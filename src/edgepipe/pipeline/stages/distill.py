@@ -1,0 +1,176 @@
+"""distill: train a smaller student from the teacher with logit KD, hidden-state and attention losses,
+and optional adaptive schedules (see `edgepipe.pipeline.kd` for the formulas and papers).
+
+Teacher logits on the train split are computed once per (teacher, data, sequence length) and kept in
+the run's cache as safetensors, so every further student or setting reuses them. Hidden states and
+attention maps, when a loss needs them, come from a teacher forward pass on each batch instead: cached
+they would take gigabytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from edgepipe.errors import InputError
+from edgepipe.pipeline.artifacts import Artifact, config_hash
+from edgepipe.pipeline.recipe import ArtifactKind, DistillConfig
+from edgepipe.pipeline.stages import StageContext, StageResult, register
+from edgepipe.pipeline.stages.training import (
+    batches,
+    encode,
+    evaluate,
+    loss_window,
+    optimizer_and_schedule,
+    predict_logits,
+    save_model,
+)
+from edgepipe.pipeline.students import build_student, layer_map, student_problems
+
+log = logging.getLogger(__name__)
+
+
+def teacher_logits(teacher: Any, tokenizer: Any, source: Artifact, cfg: DistillConfig, ctx: StageContext) -> Any:
+    """Teacher logits for every train example, from the run cache when teacher and data are unchanged."""
+    from safetensors.torch import load_file, save_file
+
+    key = config_hash([source.fingerprint, ctx.data.fingerprint, cfg.max_seq_len, "train-logits"])
+    path = ctx.cache_dir / f"teacher-logits-{key}.safetensors"
+    if path.is_file():
+        log.info("distill: teacher logits reused from %s", path.name)
+        return load_file(path)["logits"], True
+    logits = predict_logits(teacher, tokenizer, ctx.data.train.texts, cfg.max_seq_len, cfg.eval_batch_size)
+    ctx.cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".partial")
+    save_file({"logits": logits.contiguous()}, str(tmp))
+    tmp.replace(path)
+    return logits, False
+
+
+def _selected(states: tuple[Any, ...], layers: list[int]) -> list[Any]:
+    # hidden_states[0] is the embedding output; layer i's output is hidden_states[i + 1]
+    return [states[i + 1] for i in layers]
+
+
+@register("distill")
+def run_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx: StageContext) -> StageResult:
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from edgepipe.pipeline import kd
+
+    source = inputs[ArtifactKind.HF_MODEL]
+    need_attention = cfg.loss.attention > 0
+    attn = {"attn_implementation": "eager"} if need_attention else {}
+    teacher = AutoModelForSequenceClassification.from_pretrained(source.path, **attn).eval()
+    problems = student_problems(cfg, teacher.config.to_dict(), "distill")
+    if problems:
+        raise InputError("; ".join(problems))
+    for param in teacher.parameters():
+        param.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    student = build_student(teacher, cfg, ctx.seed)
+    if need_attention:
+        student.config._attn_implementation = "eager"
+    mapping = layer_map(cfg, teacher.config.to_dict())
+    student_ids, teacher_ids = list(mapping), list(mapping.values())
+
+    cached, reused = teacher_logits(teacher, tokenizer, source, cfg, ctx)
+    projections = None
+    if cfg.loss.hidden > 0 and student.config.hidden_size != teacher.config.hidden_size:
+        torch.manual_seed(ctx.seed)
+        projections = torch.nn.ModuleList(
+            torch.nn.Linear(student.config.hidden_size, teacher.config.hidden_size) for _ in mapping
+        )
+    params = list(student.parameters()) + (list(projections.parameters()) if projections else [])
+    optimizer, schedule = optimizer_and_schedule(params, cfg.lr, cfg.weight_decay, cfg.warmup_ratio, cfg.max_steps)
+
+    train = ctx.data.train
+    history: dict[str, list[float]] = {
+        k: [] for k in ("loss_total", "loss_ce", "loss_kd", "loss_hidden", "loss_attention", "kd_weight")
+    }
+    need_teacher_pass = cfg.loss.hidden > 0 or need_attention
+    torch.manual_seed(ctx.seed)
+    student.train()
+    started = time.perf_counter()
+    plan = batches(len(train), cfg.batch_size, cfg.max_steps, ctx.seed)
+    for step, index in enumerate(tqdm(plan, desc="distill", disable=not ctx.progress)):
+        enc = encode(tokenizer, [train.texts[i] for i in index], cfg.max_seq_len)
+        labels = torch.from_numpy(train.labels[index])
+        out = student(**enc, output_hidden_states=cfg.loss.hidden > 0, output_attentions=need_attention)
+        t_logits = cached[torch.from_numpy(index)]
+        temperature = (
+            kd.annealed_temperature(cfg.temperature, step, cfg.max_steps)
+            if cfg.adaptive == "anneal"
+            else cfg.temperature
+        )
+        ce = F.cross_entropy(out.logits, labels)
+        kd_each = kd.kd_loss(out.logits, t_logits, temperature, reduce=False)
+        weights = kd.wsl_weights(out.logits, t_logits, labels) if cfg.adaptive == "wsl" else None
+        kd_term = (weights * kd_each).mean() if weights is not None else kd_each.mean()
+        loss = cfg.loss.ce * ce + cfg.loss.kd * kd_term
+        terms = {"ce": ce, "kd": kd_term}
+        if need_teacher_pass:
+            with torch.no_grad():
+                t_out = teacher(**enc, output_hidden_states=cfg.loss.hidden > 0, output_attentions=need_attention)
+            if cfg.loss.hidden > 0:
+                terms["hidden"] = kd.hidden_loss(
+                    _selected(out.hidden_states, student_ids),
+                    _selected(t_out.hidden_states, teacher_ids),
+                    enc["attention_mask"],
+                    projections,
+                )
+                loss = loss + cfg.loss.hidden * terms["hidden"]
+            if need_attention:
+                terms["attention"] = kd.attention_loss(
+                    [out.attentions[i] for i in student_ids],
+                    [t_out.attentions[i] for i in teacher_ids],
+                    enc["attention_mask"],
+                )
+                loss = loss + cfg.loss.attention * terms["attention"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        history["loss_total"].append(loss.item())
+        for name, value in terms.items():
+            history[f"loss_{name}"].append(value.item())
+        if weights is not None:
+            history["kd_weight"].append(weights.mean().item())
+    train_s = time.perf_counter() - started
+
+    val_accuracy = evaluate(student, tokenizer, ctx.data.val, cfg.max_seq_len, cfg.eval_batch_size)
+    teacher_val = evaluate(teacher, tokenizer, ctx.data.val, cfg.max_seq_len, cfg.eval_batch_size)
+    log.info(
+        "distill: %d steps in %.0f s, student val %.4f, teacher val %.4f",
+        cfg.max_steps,
+        train_s,
+        val_accuracy,
+        teacher_val,
+    )
+    out_dir = ctx.stage_dir / "model"
+    save_model(student, tokenizer, out_dir, ctx)
+    if projections is not None:
+        from safetensors.torch import save_file
+
+        save_file(projections.state_dict(), str(ctx.stage_dir / "hidden_projections.safetensors"))
+    metrics: dict[str, Any] = {
+        "steps": cfg.max_steps,
+        "train_seconds": round(train_s, 2),
+        "val_accuracy": val_accuracy,
+        "teacher_val_accuracy": teacher_val,
+        "retention": round(val_accuracy / teacher_val, 4) if teacher_val else None,
+        "student_parameters": sum(p.numel() for p in student.parameters()),
+        "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
+        "layer_map": {str(s): t for s, t in mapping.items()},
+        "teacher_logits_reused": reused,
+        "final_temperature": temperature,
+    }
+    for name, values in history.items():
+        if values:
+            metrics[f"{name}_start"], metrics[f"{name}_end"] = loss_window(values)
+    return StageResult([Artifact(cfg.name, ArtifactKind.HF_MODEL, out_dir, "fp32")], metrics)

@@ -1,0 +1,63 @@
+"""Shared pieces of the training stages (finetune, distill): batches, optimizer, evaluation, saving."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgepipe.pipeline.artifacts import write_meta
+from edgepipe.pipeline.data import Split
+from edgepipe.pipeline.stages import StageContext
+
+
+def batches(n: int, batch_size: int, steps: int, seed: int) -> list[np.ndarray]:
+    """`steps` batches of indices: reshuffled epochs, every example seen once per epoch."""
+    rng = np.random.default_rng(seed)
+    batch_size = min(batch_size, n)
+    out: list[np.ndarray] = []
+    while len(out) < steps:
+        order = rng.permutation(n)
+        out.extend(order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size))
+    return out[:steps]
+
+
+def encode(tokenizer: Any, texts: list[str], max_seq_len: int) -> Any:
+    return tokenizer(texts, padding=True, truncation=True, max_length=max_seq_len, return_tensors="pt")
+
+
+def optimizer_and_schedule(params: list[Any], lr: float, weight_decay: float, warmup_ratio: float, steps: int) -> Any:
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return optimizer, get_linear_schedule_with_warmup(optimizer, int(warmup_ratio * steps), steps)
+
+
+def predict_logits(model: Any, tokenizer: Any, texts: list[str], max_seq_len: int, batch_size: int) -> Any:
+    import torch
+
+    outputs = []
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch_size):
+            outputs.append(model(**encode(tokenizer, texts[i : i + batch_size], max_seq_len)).logits)
+    return torch.cat(outputs)
+
+
+def evaluate(model: Any, tokenizer: Any, split: Split, max_seq_len: int, batch_size: int) -> float:
+    model.eval()
+    predicted = predict_logits(model, tokenizer, split.texts, max_seq_len, batch_size).argmax(-1).numpy()
+    return float((predicted == split.labels).mean())
+
+
+def save_model(model: Any, tokenizer: Any, out: Path, ctx: StageContext) -> None:
+    model.save_pretrained(out)  # safetensors
+    tokenizer.save_pretrained(out)
+    write_meta(out, task=ctx.task, labels=ctx.data.label_names, precision="fp32", fmt="transformers")
+
+
+def loss_window(losses: list[float]) -> tuple[float, float]:
+    """Mean loss over the first and the last few steps."""
+    window = max(1, min(20, len(losses) // 4))
+    return float(np.mean(losses[:window])), float(np.mean(losses[-window:]))
