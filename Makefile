@@ -37,7 +37,8 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix src tests benchmarks
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_demo.py --out runs/bench --json runs/bench/demo.json
+	$(BIN)/python benchmarks/bench_demo.py --out runs/demo --json runs/bench/demo.json
+	$(BIN)/python benchmarks/bench_runtime.py --run runs/demo --json runs/bench/runtime.json
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache
