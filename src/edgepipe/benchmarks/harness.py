@@ -72,9 +72,9 @@ def measure_interleaved(
 
     `open_runners(name)` loads one artifact and yields its runners (one per input shape); it is closed
     before the next artifact opens. Only one artifact is alive at a time: idle onnxruntime sessions keep
-    their worker threads spinning, and on a 2-core machine that stole time from the session being timed
-    (std/mean 0.3-0.4 with five sessions alive, 0.02-0.07 with one; see benchmarks/RESULTS.md).
-    Each block is warmed up again, by count and by time, after opening.
+    their worker threads spinning for a while, and on a 2-core machine that once stole enough time from
+    the session being timed to push std/mean to 0.3-0.4 (benchmarks/RESULTS.md). Each block is warmed up
+    again, by count and by time, after opening.
     """
     samples: dict[tuple[str, Hashable], list[float]] = {}
     per_round = math.ceil(runs / rounds)

@@ -32,7 +32,7 @@ class _Strict(BaseModel):
 
 def _positive_seq_len(value: int) -> int:
     if value <= 0:
-        raise ValueError(f"sequence length must be > 0, got {value}")
+        raise ValueError("sequence length must be > 0")
     return value
 
 
@@ -46,15 +46,15 @@ class DataConfig(_Strict):
     max_examples: int | None = Field(None, ge=20, description="subsample after deduplication (tests)")
 
 
-class FinetuneConfig(_Strict):
-    kind: Literal["finetune"]
-    max_steps: int = Field(300, ge=1)
+class _TrainingConfig(_Strict):
+    """Budget and optimizer settings shared by the training stages; hf-model in, hf-model out."""
+
+    max_steps: int = Field(400, ge=1)
     batch_size: int = Field(32, ge=1)
     max_seq_len: int = 64
     lr: float = Field(5e-5, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    train_encoder: bool = Field(True, description="false trains only the task head")
     eval_batch_size: int = Field(64, ge=1)
 
     _check_len = field_validator("max_seq_len")(_positive_seq_len)
@@ -64,6 +64,12 @@ class FinetuneConfig(_Strict):
 
     def produces(self) -> tuple[ArtifactKind, ...]:
         return (ArtifactKind.HF_MODEL,)
+
+
+class FinetuneConfig(_TrainingConfig):
+    kind: Literal["finetune"]
+    max_steps: int = Field(300, ge=1)
+    train_encoder: bool = Field(True, description="false trains only the task head")
 
 
 class StudentConfig(_Strict):
@@ -108,7 +114,7 @@ class LossWeights(_Strict):
         return self
 
 
-class DistillConfig(_Strict):
+class DistillConfig(_TrainingConfig):
     kind: Literal["distill"]
     name: str = Field("student", pattern=r"^[A-Za-z0-9_.-]+$")
     student: StudentConfig
@@ -119,21 +125,7 @@ class DistillConfig(_Strict):
     )
     layer_map: dict[int, int] | None = Field(None, description="student layer -> teacher layer (hidden loss)")
     hidden_projection: bool = Field(True, description="learn a linear map when widths differ")
-    max_steps: int = Field(400, ge=1)
-    batch_size: int = Field(32, ge=1)
-    max_seq_len: int = 64
     lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    eval_batch_size: int = Field(64, ge=1)
-
-    _check_len = field_validator("max_seq_len")(_positive_seq_len)
-
-    def consumes(self) -> tuple[ArtifactKind, ...]:
-        return (ArtifactKind.HF_MODEL,)
-
-    def produces(self) -> tuple[ArtifactKind, ...]:
-        return (ArtifactKind.HF_MODEL,)
 
 
 class ExportConfig(_Strict):
