@@ -109,7 +109,8 @@ def _build(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     out = args.out or Path("runs") / recipe.name
     report = build(recipe, out, force=args.force)
-    print(f"report: {report}")
+    if report is not None:  # None on torchrun ranks other than 0
+        print(f"report: {report}")
     return 0
 
 

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -28,8 +29,10 @@ from edgepipe.pipeline.artifacts import (
     write_json,
 )
 from edgepipe.pipeline.data import DataSplits, data_problem, load_splits
+from edgepipe.pipeline.distributed import World, join_world
 from edgepipe.pipeline.models import model_problem, resolve_model
 from edgepipe.pipeline.recipe import ArtifactKind, DistillConfig, Recipe, dump_recipe, parse_recipe
+from edgepipe.pipeline.stages import TRAINING_STAGES
 from edgepipe.pipeline.students import student_problems, student_shape
 from edgepipe.runtime.host import git_commit, host_info, versions
 from edgepipe.runtime.predictor import model_labels
@@ -139,14 +142,16 @@ def _run_stage(
     paths: RunPaths,
     recipe: Recipe,
     data: DataSplits,
-) -> dict[str, Any]:
+    world: World,
+) -> dict[str, Any] | None:
+    """Run one stage into a temporary folder and rename it into place; None on ranks other than 0."""
     from edgepipe.pipeline.stages import StageContext, load_stages
 
     final = paths.stage(index, stage.kind)
-    tmp = paths.root / f".{final.name}.partial"
+    tmp = paths.root / f".{final.name}.partial" if world.is_main else Path(tempfile.mkdtemp(prefix="edgepipe-"))
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    ctx = StageContext(stage_dir=tmp, seed=recipe.seed, task=recipe.task, data=data, cache_dir=paths.cache)
+    ctx = StageContext(stage_dir=tmp, seed=recipe.seed, task=recipe.task, data=data, cache_dir=paths.cache, world=world)
     started = time.perf_counter()
     try:
         result = load_stages()[stage.kind](inputs, stage, ctx)
@@ -156,6 +161,9 @@ def _run_stage(
     except Exception as error:
         shutil.rmtree(tmp, ignore_errors=True)
         raise StageError(final.name, paths.root, f"{type(error).__name__}: {error}") from error
+    if not world.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return None
     duration = time.perf_counter() - started
     artifacts = [
         Artifact(a.name, a.kind, final / a.path.relative_to(tmp), a.precision, folder_fingerprint(a.path))
@@ -170,6 +178,7 @@ def _run_stage(
         "config": stage.model_dump(mode="json"),
         "config_hash": config_hash(stage.model_dump(mode="json")),
         "duration_s": round(duration, 2),
+        "world_size": world.size,
         "metrics": result.metrics,
         "artifacts": [a.to_json(paths.root) for a in artifacts],
         "files": file_records(tmp),
@@ -240,21 +249,23 @@ def _raise_on_gates(gate_lines: list[str], paths: RunPaths) -> None:
         raise GateFailedError("gate failed:\n  " + "\n  ".join(failed) + f"\nreport: {paths.root / REPORT_MD}")
 
 
-def prepare(recipe: Recipe, out: Path) -> tuple[RunPaths, DataSplits, Path]:
+def prepare(recipe: Recipe, out: Path, world: World | None = None) -> tuple[RunPaths, DataSplits, Path]:
     problems = check_recipe(recipe, out)
     if problems:
         raise RecipeError(problems)
     data = load_splits(recipe.data, recipe.seed)
     model_dir = resolve_model(recipe.model)
     _check_labels(model_dir, recipe, data)
-    out.mkdir(parents=True, exist_ok=True)
+    if world is None or world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     return RunPaths(out.resolve()), data, model_dir
 
 
-def build(recipe: Recipe, out: Path, *, force: bool = False) -> Path:
-    """Run every stage (or reuse it), benchmark, gate. Returns the path of report.md."""
-    paths, data, model_dir = prepare(recipe, out)
-    manifest = _load_manifest(paths)
+def build(recipe: Recipe, out: Path, *, force: bool = False) -> Path | None:
+    """Run every stage (or reuse it), benchmark, gate. Returns the path of report.md (None on ranks > 0)."""
+    world = join_world()
+    paths, data, model_dir = prepare(recipe, out, world)
+    manifest = _load_manifest(paths) if world.is_main else {}
     resolved = recipe.model_dump(mode="json")
     manifest.update(
         {
@@ -265,6 +276,8 @@ def build(recipe: Recipe, out: Path, *, force: bool = False) -> Path:
             "recipe": resolved,
             "versions": versions(),
             "host": host_info(),
+            "world_size": world.size,
+            "distributed_backend": world.backend,
             "data": {
                 "source": recipe.data.source,
                 "fingerprint": data.fingerprint,
@@ -273,7 +286,8 @@ def build(recipe: Recipe, out: Path, *, force: bool = False) -> Path:
             },
         }
     )
-    write_atomic(paths.root / "recipe.resolved.yaml", dump_recipe(recipe))
+    if world.is_main:
+        write_atomic(paths.root / "recipe.resolved.yaml", dump_recipe(recipe))
     current = {
         ArtifactKind.HF_MODEL: Artifact(
             "model", ArtifactKind.HF_MODEL, model_dir, "fp32", folder_fingerprint(model_dir)
@@ -295,13 +309,17 @@ def build(recipe: Recipe, out: Path, *, force: bool = False) -> Path:
             ]
         )
         stage_dir = paths.stage(index, stage.kind)
-        record = None if force else _reusable(stage_dir, key)
+        # rank 0 decides and the others follow, so every rank runs the same plan
+        record = world.share(None if force or not world.is_main else _reusable(stage_dir, key))
         if record is not None:
             log.info("%s: unchanged, reusing it", stage_dir.name)
             record["reused"] = True
         else:
             log.info("%s: running", stage_dir.name)
-            record = _run_stage(index, stage, inputs, key, paths, recipe, data)
+            local = None
+            if world.is_main or stage.kind in TRAINING_STAGES:
+                local = _run_stage(index, stage, inputs, key, paths, recipe, data, world)
+            record = world.share(local)
             record["reused"] = False
             log.info("%s: done in %.1f s", stage_dir.name, record["duration_s"])
         records.append(record)
@@ -310,7 +328,10 @@ def build(recipe: Recipe, out: Path, *, force: bool = False) -> Path:
             current[artifact.kind] = artifact
             produced = [a for a in produced if a.name != artifact.name] + [artifact]
         manifest["stages"] = records
-        write_json(paths.manifest, manifest)
+        if world.is_main:
+            write_json(paths.manifest, manifest)
+    if not world.is_main:
+        return None  # the benchmark and the gates are rank 0's
 
     # every PyTorch model (teacher, students) and every ONNX artifact, teacher first: it is the reference
     hf = [a for a in produced if a.kind == ArtifactKind.HF_MODEL] or [current[ArtifactKind.HF_MODEL]]

@@ -14,6 +14,7 @@ from typing import Any
 
 from edgepipe.pipeline.artifacts import Artifact
 from edgepipe.pipeline.data import DataSplits
+from edgepipe.pipeline.distributed import World
 from edgepipe.pipeline.recipe import ArtifactKind
 
 
@@ -24,6 +25,12 @@ class StageContext:
     task: str
     data: DataSplits
     cache_dir: Path  # run-wide cache shared by stages (e.g. calibration ranges), keyed by content hash
+    world: World = field(default_factory=World)  # the torchrun world; training stages shard batches over it
+
+    @property
+    def writes(self) -> bool:
+        """Only rank 0's stage folder becomes the artifact; other ranks only train."""
+        return self.world.is_main
 
     @property
     def progress(self) -> bool:
@@ -36,6 +43,7 @@ class StageResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
+TRAINING_STAGES = ("finetune", "distill")  # the stages every torchrun rank runs
 StageFn = Callable[[dict[ArtifactKind, Artifact], Any, StageContext], StageResult]
 STAGES: dict[str, StageFn] = {}
 

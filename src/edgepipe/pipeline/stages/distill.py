@@ -37,15 +37,17 @@ def teacher_logits(teacher: Any, tokenizer: Any, source: Artifact, cfg: DistillC
 
     key = config_hash([source.fingerprint, ctx.data.fingerprint, cfg.max_seq_len, "train-logits"])
     path = ctx.cache_dir / f"teacher-logits-{key}.safetensors"
-    if path.is_file():
+    reused = ctx.world.share(path.is_file())
+    if reused:
         log.info("distill: teacher logits reused from %s", path.name)
-        return load_file(path)["logits"], True
-    logits = predict_logits(teacher, tokenizer, ctx.data.train.texts, cfg.max_seq_len, cfg.eval_batch_size)
-    ctx.cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".partial")
-    save_file({"logits": logits.contiguous()}, str(tmp))
-    tmp.replace(path)
-    return logits, False
+    elif ctx.world.is_main:  # rank 0 computes and writes; the other ranks read the file
+        logits = predict_logits(teacher, tokenizer, ctx.data.train.texts, cfg.max_seq_len, cfg.eval_batch_size)
+        ctx.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".partial")
+        save_file({"logits": logits.contiguous()}, str(tmp))
+        tmp.replace(path)
+    ctx.world.barrier()
+    return load_file(path)["logits"], reused
 
 
 def _selected(states: tuple[Any, ...], layers: list[int]) -> list[Any]:
@@ -95,12 +97,14 @@ def run_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx: S
     need_teacher_pass = cfg.loss.hidden > 0 or need_attention
     torch.manual_seed(ctx.seed)
     student.train()
+    trained = ctx.world.wrap(student)  # DDP under torchrun: each rank takes its share of every batch
     started = time.perf_counter()
     plan = batches(len(train), cfg.batch_size, cfg.max_steps, ctx.seed)
     for step, index in enumerate(tqdm(plan, desc="distill", disable=not ctx.progress)):
+        index = ctx.world.shard(index)
         enc = encode(tokenizer, [train.texts[i] for i in index], cfg.max_seq_len)
         labels = torch.from_numpy(train.labels[index])
-        out = student(**enc, output_hidden_states=cfg.loss.hidden > 0, output_attentions=need_attention)
+        out = trained(**enc, output_hidden_states=cfg.loss.hidden > 0, output_attentions=need_attention)
         t_logits = cached[torch.from_numpy(index)]
         temperature = (
             kd.annealed_temperature(cfg.temperature, step, cfg.max_steps)
@@ -132,6 +136,8 @@ def run_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx: S
                 )
                 loss = loss + cfg.loss.attention * terms["attention"]
         loss.backward()
+        if projections is not None:
+            ctx.world.average_gradients(projections.parameters())
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
@@ -142,6 +148,8 @@ def run_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx: S
         if weights is not None:
             history["kd_weight"].append(weights.mean().item())
     train_s = time.perf_counter() - started
+    if not ctx.writes:
+        return StageResult([])
 
     val_accuracy = evaluate(student, tokenizer, ctx.data.val, cfg.max_seq_len, cfg.eval_batch_size)
     teacher_val = evaluate(teacher, tokenizer, ctx.data.val, cfg.max_seq_len, cfg.eval_batch_size)
@@ -168,6 +176,7 @@ def run_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx: S
         "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
         "layer_map": {str(s): t for s, t in mapping.items()},
         "teacher_logits_reused": reused,
+        "world_size": ctx.world.size,
         "final_temperature": temperature,
     }
     for name, values in history.items():

@@ -50,13 +50,15 @@ def run_finetune(inputs: dict[ArtifactKind, Artifact], cfg: FinetuneConfig, ctx:
     losses: list[float] = []
     started = time.perf_counter()
     model.train()
+    trained = ctx.world.wrap(model)  # DDP under torchrun: each rank takes its share of every batch
     for index in tqdm(
         batches(len(train), cfg.batch_size, cfg.max_steps, ctx.seed),
         desc="finetune",
         disable=not ctx.progress,
     ):
+        index = ctx.world.shard(index)
         enc = encode(tokenizer, [train.texts[i] for i in index], cfg.max_seq_len)
-        loss = model(**enc, labels=torch.from_numpy(train.labels[index])).loss
+        loss = trained(**enc, labels=torch.from_numpy(train.labels[index])).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -64,10 +66,12 @@ def run_finetune(inputs: dict[ArtifactKind, Artifact], cfg: FinetuneConfig, ctx:
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
     train_s = time.perf_counter() - started
+    out = ctx.stage_dir / "model"
+    if not ctx.writes:
+        return StageResult([])
     val_accuracy = evaluate(model, tokenizer, ctx.data.val, cfg.max_seq_len, cfg.eval_batch_size)
     log.info("finetune: %d steps in %.0f s, val accuracy %.4f", cfg.max_steps, train_s, val_accuracy)
 
-    out = ctx.stage_dir / "model"
     save_model(model, tokenizer, out, ctx)
     start, end = loss_window(losses)
     metrics = {
@@ -77,6 +81,7 @@ def run_finetune(inputs: dict[ArtifactKind, Artifact], cfg: FinetuneConfig, ctx:
         "train_loss_end": end,
         "val_accuracy": val_accuracy,
         "train_seconds": round(train_s, 2),
+        "world_size": ctx.world.size,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     return StageResult([Artifact("teacher", ArtifactKind.HF_MODEL, out, "fp32")], metrics)
