@@ -74,3 +74,18 @@ def test_force_reruns_everything(run_copy: Path) -> None:
     assert main(["build", str(path), "--out", str(run_copy), "--force"]) == 0
     after = _stage_mtimes(run_copy)
     assert after["01-finetune"] != before["01-finetune"] and after["02-export"] != before["02-export"]
+
+
+def test_a_failed_stage_leaves_nothing_half_written_and_the_rerun_resumes(tmp_path: Path, built_run: Path) -> None:
+    recipe = yaml.safe_load((built_run / "recipe.resolved.yaml").read_text())
+    recipe["stages"] = recipe["stages"][:2]
+    recipe["stages"][1]["parity_atol"] = 1e-15  # no float32 export matches PyTorch that closely
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    run = tmp_path / "run"
+    assert main(["build", str(path), "--out", str(run)]) == 1
+    assert sorted(p.name for p in run.iterdir()) == ["01-finetune", "manifest.json", "recipe.resolved.yaml"]
+    finetuned = _stage_mtimes(run)["01-finetune"]
+    assert main(["build", str(path), "--out", str(run), "--set", "stages.1.parity_atol=1e-4"]) == 0
+    assert _stage_mtimes(run)["01-finetune"] == finetuned  # resumed after the last completed stage
+    assert (run / "02-export" / "fp32" / "model.onnx").is_file()

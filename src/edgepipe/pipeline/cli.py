@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"validate": _validate, "build": _build, "bench": _bench}[args.command](args)
     except EdgepipeError as error:
+        log.debug("traceback of the error below", exc_info=True)  # shown with -v
         print(f"edgepipe: error: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
