@@ -51,11 +51,17 @@ def file_records(folder: Path) -> dict[str, dict[str, Any]]:
     }
 
 
-def folder_fingerprint(folder: Path) -> str:
+def fingerprint(records: dict[str, dict[str, Any]], prefix: str = "") -> str:
+    """Content fingerprint of the files under `prefix` (a folder's relative path) in `file_records` output."""
     digest = hashlib.sha256()
-    for name, record in file_records(folder).items():
-        digest.update(f"{name}:{record['sha256']}\n".encode())
+    for name, record in records.items():
+        if name.startswith(prefix):
+            digest.update(f"{name[len(prefix) :]}:{record['sha256']}\n".encode())
     return digest.hexdigest()[:16]
+
+
+def folder_fingerprint(folder: Path) -> str:
+    return fingerprint(file_records(folder))
 
 
 def config_hash(obj: Any) -> str:

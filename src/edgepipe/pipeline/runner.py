@@ -24,6 +24,7 @@ from edgepipe.pipeline.artifacts import (
     Artifact,
     config_hash,
     file_records,
+    fingerprint,
     folder_fingerprint,
     write_atomic,
     write_json,
@@ -61,6 +62,9 @@ def check_chain(recipe: Recipe) -> list[str]:
 def check_students(recipe: Recipe) -> list[str]:
     """Distill specs against the model's architecture (finetune keeps it), read from config.json."""
     config = json.loads((resolve_model(recipe.model) / "config.json").read_text(encoding="utf-8"))
+    needed = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
+    if any(k not in config for k in needed):
+        return []  # config.json leaves defaults out: the distill stage checks against the loaded config
     problems = []
     for i, stage in enumerate(recipe.stages):
         if isinstance(stage, DistillConfig):
@@ -124,7 +128,10 @@ def _reusable(stage_dir: Path, key: str) -> dict[str, Any] | None:
     record_file = stage_dir / "stage.json"
     if not record_file.is_file():
         return None
-    record = json.loads(record_file.read_text(encoding="utf-8"))
+    try:
+        record = json.loads(record_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None
     if record.get("key") != key:
         return None
     current = file_records(stage_dir)
@@ -165,11 +172,12 @@ def _run_stage(
         shutil.rmtree(tmp, ignore_errors=True)
         return None
     duration = time.perf_counter() - started
-    artifacts = [
-        Artifact(a.name, a.kind, final / a.path.relative_to(tmp), a.precision, folder_fingerprint(a.path))
-        for a in result.artifacts
-    ]
     write_json(tmp / "metrics.json", result.metrics)
+    files = file_records(tmp)
+    artifacts = []
+    for a in result.artifacts:
+        relative = a.path.relative_to(tmp)
+        artifacts.append(Artifact(a.name, a.kind, final / relative, a.precision, fingerprint(files, f"{relative}/")))
     record = {
         "index": index,
         "kind": stage.kind,
@@ -181,7 +189,7 @@ def _run_stage(
         "world_size": world.size,
         "metrics": result.metrics,
         "artifacts": [a.to_json(paths.root) for a in artifacts],
-        "files": file_records(tmp),
+        "files": files,
     }
     write_json(tmp / "stage.json", record)
     shutil.rmtree(final, ignore_errors=True)
