@@ -4,7 +4,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 
+from edgepipe.pipeline.cli import main
 from edgepipe.runtime import Predictor
 
 
@@ -56,3 +58,17 @@ def test_int8_agrees_with_fp32(built_run: Path, rt_csv: Path) -> None:
         q = Predictor.load(built_run / name).logits(texts)
         assert np.abs(q - fp32).max() < 0.25 * np.abs(fp32).max() + 0.05, name
         assert (q.argmax(-1) == fp32.argmax(-1)).mean() >= 0.8, name
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_histogram_calibration_methods(run_copy: Path, method: str) -> None:
+    recipe = run_copy / "recipe.resolved.yaml"
+    assert main(["build", str(recipe), "--out", str(run_copy), "--set", f"stages.3.calibration.method={method}"]) == 0
+    settings = json.loads((run_copy / "04-quantize" / "quantization.json").read_text())
+    assert settings["calibration"]["method"] == method and settings["calibration"]["reused"] is False
+    cached = {p.name: json.loads(p.read_text()) for p in (run_copy / "cache").glob("calibration-*.json")}
+    assert len(cached) == 2  # the built run's minmax ranges and this method's
+    ranges = cached.pop(settings["calibration"]["ranges_file"])
+    assert ranges and ranges != next(iter(cached.values()))
+    ops = [n.op_type for n in _graph(run_copy / "04-quantize" / "int8-static" / "model.onnx").node]
+    assert ops.count("DequantizeLinear") > 0

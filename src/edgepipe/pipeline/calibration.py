@@ -20,8 +20,12 @@ class CalibrationSet:
         input_names: tuple[str, ...],
         batch_size: int,
         max_seq_len: int,
+        fixed_length: bool = False,
     ) -> None:
+        """`fixed_length` pads every batch to `max_seq_len` instead of to its longest text: the histogram
+        calibrators (entropy, percentile) stack activations across batches and need equal shapes."""
         self.texts = texts
+        self.fixed_length = fixed_length
         self.tokenizer = tokenizer
         self.input_names = input_names
         self.batch_size = batch_size
@@ -34,7 +38,7 @@ class CalibrationSet:
         for i in range(0, len(self.texts), self.batch_size):
             enc = self.tokenizer(
                 self.texts[i : i + self.batch_size],
-                padding="longest",
+                padding="max_length" if self.fixed_length else "longest",
                 truncation=True,
                 max_length=self.max_seq_len,
                 return_tensors="np",
@@ -43,7 +47,8 @@ class CalibrationSet:
 
     @property
     def fingerprint(self) -> str:
-        digest = hashlib.sha256(f"{self.batch_size}:{self.max_seq_len}:{self.input_names}".encode())
+        padding = ":fixed-length" if self.fixed_length else ""
+        digest = hashlib.sha256(f"{self.batch_size}:{self.max_seq_len}:{self.input_names}{padding}".encode())
         for text in self.texts:
             digest.update(text.encode() + b"\n")
         return digest.hexdigest()[:16]

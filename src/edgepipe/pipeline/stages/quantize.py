@@ -61,7 +61,8 @@ def _calibrate(
     from onnxruntime.quantization.calibrate import save_tensors_data
 
     samples = ctx.data.calibration.texts[: cfg.samples]
-    calib = CalibrationSet(samples, tokenizer, input_names, cfg.batch_size, cfg.max_seq_len)
+    histogram = cfg.method != "minmax"
+    calib = CalibrationSet(samples, tokenizer, input_names, cfg.batch_size, cfg.max_seq_len, fixed_length=histogram)
     key = config_hash([sha256_file(model), calib.fingerprint, cfg.model_dump(), sorted(op_types)])
     cached = ctx.cache_dir / f"calibration-{key}.json"
     info = {"samples": len(samples), "fingerprint": calib.fingerprint, "ranges_file": cached.name}
