@@ -25,6 +25,9 @@ demo: $(STAMP)
 	$(BIN)/edgepipe build $(RECIPE) --out runs/demo
 
 test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: $(STAMP)  # adds the slow tests (20 interleaved A/B benchmarks of identical artifacts: ~5 min)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

@@ -31,7 +31,6 @@ def test_shard_splits_a_batch_between_ranks() -> None:
     assert sorted(shards[0] + shards[1]) == batch and len(shards[0]) == len(shards[1])
 
 
-@pytest.mark.slow
 def test_two_process_gloo_run_matches_one_process_layout(tmp_path: Path, tiny_model_dir: Path, rt_csv: Path) -> None:
     raw = tiny_recipe(tiny_model_dir, rt_csv)
     raw["stages"] = [

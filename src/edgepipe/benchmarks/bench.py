@@ -29,6 +29,7 @@ class BenchItem:
     path: Path  # artifact folder
     precision: str
     model_format: str  # "onnx" | "transformers"
+    options: RuntimeOptions | None = None  # per-item runtime settings (A/B runs); default: the bench's
 
     @property
     def size_mb(self) -> float:
@@ -47,6 +48,7 @@ class BenchSettings:
     warmup_s: float
     threads: int | None
     denormal_as_zero: bool
+    graph_optimization: str
     eval_batch_size: int
     eval_max_seq_len: int
     eval_max_examples: int | None
@@ -78,11 +80,15 @@ def _measure_target(
     settings: BenchSettings,
 ) -> tuple[dict[str, float], dict[tuple[str, Hashable], LatencyStats], dict[str, dict[str, Any]]]:
     """Accuracy, latency per (artifact, shape) and runtime settings, one artifact alive at a time."""
-    options = RuntimeOptions(threads=settings.threads, denormal_as_zero=settings.denormal_as_zero)
+    options = RuntimeOptions(
+        threads=settings.threads,
+        denormal_as_zero=settings.denormal_as_zero,
+        optimization=settings.graph_optimization,
+    )
     described: dict[str, dict[str, Any]] = {}
 
     def load(name: str) -> Predictor:
-        predictor = Predictor.load(usable[name].path, options=options, target=target)
+        predictor = Predictor.load(usable[name].path, options=usable[name].options or options, target=target)
         predictor.max_seq_len = settings.eval_max_seq_len
         described[name] = predictor.session.describe()
         return predictor

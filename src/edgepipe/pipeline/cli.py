@@ -6,13 +6,15 @@ Exit codes: 0 ok, 1 failure, 2 usage or input error, 3 a gate failed.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 from pathlib import Path
 
 from edgepipe import __version__
-from edgepipe.errors import EdgepipeError, RecipeError
+from edgepipe.benchmarks.compare import AB_LATENCY_FLOOR, Tolerance, check_schema, compare, mismatches, render
+from edgepipe.errors import EdgepipeError, GateFailedError, InputError, RecipeError
 
 log = logging.getLogger("edgepipe")
 
@@ -24,7 +26,13 @@ EXAMPLES = {
         "  edgepipe build my.yaml --set stages.2.calibration.method=entropy --set bench.runs=100\n"
         "  edgepipe build my.yaml --out runs/x --force   # rerun every stage"
     ),
-    "bench": "example:\n  edgepipe bench runs/demo   # re-measure every artifact, rewrite report.json/.md",
+    "bench": (
+        "examples:\n"
+        "  edgepipe bench runs/demo   # re-measure every artifact, rewrite report.json/.md\n"
+        "  edgepipe bench runs/demo --baseline baseline.json   # and gate against a stored report (exit 3)\n"
+        "  edgepipe bench runs/new --baseline runs/main   # A/B: both runs measured interleaved, then gated"
+    ),
+    "compare": ("example:\n  edgepipe compare baseline.json runs/demo/report.json --latency-floor 0.10"),
 }
 
 
@@ -64,8 +72,35 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", **overrides)  # type: ignore[arg-type]
     p.add_argument("--force", action="store_true", help="rerun every stage and the benchmark")
 
+    def gate_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--allow-mismatch", action="store_true", help="compare across machines or versions")
+        p.add_argument(
+            "--latency-floor",
+            type=float,
+            default=None,
+            help=f"smallest relative slowdown that counts (default {Tolerance.latency_floor} between stored "
+            f"reports, {AB_LATENCY_FLOOR} for an interleaved A/B run)",
+        )
+        p.add_argument(
+            "--max-accuracy-drop",
+            type=float,
+            default=Tolerance.max_accuracy_drop,
+            help="largest allowed accuracy drop, 0.005 = half a point (default %(default)s)",
+        )
+
     p = command("bench", "Re-measure every artifact of a finished run and rewrite its report.")
     p.add_argument("run_dir", type=Path)
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        help="gate against a report.json, or a run folder measured interleaved with this one (exit 3)",
+    )
+    gate_options(p)
+
+    p = command("compare", "Gate a benchmark report against a baseline report: exit 3 on a regression.")
+    p.add_argument("baseline", type=Path)
+    p.add_argument("current", type=Path)
+    gate_options(p)
     return parser
 
 
@@ -114,11 +149,58 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from edgepipe.pipeline.runner import bench
+def _read_report(path: Path) -> dict:
+    if not path.is_file():
+        raise InputError(f"report not found: {path}; pass a report.json written by `edgepipe bench`")
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise InputError(f"{path} is not valid JSON ({error}); pass a report.json") from None
+    if not isinstance(report, dict):
+        raise InputError(f"{path} is not a report (a JSON object with schema_version and results)")
+    check_schema(report, str(path))
+    return report
 
-    print(f"report: {bench(args.run_dir)}")
+
+def _gate(args: argparse.Namespace, base: dict, cur: dict, baseline: Path) -> int:
+    differences = mismatches(base, cur)
+    if differences and not args.allow_mismatch:
+        raise InputError(
+            "the reports come from different machines or library versions:\n  "
+            + "\n  ".join(differences)
+            + "\npass --allow-mismatch to compare them anyway"
+        )
+    floor = Tolerance.latency_floor if args.latency_floor is None else args.latency_floor
+    tolerance = Tolerance(latency_floor=floor, max_accuracy_drop=args.max_accuracy_drop)
+    rows = compare(base, cur, tolerance)
+    print(render(rows))
+    regressed = [r for r in rows if r.regressed]
+    if regressed:
+        names = ", ".join(f"{r.artifact} b{r.batch} s{r.seq_len} ({r.verdict})" for r in regressed)
+        raise GateFailedError(f"{len(regressed)} regression(s) against {baseline}: {names}")
+    print(f"no regression against {baseline} ({len(rows)} comparisons)")
     return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from edgepipe.pipeline.runner import bench, bench_against
+
+    if args.baseline is not None and args.baseline.is_dir():  # a run folder: interleaved A/B measurement
+        if args.latency_floor is None:
+            args.latency_floor = AB_LATENCY_FLOOR
+        ab_base, ab_cur = bench_against(args.run_dir, args.baseline)
+        print(f"report: {args.run_dir / 'report.md'}")
+        return _gate(args, ab_base, ab_cur, args.baseline)
+    stored = _read_report(args.baseline) if args.baseline is not None else None  # fail before measuring
+    report = bench(args.run_dir)
+    print(f"report: {report}")
+    if stored is None:
+        return 0
+    return _gate(args, stored, _read_report(report.with_suffix(".json")), args.baseline)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    return _gate(args, _read_report(args.baseline), _read_report(args.current), args.baseline)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,10 +209,11 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse: 0 for --help/--version, 2 for usage errors
         return int(exit_.code or 0)
-    if args.command != "validate":
+    if args.command not in ("validate", "compare"):
         _configure_logging(args.verbose)
     try:
-        return {"validate": _validate, "build": _build, "bench": _bench}[args.command](args)
+        commands = {"validate": _validate, "build": _build, "bench": _bench, "compare": _compare}
+        return commands[args.command](args)
     except EdgepipeError as error:
         log.debug("traceback of the error below", exc_info=True)  # shown with -v
         print(f"edgepipe: error: {error}", file=sys.stderr)

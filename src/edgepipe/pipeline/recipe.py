@@ -218,6 +218,9 @@ class BenchConfig(_Strict):
     warmup_s: float = Field(0.5, ge=0, description="keep warming up until this much time has passed")
     threads: int | None = Field(None, ge=1, description="intra-op threads; default: physical cores")
     denormal_as_zero: bool = Field(True, description="ORT session.set_denormal_as_zero (see README)")
+    graph_optimization: Literal["all", "extended", "basic", "disable"] = Field(
+        "all", description="ORT graph optimization level of every ONNX session"
+    )
     eval_batch_size: int = Field(32, ge=1)
     eval_max_seq_len: int = 128
     eval_max_examples: int | None = Field(None, ge=1)

@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -381,8 +381,7 @@ def _bench(paths: RunPaths, recipe: Recipe, artifacts: list[Artifact], data: Dat
     return write_report(paths, recipe, report)
 
 
-def bench(run_dir: Path) -> Path:
-    """Re-measure every artifact of an existing run (e.g. on another machine); rewrites the report."""
+def _open_run(run_dir: Path) -> tuple[RunPaths, Recipe, DataSplits, list[Artifact]]:
     paths = RunPaths(run_dir.resolve())
     if not run_dir.is_dir() or not paths.manifest.is_file():
         raise InputError(f"{run_dir} is not a run folder (no {MANIFEST}); pass the --out folder of `edgepipe build`")
@@ -400,6 +399,58 @@ def bench(run_dir: Path) -> Path:
     for a in artifacts:
         if not a.path.exists():
             raise InputError(f"artifact `{a.name}` is missing at {a.path}; rerun `edgepipe build`")
+    return paths, recipe, data, artifacts
+
+
+def bench(run_dir: Path) -> Path:
+    """Re-measure every artifact of an existing run (e.g. on another machine); rewrites the report."""
+    paths, recipe, data, artifacts = _open_run(run_dir)
     gate_lines = _bench(paths, recipe, artifacts, data)
     _raise_on_gates(gate_lines, paths)
     return paths.root / REPORT_MD
+
+
+BASELINE_PREFIX = "baseline/"
+
+
+def bench_against(run_dir: Path, baseline_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Measure a run's artifacts and a baseline run's artifacts interleaved in one process (A/B).
+
+    Machine drift then hits both sides alike, so the comparison needs only the within-run noise.
+    Each side runs with its own recipe's runtime settings. Returns (baseline report, current report);
+    the current report is also written to the run folder.
+    """
+    from edgepipe.benchmarks.bench import run_bench
+    from edgepipe.runtime.backends import RuntimeOptions
+
+    paths, recipe, data, artifacts = _open_run(run_dir)
+    _, base_recipe, base_data, base_artifacts = _open_run(baseline_dir)
+    if base_data.fingerprint != data.fingerprint:
+        raise InputError(
+            f"{baseline_dir} was built on other data (fingerprint {base_data.fingerprint} != {data.fingerprint}); "
+            "an A/B comparison needs the same test split"
+        )
+
+    def options(r: Recipe) -> RuntimeOptions:
+        b = r.bench
+        return RuntimeOptions(threads=b.threads, optimization=b.graph_optimization, denormal_as_zero=b.denormal_as_zero)
+
+    items = [replace(i, options=options(recipe)) for i in _bench_items(artifacts, recipe.bench.include_torch)]
+    base_items = [
+        replace(i, name=BASELINE_PREFIX + i.name, options=options(base_recipe))
+        for i in _bench_items(base_artifacts, recipe.bench.include_torch)
+    ]
+    log.info("A/B benchmark: %d artifacts against %d of %s, interleaved", len(items), len(base_items), baseline_dir)
+    both = run_bench([*items, *base_items], data.test.texts, data.test.labels, _settings(recipe), items[0].name)
+    current = {**both, "results": [r for r in both["results"] if not r["artifact"].startswith(BASELINE_PREFIX)]}
+    baseline = {
+        **both,
+        "reference": BASELINE_PREFIX + str(both["reference"]),
+        "results": [
+            {**r, "artifact": r["artifact"].removeprefix(BASELINE_PREFIX)}
+            for r in both["results"]
+            if r["artifact"].startswith(BASELINE_PREFIX)
+        ],
+    }
+    write_report(paths, recipe, current)
+    return baseline, current
