@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from conftest import tiny_recipe, write_recipe
 
 from edgepipe.pipeline.cli import main
