@@ -10,7 +10,7 @@ RECIPE ?= src/edgepipe/recipes/default.yaml
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-all lint format bench clean
+.PHONY: setup demo test test-all lint format bench regress clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,12 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_demo.py --out runs/demo --json runs/bench/demo.json
 	$(BIN)/python benchmarks/bench_runtime.py --run runs/demo --json runs/bench/runtime.json
+
+# Gate the demo run against a saved baseline run, both measured interleaved (A/B); exit 3 on a regression.
+# The first call saves the current demo run as the baseline.
+regress: demo
+	@test -d runs/baseline || (cp -r runs/demo runs/baseline && echo "saved runs/demo as runs/baseline")
+	$(BIN)/edgepipe bench runs/demo --baseline runs/baseline
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

@@ -57,7 +57,9 @@ def test_two_process_gloo_run_matches_one_process_layout(tmp_path: Path, tiny_mo
     result = subprocess.run(
         command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, "\n".join(
+        line for line in result.stderr.splitlines() if "rror" in line or "terminate" in line or "what()" in line
+    )
     assert result.stdout.count("report: ") == 1  # rank 0 alone reports
     assert _layout(double) == _layout(single)
     manifest = json.loads((double / "manifest.json").read_text())

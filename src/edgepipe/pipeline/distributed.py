@@ -57,6 +57,18 @@ class World:
                 dist.all_reduce(param.grad)
                 param.grad /= self.size
 
+    def close(self, *, wait: bool) -> None:
+        """Leave the process group before the interpreter exits: a rank that exits with the group still
+        alive can abort in gloo's threads ("terminate called without an active exception"). `wait` holds
+        each rank until all arrive; never wait after an error, the others may be inside another collective."""
+        if not self.distributed:
+            return
+        import torch.distributed as dist
+
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
+
     def wrap(self, model: Any) -> Any:
         """The model as the training loop should call it: DDP when there are several ranks."""
         if not self.distributed:

@@ -272,6 +272,18 @@ def prepare(recipe: Recipe, out: Path, world: World | None = None) -> tuple[RunP
 def build(recipe: Recipe, out: Path, *, force: bool = False) -> Path | None:
     """Run every stage (or reuse it), benchmark, gate. Returns the path of report.md (None on ranks > 0)."""
     world = join_world()
+    if not world.is_main:
+        logging.getLogger("edgepipe").setLevel(logging.WARNING)  # rank 0 tells the story
+    try:
+        report = _build(recipe, out, force, world)
+    except BaseException:
+        world.close(wait=False)
+        raise
+    world.close(wait=True)
+    return report
+
+
+def _build(recipe: Recipe, out: Path, force: bool, world: World) -> Path | None:
     paths, data, model_dir = prepare(recipe, out, world)
     manifest = _load_manifest(paths) if world.is_main else {}
     resolved = recipe.model_dump(mode="json")
