@@ -102,7 +102,3 @@ class Artifact:
 
 def write_meta(folder: Path, *, task: str, labels: list[str], precision: str, fmt: str) -> None:
     write_json(folder / META_FILE, {"task": task, "labels": labels, "precision": precision, "format": fmt})
-
-
-def read_meta(folder: Path) -> dict[str, Any]:
-    return json.loads((folder / META_FILE).read_text(encoding="utf-8"))
