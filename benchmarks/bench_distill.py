@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     accuracy = {name: _build(args.out, overrides) for name, overrides in VARIANTS.items()}
     teacher_acc = accuracy["kd"]["teacher"]
     recipe = parse_recipe(json.loads((args.out / "manifest.json").read_text())["recipe"])
-    texts = load_splits(recipe.data, recipe.seed).test.texts
+    texts = load_splits(recipe.data, recipe.seed).test.inputs
     teacher_onnx = args.teacher_run / "02-export" / "fp32"
     if not teacher_onnx.is_dir():
         raise SystemExit(f"{teacher_onnx} is missing: run `make demo` first (it exports the teacher)")

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     manifest = json.loads((args.run / "manifest.json").read_text())
     recipe = parse_recipe(manifest["recipe"])
-    texts = load_splits(recipe.data, recipe.seed).test.texts[: args.batch]
+    texts = load_splits(recipe.data, recipe.seed).test.inputs[: args.batch]
 
     def load(path: str, daz: bool) -> Predictor:
         return Predictor.load(args.run / path, options=RuntimeOptions(denormal_as_zero=daz))

@@ -68,7 +68,7 @@ def rt_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     splits = load_splits(DataConfig(), seed=0)
     names = splits.label_names
-    rows = list(zip(splits.train.texts[:600], splits.train.labels[:600].tolist(), strict=True))
+    rows = list(zip(splits.train.inputs[:600], splits.train.labels[:600].tolist(), strict=True))
     path = tmp_path_factory.mktemp("data") / "reviews.csv"
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)

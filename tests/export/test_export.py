@@ -7,7 +7,7 @@ from onnx import numpy_helper
 from transformers import AutoTokenizer
 
 from edgepipe.errors import ExportParityError
-from edgepipe.export import check_parity, export_onnx, fuse_transformer
+from edgepipe.export import check_parity, export_onnx, fuse_transformer, spec_for, text_feeds
 from edgepipe.export.onnx_export import load_for_export
 
 TEXTS = [
@@ -22,8 +22,10 @@ def exported(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     model = load_for_export(tiny_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     path = tmp_path_factory.mktemp("export") / "model.onnx"
-    spec = export_onnx(model, tokenizer, TEXTS, path, opset=17, shape=(2, 16), task="text-classification")
-    return model, tokenizer, path, spec
+    spec = spec_for(model, "text-classification")
+    feeds = text_feeds(tokenizer, TEXTS, spec.input_names)
+    export_onnx(model, feeds, path, opset=17, shape=(2, 16), spec=spec)
+    return model, feeds, path, spec
 
 
 def test_export_has_dynamic_named_axes_and_opset(exported) -> None:
@@ -37,14 +39,14 @@ def test_export_has_dynamic_named_axes_and_opset(exported) -> None:
 
 
 def test_parity_on_shapes_other_than_the_export_shape(exported) -> None:
-    model, tokenizer, path, spec = exported
-    results = check_parity(model, tokenizer, path, TEXTS, [(1, 5), (3, 61), (5, 9)], 1e-4, spec)
+    model, feeds, path, spec = exported
+    results = check_parity(model, path, feeds, [(1, 5), (3, 61), (5, 9)], 1e-4, spec)
     assert [(r.batch, r.seq_len) for r in results] == [(1, 5), (3, 61), (5, 9)]
     assert all(r.max_abs_diff <= 1e-4 and r.argmax_agreement == 1.0 for r in results)
 
 
 def test_parity_error_names_the_output_and_difference(exported, tmp_path: Path) -> None:
-    model, tokenizer, path, spec = exported
+    model, feeds, path, spec = exported
     broken = onnx.load(str(path))
     weight = max(broken.graph.initializer, key=lambda t: int(np.prod(t.dims)) if len(t.dims) == 2 else 0)
     values = numpy_helper.to_array(weight) * 1.5
@@ -52,14 +54,14 @@ def test_parity_error_names_the_output_and_difference(exported, tmp_path: Path) 
     bad = tmp_path / "bad.onnx"
     onnx.save(broken, str(bad))
     with pytest.raises(ExportParityError, match=r"bad.onnx: output `logits` differs from PyTorch by .* at \(batch=1"):
-        check_parity(model, tokenizer, bad, TEXTS, [(1, 7), (2, 9)], 1e-4, spec)
+        check_parity(model, bad, feeds, [(1, 7), (2, 9)], 1e-4, spec)
 
 
 def test_fusion_produces_attention_ops_with_parity(exported, tmp_path: Path) -> None:
-    model, tokenizer, path, spec = exported
+    model, feeds, path, spec = exported
     fused = tmp_path / "fused.onnx"
     stats = fuse_transformer(path, fused, model.config)
     assert stats is not None and stats.get("Attention") == 2
     ops = {n.op_type for n in onnx.load(str(fused)).graph.node}
     assert "Attention" in ops and "Softmax" not in ops
-    check_parity(model, tokenizer, fused, TEXTS, [(1, 7), (3, 45)], 1e-4, spec)
+    check_parity(model, fused, feeds, [(1, 7), (3, 45)], 1e-4, spec)

@@ -11,7 +11,7 @@ from edgepipe.pipeline.recipe import DataConfig
 def test_rotten_tomatoes_splits_are_disjoint_deduplicated_and_deterministic() -> None:
     a = load_splits(DataConfig(), seed=0)
     assert a.label_names == ["rotten", "fresh"]
-    parts = [a.train.texts, a.val.texts, a.test.texts, a.calibration.texts]
+    parts = [a.train.inputs, a.val.inputs, a.test.inputs, a.calibration.inputs]
     every = [t for part in parts for t in part]
     assert len(every) == len(set(every)), "a text is in two splits or duplicated"
     assert len(every) > 12_000
@@ -19,7 +19,7 @@ def test_rotten_tomatoes_splits_are_disjoint_deduplicated_and_deterministic() ->
     assert abs(len(a.test) - 0.1 * len(every)) <= 1
     assert 0.4 < a.train.labels.mean() < 0.6
     b = load_splits(DataConfig(), seed=0)
-    assert a.fingerprint == b.fingerprint and a.test.texts == b.test.texts
+    assert a.fingerprint == b.fingerprint and a.test.inputs == b.test.inputs
     c = load_splits(DataConfig(), seed=1)
     assert c.fingerprint != a.fingerprint
 
@@ -51,7 +51,7 @@ def test_jsonl_duplicates_and_conflicting_labels_are_dropped(tmp_path: Path) -> 
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
     splits = load_splits(DataConfig(source=str(path), calibration_size=10), seed=0)
-    texts = splits.train.texts + splits.val.texts + splits.test.texts + splits.calibration.texts
+    texts = splits.train.inputs + splits.val.inputs + splits.test.inputs + splits.calibration.inputs
     assert splits.label_names == ["0", "1", "2"]
     assert len(texts) == 199  # "review number 2" had two labels: dropped; "review number 1" deduplicated
     assert "review number 2" not in texts

@@ -28,7 +28,7 @@ class BenchItem:
     name: str
     path: Path  # artifact folder
     precision: str
-    model_format: str  # "onnx" | "transformers"
+    model_format: str  # "onnx" | "torch"
     options: RuntimeOptions | None = None  # per-item runtime settings (A/B runs); default: the bench's
 
     @property
@@ -53,10 +53,19 @@ class BenchSettings:
     eval_max_seq_len: int
     eval_max_examples: int | None
     cv_warn: float
+    input_shape: tuple[int, ...] | None = None  # image models: (channels, height, width); None for text
+
+    def describe_input(self, seq_len: int) -> str:
+        if self.input_shape:
+            return "image " + "x".join(map(str, self.input_shape))
+        return f"sequence {seq_len}"
 
 
-def accuracy(predictor: Predictor, texts: list[str], labels: np.ndarray, batch_size: int) -> float:
-    logits = predictor.logits(texts, batch_size=batch_size)
+Inputs = list[str] | np.ndarray  # texts, or float32 images (N, C, H, W)
+
+
+def accuracy(predictor: Predictor, inputs: Inputs, labels: np.ndarray, batch_size: int) -> float:
+    logits = predictor.logits(inputs, batch_size=batch_size)
     return float((logits.argmax(-1) == labels).mean())
 
 
@@ -75,7 +84,7 @@ def _backend_for(item: BenchItem, target: str) -> tuple[str | None, str | None]:
 def _measure_target(
     usable: dict[str, BenchItem],
     target: str,
-    texts: list[str],
+    inputs: Inputs,
     labels: np.ndarray,
     settings: BenchSettings,
 ) -> tuple[dict[str, float], dict[tuple[str, Hashable], LatencyStats], dict[str, dict[str, Any]]]:
@@ -95,7 +104,7 @@ def _measure_target(
 
     acc = {}
     for name in usable:
-        acc[name] = accuracy(load(name), texts, labels, settings.eval_batch_size)
+        acc[name] = accuracy(load(name), inputs, labels, settings.eval_batch_size)
         gc.collect()
 
     @contextmanager
@@ -103,9 +112,10 @@ def _measure_target(
         predictor = load(name)
         runners: dict[Hashable, Callable[[], object]] = {}
         for batch in settings.batch_sizes:
-            batch_texts = [texts[i % len(texts)] for i in range(batch)]
+            index = np.arange(batch) % len(inputs)
+            batch_inputs = inputs[index] if isinstance(inputs, np.ndarray) else [inputs[i] for i in index]
             for seq_len in settings.seq_lens:
-                feeds = predictor.encode(batch_texts, pad_to=seq_len)
+                feeds = predictor.encode(batch_inputs, pad_to=seq_len)
                 runners[(batch, seq_len)] = functools.partial(predictor.session.run, feeds)
         yield runners
         del predictor, runners
@@ -124,14 +134,14 @@ def _measure_target(
 
 def run_bench(
     items: list[BenchItem],
-    texts: list[str],
+    inputs: Inputs,
     labels: np.ndarray,
     settings: BenchSettings,
     reference: str | None,
 ) -> dict[str, Any]:
     """Measure every item on every target; returns the report (schema_version 1) as a dict."""
     if settings.eval_max_examples is not None:
-        texts, labels = texts[: settings.eval_max_examples], labels[: settings.eval_max_examples]
+        inputs, labels = inputs[: settings.eval_max_examples], labels[: settings.eval_max_examples]
     results: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     warnings: list[str] = []
@@ -146,13 +156,13 @@ def run_bench(
                 usable[item.name], engines[item.name] = item, backend
         if not usable:
             continue
-        acc, stats, described = _measure_target(usable, target, texts, labels, settings)
+        acc, stats, described = _measure_target(usable, target, inputs, labels, settings)
         order = list(usable)
         for (name, shape), s in sorted(stats.items(), key=lambda kv: (kv[0][1], order.index(kv[0][0]))):
             batch, seq_len = cast(tuple[int, int], shape)
             if s.cv > settings.cv_warn:
                 warnings.append(
-                    f"{name} at batch {batch}, seq {seq_len}: latency std/mean = {s.cv:.2f} "
+                    f"{name} at batch {batch}, {settings.describe_input(seq_len)}: latency std/mean = {s.cv:.2f} "
                     f"(> {settings.cv_warn}); the machine was noisy, compare with care"
                 )
             results.append(
@@ -165,6 +175,7 @@ def run_bench(
                     "accuracy": round(acc[name], 5),
                     "batch": batch,
                     "seq_len": seq_len,
+                    "input": settings.describe_input(seq_len),
                     "latency_ms": s.to_json(),
                     "throughput_per_s": round(batch * 1000.0 / s.mean, 2),
                     "runtime": described[name],
@@ -181,7 +192,7 @@ def run_bench(
         "versions": versions(),
         "settings": settings.__dict__,
         "threads": RuntimeOptions(threads=settings.threads).resolved_threads,
-        "eval_examples": len(texts),
+        "eval_examples": len(inputs),
         "reference": reference,
         "results": results,
         "skipped": skipped,

@@ -19,7 +19,8 @@ def findings(report: dict[str, Any]) -> list[str]:
         groups.setdefault(_row_key(row), {})[row["artifact"]] = row
     for (target, batch, seq_len), rows in sorted(groups.items()):
         p50 = {name: row["latency_ms"]["p50"] for name, row in rows.items()}
-        where = f"{target} batch {batch} seq {seq_len}"
+        shape = next(iter(rows.values())).get("input", "")
+        where = f"{target} batch {batch} " + (shape if shape.startswith("image") else f"seq {seq_len}")
         static = [n for n, r in rows.items() if r["precision"] == "int8-static"]
         dynamic = [n for n, r in rows.items() if r["precision"] == "int8-dynamic"]
         fused = p50.get("fp32-fused")
@@ -75,7 +76,8 @@ def render_markdown(report: dict[str, Any], title: str, gate_lines: list[str] | 
         groups.setdefault(_row_key(row), []).append(row)
     for (target, batch, seq_len), rows in groups.items():
         base = next((r["latency_ms"]["p50"] for r in rows if r["artifact"] == BASELINE), None)
-        out += ["", f"## Latency: {target}, batch {batch}, sequence {seq_len} (ms)", ""]
+        shape = rows[0].get("input", f"sequence {seq_len}")
+        out += ["", f"## Latency: {target}, batch {batch}, {shape} (ms)", ""]
         out += [
             "| artifact | p50 | p90 | p99 | mean ± std | per s | x vs ORT fp32 (p50) |",
             "|---|---|---|---|---|---|---|",

@@ -2,11 +2,24 @@
 
 from edgepipe.export.onnx_export import (
     ExportSpec,
+    Feeds,
     ParityResult,
     check_parity,
     export_onnx,
     fuse_transformer,
+    image_feeds,
     spec_for,
+    text_feeds,
 )
 
-__all__ = ["ExportSpec", "ParityResult", "check_parity", "export_onnx", "fuse_transformer", "spec_for"]
+__all__ = [
+    "ExportSpec",
+    "Feeds",
+    "ParityResult",
+    "check_parity",
+    "export_onnx",
+    "fuse_transformer",
+    "image_feeds",
+    "spec_for",
+    "text_feeds",
+]

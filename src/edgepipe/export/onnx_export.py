@@ -1,4 +1,8 @@
-"""torch -> ONNX for transformers classifiers, with a parity check on shapes other than the traced one.
+"""torch -> ONNX for transformers classifiers and image modules, with a parity check on shapes other
+than the traced one.
+
+Inputs come from a `Feeds` function, (batch, seq_len) -> real inputs of that shape: tokenized
+sentences for text (`text_feeds`), real images for image models (`image_feeds`, seq_len unused).
 
 The legacy TorchScript exporter is used on purpose: it takes ~2 s instead of ~15 s, needs no
 onnxscript, and its graph is the one onnxruntime's BERT optimizer knows how to fuse (Attention,
@@ -10,6 +14,7 @@ from __future__ import annotations
 import inspect
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,11 +36,29 @@ class ExportSpec:
     input_names: tuple[str, ...]
     output_names: tuple[str, ...] = ("logits",)
     dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
+    positional: bool = False  # modules take their tensor positionally; transformers take keywords
+
+    def call(self, model: Any, inputs: dict[str, np.ndarray]) -> Any:
+        """The model's logits for numpy inputs, called the way the model expects."""
+        import torch
+
+        tensors = {n: torch.from_numpy(inputs[n]) for n in self.input_names}
+        output = model(*tensors.values()) if self.positional else model(**tensors)
+        return output.logits if hasattr(output, "logits") else output
+
+
+Feeds = Callable[[int, int], dict[str, np.ndarray]]
 
 
 def spec_for(model: Any, task: str) -> ExportSpec:
+    if task == "image-classification":
+        return ExportSpec(
+            input_names=("pixel_values",),
+            dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}},
+            positional=True,
+        )
     if task != "text-classification":
-        raise InputError(f"`task`: export supports text-classification, got {task!r}")
+        raise InputError(f"`task`: export supports text- and image-classification, got {task!r}")
     forward_args = inspect.signature(model.forward).parameters
     inputs = tuple(n for n in ("input_ids", "attention_mask", "token_type_ids") if n in forward_args)
     axes = {name: {0: "batch", 1: "sequence"} for name in inputs}
@@ -49,35 +72,41 @@ def load_for_export(model_dir: Path) -> Any:
     return AutoModelForSequenceClassification.from_pretrained(model_dir, attn_implementation="eager").eval()
 
 
-def _real_inputs(tokenizer: Any, texts: list[str], batch: int, seq_len: int, names: tuple[str, ...]) -> dict:
+def text_feeds(tokenizer: Any, texts: list[str], names: tuple[str, ...]) -> Feeds:
     """Real sentences tokenized to exactly (batch, seq_len): padding and truncation both exercised."""
-    chosen = [texts[i % len(texts)] for i in range(batch)]
-    encoded = tokenizer(chosen, padding="max_length", truncation=True, max_length=seq_len, return_tensors="np")
-    return {n: np.asarray(encoded[n], dtype=np.int64) for n in names}
+
+    def feeds(batch: int, seq_len: int) -> dict[str, np.ndarray]:
+        chosen = [texts[i % len(texts)] for i in range(batch)]
+        encoded = tokenizer(chosen, padding="max_length", truncation=True, max_length=seq_len, return_tensors="np")
+        return {n: np.asarray(encoded[n], dtype=np.int64) for n in names}
+
+    return feeds
+
+
+def image_feeds(images: np.ndarray) -> Feeds:
+    """Real images, repeated to fill the batch; seq_len does not apply."""
+
+    def feeds(batch: int, seq_len: int) -> dict[str, np.ndarray]:
+        return {"pixel_values": np.ascontiguousarray(images[np.arange(batch) % len(images)], dtype=np.float32)}
+
+    return feeds
 
 
 def export_onnx(
-    model: Any,
-    tokenizer: Any,
-    texts: list[str],
-    out_path: Path,
-    *,
-    opset: int,
-    shape: tuple[int, int],
-    task: str,
-) -> ExportSpec:
+    model: Any, feeds: Feeds, out_path: Path, *, opset: int, shape: tuple[int, int], spec: ExportSpec
+) -> None:
     import onnx
     import torch
 
-    spec = spec_for(model, task)
-    feeds = _real_inputs(tokenizer, texts, shape[0], shape[1], spec.input_names)
-    kwargs = {n: torch.from_numpy(feeds[n]) for n in spec.input_names}
+    example = feeds(*shape)
+    tensors = {n: torch.from_numpy(example[n]) for n in spec.input_names}
+    args, kwargs = (tuple(tensors.values()), None) if spec.positional else ((), tensors)
     # The tracer warns about Python control flow in transformers' mask helpers; parity checks the result.
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model,
-            (),
+            args,
             str(out_path),
             input_names=list(spec.input_names),
             output_names=list(spec.output_names),
@@ -88,7 +117,6 @@ def export_onnx(
             dynamo=False,
         )
     onnx.checker.check_model(str(out_path), full_check=True)
-    return spec
 
 
 @dataclass(frozen=True)
@@ -102,9 +130,8 @@ class ParityResult:
 
 def check_parity(
     model: Any,
-    tokenizer: Any,
     onnx_path: Path,
-    texts: list[str],
+    feeds: Feeds,
     shapes: list[tuple[int, int]],
     atol: float,
     spec: ExportSpec,
@@ -116,10 +143,10 @@ def check_parity(
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     results = []
     for batch, seq_len in shapes:
-        feeds = _real_inputs(tokenizer, texts, batch, seq_len, spec.input_names)
+        inputs = feeds(batch, seq_len)
         with torch.no_grad():
-            expected = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
-        got = session.run(None, feeds)[0]
+            expected = spec.call(model, inputs).numpy()
+        got = session.run(None, inputs)[0]
         if got.shape != expected.shape:
             raise ExportParityError(
                 f"{onnx_path.name}: output `logits` has shape {got.shape} at "

@@ -80,7 +80,7 @@ class Artifact:
 
     @property
     def model_file(self) -> Path:
-        return self.path / "model.onnx" if self.kind != ArtifactKind.HF_MODEL else self.path
+        return self.path / "model.onnx" if self.kind != ArtifactKind.TORCH_MODEL else self.path
 
     def to_json(self, root: Path) -> dict[str, Any]:
         data = asdict(self)
@@ -100,5 +100,7 @@ class Artifact:
         )
 
 
-def write_meta(folder: Path, *, task: str, labels: list[str], precision: str, fmt: str) -> None:
-    write_json(folder / META_FILE, {"task": task, "labels": labels, "precision": precision, "format": fmt})
+def write_meta(folder: Path, *, task: str, labels: list[str], precision: str, fmt: str, **extra: Any) -> None:
+    """edgepipe.json: what `Predictor` needs besides the model (task, labels, input description)."""
+    meta = {"task": task, "labels": labels, "precision": precision, "format": fmt, **extra}
+    write_json(folder / META_FILE, meta)

@@ -54,7 +54,32 @@ class CalibrationSet:
         return digest.hexdigest()[:16]
 
 
-def ort_reader(calibration: CalibrationSet) -> Any:
+class ImageCalibrationSet:
+    """Real images in batches, fed as `input_name` (float32, already scaled like the training data)."""
+
+    def __init__(self, images: np.ndarray, input_name: str, batch_size: int) -> None:
+        # Histogram calibrators stack activations across batches: every batch has the same size, so a
+        # last partial batch is dropped (unless it is the only one).
+        self.batch_size = min(batch_size, len(images))
+        usable = len(images) - len(images) % self.batch_size
+        self.images = np.ascontiguousarray(images[:usable], dtype=np.float32)
+        self.input_name = input_name
+
+    def __len__(self) -> int:
+        return len(self.images) // self.batch_size
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for i in range(0, len(self.images), self.batch_size):
+            yield {self.input_name: self.images[i : i + self.batch_size]}
+
+    @property
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(f"{self.batch_size}:{self.input_name}:{self.images.shape}".encode())
+        digest.update(self.images.tobytes())
+        return digest.hexdigest()[:16]
+
+
+def ort_reader(calibration: CalibrationSet | ImageCalibrationSet) -> Any:
     """Adapt a `CalibrationSet` to onnxruntime's `CalibrationDataReader`."""
     from onnxruntime.quantization import CalibrationDataReader
 

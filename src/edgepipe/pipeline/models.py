@@ -1,16 +1,22 @@
-"""Built-in model names and resolution of the recipe's `model` to a local transformers folder.
+"""Built-in model names and resolution of the recipe's `model` to a local folder.
 
-Built-in models ship inside registry packages (no hub access at run time); they are located with
-`importlib.util.find_spec`, without importing the package.
+Text models are transformers folders; the built-in ones ship inside registry packages (no hub
+access at run time) and are located with `importlib.util.find_spec`, without importing the package.
+Image models are torch modules from a factory (`edgepipe.runtime.modules`): a built-in CNN name or a
+user's `package.module:factory`, with optional safetensors weights. `materialize_module` writes such
+a model into the run folder once, so every stage consumes a folder.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from edgepipe.errors import InputError
+from edgepipe.runtime.modules import is_factory_spec, is_module_folder
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,31 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 }
 
 
+@dataclass(frozen=True)
+class BuiltinModule:
+    factory: str
+    kwargs: dict[str, Any]
+    description: str
+
+
+_CONV_NET = "edgepipe.runtime.cnn:conv_net"
+BUILTIN_MODULES: dict[str, BuiltinModule] = {
+    "cnn-base": BuiltinModule(_CONV_NET, {"widths": [32, 64, 128], "blocks": 2}, "residual CNN, 4 blocks x2"),
+    "cnn-small": BuiltinModule(_CONV_NET, {"widths": [16, 32, 64], "blocks": 1}, "residual CNN, 3 blocks"),
+    "cnn-tiny": BuiltinModule(_CONV_NET, {"widths": [8, 16, 32], "blocks": 1}, "residual CNN, 3 narrow blocks"),
+}
+
+
+def module_spec(name: str, model_args: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """(factory, kwargs) of a built-in CNN name or a `package.module:factory`; None for other names."""
+    if name in BUILTIN_MODULES:
+        builtin = BUILTIN_MODULES[name]
+        return builtin.factory, {**builtin.kwargs, **model_args}
+    if is_factory_spec(name):
+        return name, dict(model_args)
+    return None
+
+
 def package_dir(package: str) -> Path | None:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -38,8 +69,19 @@ def package_dir(package: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def model_problem(name: str) -> str | None:
-    """Why `name` cannot be used as a model, or None when it can."""
+def model_problem(name: str, task: str = "text-classification") -> str | None:
+    """Why `name` cannot be used as the model of `task`, or None when it can."""
+    image = task == "image-classification"
+    if module_spec(name, {}) is not None or (Path(name).is_dir() and is_module_folder(Path(name))):
+        if not image:
+            return f"`model`: {name!r} is an image model; set `task: image-classification` or name a text model"
+        return None
+    if image and (name in BUILTIN_MODELS or Path(name).is_dir()):
+        cnns = ", ".join(sorted(BUILTIN_MODULES))
+        return (
+            f"`model`: {name!r} is not an image model; name a built-in CNN ({cnns}), an edgepipe module "
+            "folder or a package.module:factory"
+        )
     if name in BUILTIN_MODELS:
         builtin = BUILTIN_MODELS[name]
         root = package_dir(builtin.package)
@@ -48,15 +90,17 @@ def model_problem(name: str) -> str | None:
         return None
     path = Path(name)
     if not path.exists():
-        known = ", ".join(sorted(BUILTIN_MODELS))
-        return f"`model`: {name!r} is neither a built-in model ({known}) nor an existing folder"
+        known = ", ".join(sorted(BUILTIN_MODULES if image else BUILTIN_MODELS))
+        extra = " nor a package.module:factory" if image else ""
+        return f"`model`: {name!r} is neither a built-in model ({known}) nor an existing folder{extra}"
     if not (path / "config.json").is_file():
         return f"`model`: folder {name!r} has no config.json; pass a folder written by save_pretrained"
     return None
 
 
-def resolve_model(name: str) -> Path:
-    problem = model_problem(name)
+def resolve_model(name: str, task: str = "text-classification") -> Path:
+    """The folder of a transformers or module-folder model (module specs go through materialize_module)."""
+    problem = model_problem(name, task)
     if problem:
         raise InputError(problem)
     if name in BUILTIN_MODELS:
@@ -66,3 +110,53 @@ def resolve_model(name: str) -> Path:
             raise InputError(f"built-in model {name!r} is not installed")
         return root / builtin.subdir
     return Path(name).resolve()
+
+
+def materialize_module(
+    name: str,
+    model_args: dict[str, Any],
+    weights: str | None,
+    *,
+    labels: list[str],
+    input_shape: tuple[int, ...],
+    seed: int,
+    folder: Path,
+) -> Path:
+    """Write the recipe's module model (seeded init, or the given weights) to `folder`, once.
+
+    The factory is called with num_classes and in_channels from the data; a folder already written
+    for the same spec, weights, labels and seed is kept as it is.
+    """
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    from edgepipe.pipeline.artifacts import config_hash, sha256_file, write_meta
+    from edgepipe.runtime.modules import WEIGHTS_FILE, build_module, load_weights, module_meta
+
+    spec = module_spec(name, model_args)
+    if spec is None:  # pragma: no cover - model_problem checked it
+        raise InputError(f"`model`: {name!r} is not a module model")
+    factory, kwargs = spec
+    kwargs = {"num_classes": len(labels), "in_channels": int(input_shape[0]), **kwargs}
+    weights_hash = sha256_file(Path(weights)) if weights else None
+    key = config_hash([factory, kwargs, weights_hash, labels, list(input_shape), seed])
+    meta_file = folder / "edgepipe.json"
+    if meta_file.is_file() and json.loads(meta_file.read_text(encoding="utf-8")).get("source_key") == key:
+        return folder
+    torch.manual_seed(seed)
+    model = build_module(factory, kwargs)
+    if weights:
+        load_weights(model, Path(weights))
+    tmp = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS_FILE))
+    meta = module_meta(factory, kwargs, input_shape)
+    write_meta(
+        tmp, task="image-classification", labels=labels, precision="fp32", fmt="torch-module", source_key=key, **meta
+    )
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.replace(folder)
+    return folder

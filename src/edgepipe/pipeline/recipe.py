@@ -20,10 +20,14 @@ SCHEMA_VERSION = 1
 class ArtifactKind(str, enum.Enum):
     """What a stage consumes and produces; the runner checks the chain before running anything."""
 
-    HF_MODEL = "hf-model"
+    TORCH_MODEL = "torch-model"  # a transformers folder, or a module folder (runtime/modules.py)
     ONNX_FP32 = "onnx-fp32"
     ONNX_FP32_FUSED = "onnx-fp32-fused"
     ONNX_INT8 = "onnx-int8"
+
+    @classmethod
+    def _missing_(cls, value: object) -> ArtifactKind | None:
+        return cls.TORCH_MODEL if value == "hf-model" else None  # manifests written before 0.2
 
 
 class _Strict(BaseModel):
@@ -37,7 +41,10 @@ def _positive_seq_len(value: int) -> int:
 
 
 class DataConfig(_Strict):
-    source: str = Field("rotten-tomatoes", description="built-in dataset name or a .csv/.jsonl file")
+    source: str = Field(
+        "rotten-tomatoes",
+        description="built-in dataset name, a .csv/.jsonl file (text) or an .npz file with `images` and `labels`",
+    )
     text_column: str = "text"
     label_column: str = "label"
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
@@ -51,7 +58,7 @@ class _TrainingConfig(_Strict):
 
     max_steps: int = Field(400, ge=1)
     batch_size: int = Field(32, ge=1)
-    max_seq_len: int = 64
+    max_seq_len: int = Field(64, description="tokens per training example (text tasks)")
     lr: float = Field(5e-5, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
@@ -60,10 +67,10 @@ class _TrainingConfig(_Strict):
     _check_len = field_validator("max_seq_len")(_positive_seq_len)
 
     def consumes(self) -> tuple[ArtifactKind, ...]:
-        return (ArtifactKind.HF_MODEL,)
+        return (ArtifactKind.TORCH_MODEL,)
 
     def produces(self) -> tuple[ArtifactKind, ...]:
-        return (ArtifactKind.HF_MODEL,)
+        return (ArtifactKind.TORCH_MODEL,)
 
 
 class FinetuneConfig(_TrainingConfig):
@@ -82,6 +89,8 @@ class StudentConfig(_Strict):
     num_heads: int | None = Field(None, ge=1)
     intermediate_size: int | None = Field(None, ge=8)
     init_from: str | None = Field(None, description="folder of a student to start from (init: folder)")
+    model: str | None = Field(None, description="image students (init: fresh): built-in CNN or package.module:factory")
+    model_args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of that factory")
 
     @model_validator(mode="after")
     def _consistent(self) -> StudentConfig:
@@ -95,6 +104,8 @@ class StudentConfig(_Strict):
             raise ValueError("a subset student needs layers: [...] or num_layers: N")
         if (self.init == "folder") != (self.init_from is not None):
             raise ValueError("init_from is required with init: folder, and only there")
+        if self.model is not None and self.init != "fresh":
+            raise ValueError("model applies to init: fresh (a new image student of that architecture)")
         return self
 
 
@@ -148,7 +159,7 @@ class ExportConfig(_Strict):
         return self
 
     def consumes(self) -> tuple[ArtifactKind, ...]:
-        return (ArtifactKind.HF_MODEL,)
+        return (ArtifactKind.TORCH_MODEL,)
 
     def produces(self) -> tuple[ArtifactKind, ...]:
         if self.fuse:
@@ -211,7 +222,9 @@ StageConfig = Annotated[FinetuneConfig | DistillConfig | ExportConfig | Quantize
 class BenchConfig(_Strict):
     targets: list[Literal["cpu", "cuda"]] = Field(default=["cpu"], min_length=1)
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], min_length=1)
-    seq_lens: list[int] = Field(default_factory=lambda: [128], min_length=1)
+    seq_lens: list[int] | None = Field(
+        None, min_length=1, description="text: sequence lengths timed (default [128]); images use their own size"
+    )
     runs: int = Field(50, ge=5, description="timed runs per artifact and shape")
     rounds: int = Field(5, ge=1, description="artifacts are interleaved over this many rounds")
     warmup_runs: int = Field(5, ge=0)
@@ -231,8 +244,8 @@ class BenchConfig(_Strict):
 
     @field_validator("batch_sizes", "seq_lens")
     @classmethod
-    def _positive(cls, values: list[int]) -> list[int]:
-        bad = [v for v in values if v <= 0]
+    def _positive(cls, values: list[int] | None) -> list[int] | None:
+        bad = [v for v in values or [] if v <= 0]
         if bad:
             raise ValueError(f"every value must be > 0, got {bad}")
         return values
@@ -249,12 +262,27 @@ class Recipe(_Strict):
     schema_version: Literal[1]
     name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
-    model: str = Field(description="built-in model name or a local transformers folder")
-    task: Literal["text-classification"] = "text-classification"
+    model: str = Field(
+        description="built-in model name, a local transformers or edgepipe module folder, or package.module:factory"
+    )
+    model_args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of a module factory")
+    model_weights: str | None = Field(None, description="safetensors weights for a built-in CNN or a factory")
+    task: Literal["text-classification", "image-classification"] = "text-classification"
     data: DataConfig = Field(default_factory=DataConfig)
     stages: list[StageConfig] = Field(min_length=1)
     bench: BenchConfig = Field(default_factory=BenchConfig)
     gates: GatesConfig = Field(default_factory=GatesConfig)
+
+    @model_validator(mode="after")
+    def _dynamic_source(self) -> Recipe:
+        # dynamic int8 defaults to the fused export; without one (fuse: false, image models) to the plain one
+        fused = False
+        for i, stage in enumerate(self.stages):
+            if isinstance(stage, ExportConfig):
+                fused = stage.fuse
+            elif isinstance(stage, QuantizeConfig) and stage.source is None and stage.mode == "dynamic" and not fused:
+                self.stages[i] = stage.model_copy(update={"source": "fp32"})
+        return self
 
     @model_validator(mode="after")
     def _unique_artifact_names(self) -> Recipe:
@@ -266,6 +294,34 @@ class Recipe(_Strict):
 
 
 STAGE_KINDS = ("finetune", "distill", "export", "quantize")
+IMAGE_TASK = "image-classification"
+
+
+def task_problems(recipe: Recipe) -> list[str]:
+    """Settings that do not apply to the recipe's task, each naming its key."""
+    problems = []
+    image = recipe.task == IMAGE_TASK
+    for i, stage in enumerate(recipe.stages):
+        if image and isinstance(stage, ExportConfig) and stage.fuse:
+            problems.append(f"`stages.{i}.fuse`: transformer fusion applies to text models; set fuse: false")
+        if image and isinstance(stage, FinetuneConfig) and not stage.train_encoder:
+            problems.append(f"`stages.{i}.train_encoder`: applies to text models; image models train whole")
+        if isinstance(stage, DistillConfig):
+            if image and stage.loss.attention > 0:
+                problems.append(f"`stages.{i}.loss.attention`: attention maps exist in transformers only; set it to 0")
+            if image and stage.student.init == "subset":
+                problems.append(
+                    f"`stages.{i}.student.init`: an image student is `fresh` (with `model:`, e.g. cnn-small) or "
+                    "`folder`; a layer subset applies to transformers"
+                )
+            if not image and stage.student.model is not None:
+                problems.append(
+                    f"`stages.{i}.student.model`: applies to image-classification; text students are "
+                    "shaped by layers, num_layers, hidden_size, num_heads, intermediate_size"
+                )
+    if image and recipe.bench.seq_lens is not None:
+        problems.append("`bench.seq_lens`: applies to text tasks; image models are timed at their input size")
+    return problems
 
 
 def _format_loc(loc: tuple[Any, ...]) -> str:

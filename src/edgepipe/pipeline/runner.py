@@ -33,8 +33,16 @@ from edgepipe.pipeline.artifacts import (
 )
 from edgepipe.pipeline.data import DataSplits, data_problem, load_splits
 from edgepipe.pipeline.distributed import World, join_world
-from edgepipe.pipeline.models import model_problem, resolve_model
-from edgepipe.pipeline.recipe import ArtifactKind, DistillConfig, Recipe, dump_recipe, parse_recipe
+from edgepipe.pipeline.models import materialize_module, model_problem, module_spec, resolve_model
+from edgepipe.pipeline.recipe import (
+    IMAGE_TASK,
+    ArtifactKind,
+    DistillConfig,
+    Recipe,
+    dump_recipe,
+    parse_recipe,
+    task_problems,
+)
 from edgepipe.pipeline.stages import TRAINING_STAGES
 from edgepipe.pipeline.students import student_problems, student_shape
 from edgepipe.runtime.host import git_commit, host_info, versions
@@ -48,7 +56,7 @@ REPORT_MD = "report.md"
 
 def check_chain(recipe: Recipe) -> list[str]:
     """Every stage's inputs must be produced by the model or an earlier stage."""
-    available = {ArtifactKind.HF_MODEL}
+    available = {ArtifactKind.TORCH_MODEL}
     problems = []
     for i, stage in enumerate(recipe.stages):
         missing = [k.value for k in stage.consumes() if k not in available]
@@ -77,10 +85,18 @@ def check_students(recipe: Recipe) -> list[str]:
 
 def check_recipe(recipe: Recipe, out: Path | None = None) -> list[str]:
     """Everything that needs no computation: files exist, columns exist, chain is complete."""
-    model = model_problem(recipe.model)
-    problems = [p for p in (model, data_problem(recipe.data)) if p]
-    problems += check_chain(recipe)
-    if model is None:
+    model = model_problem(recipe.model, recipe.task)
+    problems = [p for p in (model, data_problem(recipe.data, recipe.task)) if p]
+    problems += check_chain(recipe) + task_problems(recipe)
+    module = module_spec(recipe.model, {}) is not None
+    if (recipe.model_args or recipe.model_weights) and model is None and not module:
+        problems.append(
+            "`model_args`/`model_weights`: apply to a built-in CNN or a package.module:factory model, "
+            f"not to the folder {recipe.model!r}; remove them"
+        )
+    if recipe.model_weights and not Path(recipe.model_weights).is_file():
+        problems.append(f"`model_weights`: file not found: {recipe.model_weights}; pass a .safetensors file")
+    if model is None and recipe.task != IMAGE_TASK:
         problems += check_students(recipe)
     if out is not None and out.exists() and not out.is_dir():
         problems.append(f"`--out`: {out} is a file; pass a folder (it is created if missing)")
@@ -204,20 +220,23 @@ def _bench_items(artifacts: list[Artifact], include_torch: bool) -> list[Any]:
 
     items = []
     for a in artifacts:
-        if a.kind == ArtifactKind.HF_MODEL:
+        if a.kind == ArtifactKind.TORCH_MODEL:
             if include_torch:
-                items.append(BenchItem(a.name, a.path, a.precision, "transformers"))
+                items.append(BenchItem(a.name, a.path, a.precision, "torch"))
         else:
             items.append(BenchItem(a.name, a.path, a.precision, "onnx"))
     return items
 
 
-def _settings(recipe: Recipe) -> Any:
+def _settings(recipe: Recipe, data: DataSplits) -> Any:
+    """The recipe's bench settings; image models are timed at their input size (seq_len = image height)."""
     from edgepipe.benchmarks.bench import BenchSettings
 
     cfg = recipe.bench.model_dump()
     cfg.pop("include_torch")
-    return BenchSettings(**cfg)
+    shape = data.input_shape
+    cfg["seq_lens"] = [shape[1]] if shape else (recipe.bench.seq_lens or [128])
+    return BenchSettings(**cfg, input_shape=shape)
 
 
 def _gate(recipe: Recipe, report: dict[str, Any]) -> list[str]:
@@ -263,12 +282,32 @@ def prepare(recipe: Recipe, out: Path, world: World | None = None) -> tuple[RunP
     problems = check_recipe(recipe, out)
     if problems:
         raise RecipeError(problems)
-    data = load_splits(recipe.data, recipe.seed)
-    model_dir = resolve_model(recipe.model)
+    data = load_splits(recipe.data, recipe.seed, recipe.task)
+    paths = RunPaths(out.resolve())
+    main = world is None or world.is_main
+    if module_spec(recipe.model, {}) is not None:
+        # a built-in CNN or a factory becomes a module folder in the run, once (seeded init or given
+        # weights); its labels are the data's by construction
+        model_dir = paths.root / "00-model"
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            materialize_module(
+                recipe.model,
+                recipe.model_args,
+                recipe.model_weights,
+                labels=data.label_names,
+                input_shape=data.input_shape or (),
+                seed=recipe.seed,
+                folder=model_dir,
+            )
+        if world is not None:
+            world.barrier()
+        return paths, data, model_dir
+    model_dir = resolve_model(recipe.model, recipe.task)
     _check_labels(model_dir, recipe, data)
-    if world is None or world.is_main:
+    if main:
         out.mkdir(parents=True, exist_ok=True)
-    return RunPaths(out.resolve()), data, model_dir
+    return paths, data, model_dir
 
 
 def build(recipe: Recipe, out: Path, *, force: bool = False) -> Path | None:
@@ -311,8 +350,8 @@ def _build(recipe: Recipe, out: Path, force: bool, world: World) -> Path | None:
     if world.is_main:
         write_atomic(paths.root / "recipe.resolved.yaml", dump_recipe(recipe))
     current = {
-        ArtifactKind.HF_MODEL: Artifact(
-            "model", ArtifactKind.HF_MODEL, model_dir, "fp32", folder_fingerprint(model_dir)
+        ArtifactKind.TORCH_MODEL: Artifact(
+            "model", ArtifactKind.TORCH_MODEL, model_dir, "fp32", folder_fingerprint(model_dir)
         )
     }
     produced: list[Artifact] = []
@@ -356,8 +395,8 @@ def _build(recipe: Recipe, out: Path, force: bool, world: World) -> Path | None:
         return None  # the benchmark and the gates are rank 0's
 
     # every PyTorch model (teacher, students) and every ONNX artifact, teacher first: it is the reference
-    hf = [a for a in produced if a.kind == ArtifactKind.HF_MODEL] or [current[ArtifactKind.HF_MODEL]]
-    artifacts = [*hf, *[a for a in produced if a.kind != ArtifactKind.HF_MODEL]]
+    hf = [a for a in produced if a.kind == ArtifactKind.TORCH_MODEL] or [current[ArtifactKind.TORCH_MODEL]]
+    artifacts = [*hf, *[a for a in produced if a.kind != ArtifactKind.TORCH_MODEL]]
     manifest["artifacts"] = [a.to_json(paths.root) for a in artifacts]
     bench_key = config_hash([[a.fingerprint for a in artifacts], recipe.bench.model_dump(), data.fingerprint])
     report_file = paths.root / REPORT_JSON
@@ -400,15 +439,16 @@ def _bench(paths: RunPaths, recipe: Recipe, artifacts: list[Artifact], data: Dat
 
     items = _bench_items(artifacts, recipe.bench.include_torch)
     reference = items[0].name if items else None
+    settings = _settings(recipe, data)
     log.info(
-        "benchmark: %d artifacts, batch %s x seq %s, %d runs each",
+        "benchmark: %d artifacts, batch %s x %s, %d runs each",
         len(items),
-        recipe.bench.batch_sizes,
-        recipe.bench.seq_lens,
-        recipe.bench.runs,
+        settings.batch_sizes,
+        ", ".join(settings.describe_input(s) for s in settings.seq_lens),
+        settings.runs,
     )
     started = time.perf_counter()
-    report = run_bench(items, data.test.texts, data.test.labels, _settings(recipe), reference)
+    report = run_bench(items, data.test.inputs, data.test.labels, settings, reference)
     report["bench_seconds"] = round(time.perf_counter() - started, 1)
     return write_report(paths, recipe, report)
 
@@ -421,7 +461,7 @@ def _open_run(run_dir: Path) -> tuple[RunPaths, Recipe, DataSplits, list[Artifac
     if "artifacts" not in manifest or "recipe" not in manifest:
         raise InputError(f"{paths.manifest} is incomplete (the build did not finish); rerun `edgepipe build`")
     recipe = parse_recipe(manifest["recipe"], str(paths.manifest))
-    data = load_splits(recipe.data, recipe.seed)
+    data = load_splits(recipe.data, recipe.seed, recipe.task)
     if data.fingerprint != manifest["data"]["fingerprint"]:
         raise InputError(
             f"the data behind {recipe.data.source} changed since the build (fingerprint "
@@ -473,7 +513,7 @@ def bench_against(run_dir: Path, baseline_dir: Path) -> tuple[dict[str, Any], di
         for i in _bench_items(base_artifacts, recipe.bench.include_torch)
     ]
     log.info("A/B benchmark: %d artifacts against %d of %s, interleaved", len(items), len(base_items), baseline_dir)
-    both = run_bench([*items, *base_items], data.test.texts, data.test.labels, _settings(recipe), items[0].name)
+    both = run_bench([*items, *base_items], data.test.inputs, data.test.labels, _settings(recipe, data), items[0].name)
     current = {**both, "results": [r for r in both["results"] if not r["artifact"].startswith(BASELINE_PREFIX)]}
     baseline = {
         **both,

@@ -45,7 +45,7 @@ class Session(Protocol):
     input_names: tuple[str, ...]
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        """Logits for a batch of int64 feeds."""
+        """Logits for a batch of feeds (int64 token ids, or float32 pixel values)."""
         ...
 
     def describe(self) -> dict[str, Any]: ...
@@ -55,7 +55,7 @@ class Backend(Protocol):
     name: str
     engine: str
     target: str
-    model_format: str  # "onnx" or "transformers"
+    model_format: str  # "onnx" or "torch" (a transformers folder or an edgepipe module folder)
 
     def available(self) -> str | None: ...
 
@@ -125,24 +125,35 @@ class OrtCpuBackend:
 class _TorchSession:
     def __init__(self, path: Path, options: RuntimeOptions) -> None:
         import torch
-        from transformers import AutoModelForSequenceClassification
+
+        from edgepipe.runtime.modules import is_module_folder, load_module
 
         torch.set_num_threads(options.resolved_threads)
         self._torch = torch
-        self._model = AutoModelForSequenceClassification.from_pretrained(path).eval()
-        forward_args = inspect.signature(self._model.forward).parameters
-        self.input_names = tuple(n for n in ("input_ids", "attention_mask", "token_type_ids") if n in forward_args)
-        self._settings = {
+        self._settings: dict[str, Any] = {
             "device": "cpu",
             "dtype": "float32",
             "threads": options.resolved_threads,
             "torch": torch.__version__,
-            "attn_implementation": self._model.config._attn_implementation,
         }
+        self._module = is_module_folder(path)
+        if self._module:
+            self._model = load_module(path)
+            self.input_names: tuple[str, ...] = ("pixel_values",)
+            self._settings["module"] = type(self._model).__name__
+            return
+        from transformers import AutoModelForSequenceClassification
+
+        self._model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+        forward_args = inspect.signature(self._model.forward).parameters
+        self.input_names = tuple(n for n in ("input_ids", "attention_mask", "token_type_ids") if n in forward_args)
+        self._settings["attn_implementation"] = self._model.config._attn_implementation
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         torch = self._torch
         with torch.inference_mode():
+            if self._module:  # a module takes its one tensor positionally
+                return self._model(torch.from_numpy(feeds[self.input_names[0]])).numpy()
             inputs = {k: torch.from_numpy(feeds[k]) for k in self.input_names if k in feeds}
             return self._model(**inputs).logits.numpy()
 
@@ -154,7 +165,7 @@ class TorchCpuBackend:
     name = "torch"
     engine = "pytorch"
     target = "cpu"
-    model_format = "transformers"
+    model_format = "torch"
 
     def available(self) -> str | None:
         try:

@@ -1,13 +1,16 @@
-"""`Predictor`: an artifact folder (ONNX or transformers) plus its tokenizer and labels, ready to call.
+"""`Predictor`: an artifact folder (ONNX, transformers or module) plus its input encoding and labels.
 
 Predictor.load("runs/demo/03-quantize/int8-dynamic").predict(["great film"])
+Predictor.load("runs/mnist/04-quantize/int8-static").predict(images)  # float32 (N, 1, 28, 28) in [0, 1]
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -43,29 +46,54 @@ def model_labels(folder: Path) -> list[str]:
     raise InputError(f"{folder} has neither {META_FILE} nor config.json; it is not an artifact folder")
 
 
+def image_shape(folder: Path) -> tuple[int, ...] | None:
+    """(channels, height, width) an image model takes, from its metadata; None for text models."""
+    meta = folder / META_FILE
+    if not meta.is_file():
+        return None
+    shape = json.loads(meta.read_text(encoding="utf-8")).get("input", {}).get("shape")
+    return tuple(shape) if shape else None
+
+
 class Predictor:
-    def __init__(self, session: Session, tokenizer: object, labels: list[str], max_seq_len: int = 128) -> None:
+    """Text models take a list of strings; image models a float32 array (N, C, H, W) in [0, 1]."""
+
+    def __init__(
+        self,
+        session: Session,
+        tokenizer: Any,
+        labels: list[str],
+        max_seq_len: int = 128,
+        input_shape: tuple[int, ...] | None = None,
+    ) -> None:
         self.session = session
         self.tokenizer = tokenizer
         self.labels = labels
         self.max_seq_len = max_seq_len
+        self.input_shape = input_shape
 
     @classmethod
     def load(cls, folder: str | Path, *, options: RuntimeOptions | None = None, target: str = "cpu") -> Predictor:
-        from transformers import AutoTokenizer
-
         folder = Path(folder)
         if not folder.is_dir():
             raise InputError(f"artifact folder not found: {folder}")
-        fmt = "onnx" if (folder / "model.onnx").exists() else "transformers"
+        fmt = "onnx" if (folder / "model.onnx").exists() else "torch"
         labels = model_labels(folder)
         session = backend_for(fmt, target).load(folder, options or RuntimeOptions())
+        shape = image_shape(folder)
+        if shape is not None:
+            return cls(session, None, labels, input_shape=shape)
+        from transformers import AutoTokenizer
+
         return cls(session, AutoTokenizer.from_pretrained(folder), labels)
 
-    def encode(self, texts: list[str], *, pad_to: int | None = None) -> dict[str, np.ndarray]:
-        """Tokenize to int64 arrays: padded to the longest text, or to exactly `pad_to` tokens."""
+    def encode(self, inputs: Sequence[str] | np.ndarray, *, pad_to: int | None = None) -> dict[str, np.ndarray]:
+        """Feeds for a batch: tokens padded to the longest text or to exactly `pad_to`; or checked images."""
+        if self.input_shape is not None:
+            return {self.session.input_names[0]: self._images(inputs)}
+        texts = list(inputs)
         length = pad_to or self.max_seq_len
-        encoded = self.tokenizer(  # type: ignore[operator]
+        encoded = self.tokenizer(
             texts,
             padding="max_length" if pad_to else "longest",
             truncation=True,
@@ -74,12 +102,22 @@ class Predictor:
         )
         return {k: np.asarray(encoded[k], dtype=np.int64) for k in self.session.input_names if k in encoded}
 
-    def logits(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
-        outputs = [self.session.run(self.encode(texts[i : i + batch_size])) for i in range(0, len(texts), batch_size)]
+    def _images(self, inputs: Sequence[str] | np.ndarray) -> np.ndarray:
+        expected = self.input_shape or ()
+        if not isinstance(inputs, np.ndarray) or inputs.ndim != 4 or tuple(inputs.shape[1:]) != expected:
+            got = inputs.shape if isinstance(inputs, np.ndarray) else type(inputs).__name__
+            raise InputError(
+                f"this model takes images of shape (batch, {', '.join(map(str, expected))}) scaled to [0, 1], "
+                f"got {got}; resize or reshape the images"
+            )
+        return np.ascontiguousarray(inputs, dtype=np.float32)
+
+    def logits(self, inputs: Sequence[str] | np.ndarray, batch_size: int = 32) -> np.ndarray:
+        outputs = [self.session.run(self.encode(inputs[i : i + batch_size])) for i in range(0, len(inputs), batch_size)]
         return np.concatenate(outputs, axis=0)
 
-    def predict(self, texts: list[str]) -> list[Prediction]:
-        probs = softmax(self.logits(texts))
+    def predict(self, inputs: Sequence[str] | np.ndarray) -> list[Prediction]:
+        probs = softmax(self.logits(inputs))
         results = []
         for row in probs:
             best = int(row.argmax())

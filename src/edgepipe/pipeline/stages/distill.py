@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from edgepipe.errors import InputError
@@ -31,8 +32,11 @@ from edgepipe.pipeline.students import build_student, layer_map, student_problem
 log = logging.getLogger(__name__)
 
 
-def teacher_logits(teacher: Any, tokenizer: Any, source: Artifact, cfg: DistillConfig, ctx: StageContext) -> Any:
-    """Teacher logits for every train example, from the run cache when teacher and data are unchanged."""
+def teacher_logits(
+    predict: Callable[[Any], Any], source: Artifact, cfg: DistillConfig, ctx: StageContext
+) -> tuple[Any, bool]:
+    """Teacher logits for every train example (`predict(inputs)`), from the run cache when teacher and
+    data are unchanged."""
     from safetensors.torch import load_file, save_file
 
     key = config_hash([source.fingerprint, ctx.data.fingerprint, cfg.max_seq_len, "train-logits"])
@@ -41,13 +45,52 @@ def teacher_logits(teacher: Any, tokenizer: Any, source: Artifact, cfg: DistillC
     if reused:
         log.info("distill: teacher logits reused from %s", path.name)
     elif ctx.world.is_main:  # rank 0 computes and writes; the other ranks read the file
-        logits = predict_logits(teacher, tokenizer, ctx.data.train.texts, cfg.max_seq_len, cfg.eval_batch_size)
+        logits = predict(ctx.data.train.inputs)
         ctx.cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".partial")
         save_file({"logits": logits.contiguous()}, str(tmp))
         tmp.replace(path)
     ctx.world.barrier()
     return load_file(path)["logits"], reused
+
+
+HISTORY_KEYS = ("loss_total", "loss_ce", "loss_kd", "loss_hidden", "loss_attention", "kd_weight")
+
+
+def logit_objective(
+    cfg: DistillConfig, step: int, logits: Any, t_logits: Any, labels: Any
+) -> tuple[Any, dict, Any, float]:
+    """ce * CE + kd * KD (per-sample weighted under wsl, temperature annealed under anneal).
+
+    Returns (loss, {term: value}, per-sample KD weights or None, temperature used)."""
+    import torch.nn.functional as F
+
+    from edgepipe.pipeline import kd
+
+    temperature = (
+        kd.annealed_temperature(cfg.temperature, step, cfg.max_steps) if cfg.adaptive == "anneal" else cfg.temperature
+    )
+    ce = F.cross_entropy(logits, labels)
+    kd_each = kd.kd_loss(logits, t_logits, temperature, reduce=False)
+    weights = kd.wsl_weights(logits, t_logits, labels) if cfg.adaptive == "wsl" else None
+    kd_term = (weights * kd_each).mean() if weights is not None else kd_each.mean()
+    return cfg.loss.ce * ce + cfg.loss.kd * kd_term, {"ce": ce, "kd": kd_term}, weights, temperature
+
+
+def record(history: dict[str, list[float]], loss: Any, terms: dict[str, Any], weights: Any) -> None:
+    history["loss_total"].append(loss.item())
+    for name, value in terms.items():
+        history[f"loss_{name}"].append(value.item())
+    if weights is not None:
+        history["kd_weight"].append(weights.mean().item())
+
+
+def history_metrics(history: dict[str, list[float]]) -> dict[str, float]:
+    metrics = {}
+    for name, values in history.items():
+        if values:
+            metrics[f"{name}_start"], metrics[f"{name}_end"] = loss_window(values)
+    return metrics
 
 
 def _selected(states: tuple[Any, ...], layers: list[int]) -> list[Any]:
@@ -57,14 +100,18 @@ def _selected(states: tuple[Any, ...], layers: list[int]) -> list[Any]:
 
 @register("distill")
 def run_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx: StageContext) -> StageResult:
+    source = inputs[ArtifactKind.TORCH_MODEL]
+    if ctx.task == "image-classification":
+        from edgepipe.pipeline.stages.image import run_image_distill
+
+        return run_image_distill(source, cfg, ctx)
+
     import torch
-    import torch.nn.functional as F
     from tqdm.auto import tqdm
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from edgepipe.pipeline import kd
 
-    source = inputs[ArtifactKind.HF_MODEL]
     need_attention = cfg.loss.attention > 0
     attn = {"attn_implementation": "eager"} if need_attention else {}
     teacher = AutoModelForSequenceClassification.from_pretrained(source.path, **attn).eval()
@@ -80,7 +127,9 @@ def run_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx: S
     mapping = layer_map(cfg, teacher.config.to_dict())
     student_ids, teacher_ids = list(mapping), list(mapping.values())
 
-    cached, reused = teacher_logits(teacher, tokenizer, source, cfg, ctx)
+    cached, reused = teacher_logits(
+        lambda texts: predict_logits(teacher, tokenizer, texts, cfg.max_seq_len, cfg.eval_batch_size), source, cfg, ctx
+    )
     projections = None
     if cfg.loss.hidden > 0 and student.config.hidden_size != teacher.config.hidden_size:
         torch.manual_seed(ctx.seed)
@@ -91,9 +140,7 @@ def run_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx: S
     optimizer, schedule = optimizer_and_schedule(params, cfg.lr, cfg.weight_decay, cfg.warmup_ratio, cfg.max_steps)
 
     train = ctx.data.train
-    history: dict[str, list[float]] = {
-        k: [] for k in ("loss_total", "loss_ce", "loss_kd", "loss_hidden", "loss_attention", "kd_weight")
-    }
+    history: dict[str, list[float]] = {k: [] for k in HISTORY_KEYS}
     need_teacher_pass = cfg.loss.hidden > 0 or need_attention
     torch.manual_seed(ctx.seed)
     student.train()
@@ -102,21 +149,12 @@ def run_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx: S
     plan = batches(len(train), cfg.batch_size, cfg.max_steps, ctx.seed)
     for step, index in enumerate(tqdm(plan, desc="distill", disable=not ctx.progress)):
         index = ctx.world.shard(index)
-        enc = encode(tokenizer, [train.texts[i] for i in index], cfg.max_seq_len)
+        enc = encode(tokenizer, list(train.take(index)), cfg.max_seq_len)
         labels = torch.from_numpy(train.labels[index])
         out = trained(**enc, output_hidden_states=cfg.loss.hidden > 0, output_attentions=need_attention)
-        t_logits = cached[torch.from_numpy(index)]
-        temperature = (
-            kd.annealed_temperature(cfg.temperature, step, cfg.max_steps)
-            if cfg.adaptive == "anneal"
-            else cfg.temperature
+        loss, terms, weights, temperature = logit_objective(
+            cfg, step, out.logits, cached[torch.from_numpy(index)], labels
         )
-        ce = F.cross_entropy(out.logits, labels)
-        kd_each = kd.kd_loss(out.logits, t_logits, temperature, reduce=False)
-        weights = kd.wsl_weights(out.logits, t_logits, labels) if cfg.adaptive == "wsl" else None
-        kd_term = (weights * kd_each).mean() if weights is not None else kd_each.mean()
-        loss = cfg.loss.ce * ce + cfg.loss.kd * kd_term
-        terms = {"ce": ce, "kd": kd_term}
         if need_teacher_pass:
             with torch.no_grad():
                 t_out = teacher(**enc, output_hidden_states=cfg.loss.hidden > 0, output_attentions=need_attention)
@@ -142,11 +180,7 @@ def run_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx: S
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        history["loss_total"].append(loss.item())
-        for name, value in terms.items():
-            history[f"loss_{name}"].append(value.item())
-        if weights is not None:
-            history["kd_weight"].append(weights.mean().item())
+        record(history, loss, terms, weights)
     train_s = time.perf_counter() - started
     if not ctx.writes:
         return StageResult([])
@@ -179,7 +213,5 @@ def run_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx: S
         "world_size": ctx.world.size,
         "final_temperature": temperature,
     }
-    for name, values in history.items():
-        if values:
-            metrics[f"{name}_start"], metrics[f"{name}_end"] = loss_window(values)
-    return StageResult([Artifact(cfg.name, ArtifactKind.HF_MODEL, out_dir, "fp32")], metrics)
+    metrics.update(history_metrics(history))
+    return StageResult([Artifact(cfg.name, ArtifactKind.TORCH_MODEL, out_dir, "fp32")], metrics)

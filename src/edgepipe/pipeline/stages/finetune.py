@@ -25,11 +25,15 @@ log = logging.getLogger(__name__)
 
 @register("finetune")
 def run_finetune(inputs: dict[ArtifactKind, Artifact], cfg: FinetuneConfig, ctx: StageContext) -> StageResult:
+    if ctx.task == "image-classification":
+        from edgepipe.pipeline.stages.image import run_image_finetune
+
+        return run_image_finetune(inputs[ArtifactKind.TORCH_MODEL], cfg, ctx)
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    source = inputs[ArtifactKind.HF_MODEL].path
+    source = inputs[ArtifactKind.TORCH_MODEL].path
     labels = ctx.data.label_names
     torch.manual_seed(ctx.seed)
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -57,7 +61,7 @@ def run_finetune(inputs: dict[ArtifactKind, Artifact], cfg: FinetuneConfig, ctx:
         disable=not ctx.progress,
     ):
         index = ctx.world.shard(index)
-        enc = encode(tokenizer, [train.texts[i] for i in index], cfg.max_seq_len)
+        enc = encode(tokenizer, list(train.take(index)), cfg.max_seq_len)
         loss = trained(**enc, labels=torch.from_numpy(train.labels[index])).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -84,4 +88,4 @@ def run_finetune(inputs: dict[ArtifactKind, Artifact], cfg: FinetuneConfig, ctx:
         "world_size": ctx.world.size,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
-    return StageResult([Artifact("teacher", ArtifactKind.HF_MODEL, out, "fp32")], metrics)
+    return StageResult([Artifact("teacher", ArtifactKind.TORCH_MODEL, out, "fp32")], metrics)

@@ -7,14 +7,17 @@ calibration data) -> write the QDQ model from the saved ranges.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edgepipe.pipeline.artifacts import Artifact, config_hash, sha256_file, write_json, write_meta
-from edgepipe.pipeline.calibration import CalibrationSet, ort_reader
+from edgepipe.pipeline.calibration import CalibrationSet, ImageCalibrationSet, ort_reader
 from edgepipe.pipeline.recipe import ArtifactKind, CalibrationConfig, QuantizeConfig
 from edgepipe.pipeline.stages import StageContext, StageResult, register
 
@@ -26,6 +29,16 @@ DYNAMIC_OP_TYPES = ["MatMul", "Attention", "Gemm"]
 # static: MatMul/Gemm only. Quantizing every op (ORT's default) puts Q/DQ on the additive attention
 # mask (float32 min), whose scale explodes and wipes out attention: argmax agreement fell to ~0.6.
 STATIC_OP_TYPES = ["MatMul", "Gemm"]
+# CNNs: convolutions carry the work. Static quantizes every op ORT can (Conv, Add, pooling, ...):
+# int8 tensors then flow from one conv to the next without a dequantize between them.
+IMAGE_DYNAMIC_OP_TYPES = ["Conv", "MatMul", "Gemm"]
+IMAGE_STATIC_OP_TYPES: list[str] = []  # empty: onnxruntime's full list
+
+
+def _default_op_types(mode: str, task: str) -> list[str]:
+    if task == "image-classification":
+        return IMAGE_DYNAMIC_OP_TYPES if mode == "dynamic" else IMAGE_STATIC_OP_TYPES
+    return DYNAMIC_OP_TYPES if mode == "dynamic" else STATIC_OP_TYPES
 
 
 def _qtype(name: str) -> Any:
@@ -48,24 +61,33 @@ def _copy_companions(source: Path, dest: Path) -> None:
             shutil.copy2(item, dest / item.name)
 
 
+def _calibration_set(
+    source: Path, cfg: CalibrationConfig, ctx: StageContext, input_names: tuple[str, ...]
+) -> CalibrationSet | ImageCalibrationSet:
+    samples = ctx.data.calibration.inputs[: cfg.samples]
+    if isinstance(samples, np.ndarray):
+        return ImageCalibrationSet(samples, input_names[0], cfg.batch_size)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    histogram = cfg.method != "minmax"
+    return CalibrationSet(samples, tokenizer, input_names, cfg.batch_size, cfg.max_seq_len, fixed_length=histogram)
+
+
 def _calibrate(
     model: Path,
     cfg: CalibrationConfig,
     op_types: list[str],
     ctx: StageContext,
-    tokenizer: Any,
-    input_names: tuple[str, ...],
+    calib: CalibrationSet | ImageCalibrationSet,
 ) -> tuple[Path, dict[str, Any]]:
     """Collect activation ranges; reuse them from the run cache when model and data are unchanged."""
     from onnxruntime.quantization import create_calibrator
     from onnxruntime.quantization.calibrate import save_tensors_data
 
-    samples = ctx.data.calibration.texts[: cfg.samples]
-    histogram = cfg.method != "minmax"
-    calib = CalibrationSet(samples, tokenizer, input_names, cfg.batch_size, cfg.max_seq_len, fixed_length=histogram)
     key = config_hash([sha256_file(model), calib.fingerprint, cfg.model_dump(), sorted(op_types)])
     cached = ctx.cache_dir / f"calibration-{key}.json"
-    info = {"samples": len(samples), "fingerprint": calib.fingerprint, "ranges_file": cached.name}
+    info = {"batches": len(calib), "fingerprint": calib.fingerprint, "ranges_file": cached.name}
     if cached.is_file():
         log.info("calibration ranges reused from %s", cached)
         return cached, {**info, "reused": True}
@@ -80,7 +102,7 @@ def _calibrate(
     ranges_dir.mkdir()
     calibrator = create_calibrator(
         model,
-        op_types,
+        op_types or [],
         augmented_model_path=str(ranges_dir / "augmented.onnx"),
         calibrate_method=_method(cfg.method),
         extra_options=extra,
@@ -100,7 +122,6 @@ def _calibrate(
 def run_quantize(inputs: dict[ArtifactKind, Artifact], cfg: QuantizeConfig, ctx: StageContext) -> StageResult:
     import onnx
     from onnxruntime.quantization import QuantFormat, quant_pre_process, quantize_dynamic, quantize_static
-    from transformers import AutoTokenizer
 
     source = inputs[cfg.source_kind]
     out = ctx.stage_dir / cfg.artifact_name
@@ -115,8 +136,8 @@ def run_quantize(inputs: dict[ArtifactKind, Artifact], cfg: QuantizeConfig, ctx:
         "weight_type": cfg.weight_type,
         "nodes_to_exclude": cfg.nodes_to_exclude,
     }
+    op_types = cfg.op_types or _default_op_types(cfg.mode, ctx.task)
     if cfg.mode == "dynamic":
-        op_types = cfg.op_types or DYNAMIC_OP_TYPES
         quantize_dynamic(
             src_model,
             out / "model.onnx",
@@ -129,23 +150,22 @@ def run_quantize(inputs: dict[ArtifactKind, Artifact], cfg: QuantizeConfig, ctx:
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
     else:
-        op_types = cfg.op_types or STATIC_OP_TYPES
         calibration = cfg.calibration or CalibrationConfig()
         model = src_model
         if cfg.preprocess:
             model = ctx.stage_dir / ".preprocessed.onnx"
             # auto_merge: symbolic shape inference otherwise stops on the BERT export's dynamic axes
             quant_pre_process(str(src_model), str(model), auto_merge=True)
-        tokenizer = AutoTokenizer.from_pretrained(source.path)
         input_names = tuple(i.name for i in onnx.load(str(model), load_external_data=False).graph.input)
-        ranges, calib_info = _calibrate(model, calibration, op_types, ctx, tokenizer, input_names)
+        calib = _calibration_set(source.path, calibration, ctx, input_names)
+        ranges, calib_info = _calibrate(model, calibration, op_types, ctx, calib)
         quantize_static(
             model,
             out / "model.onnx",
             calibration_data_reader=None,
             calibration_cache_path=ranges,
             quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=op_types,
+            op_types_to_quantize=op_types or None,
             per_channel=cfg.per_channel,
             reduce_range=cfg.reduce_range,
             activation_type=_qtype(cfg.activation_type),
@@ -159,9 +179,11 @@ def run_quantize(inputs: dict[ArtifactKind, Artifact], cfg: QuantizeConfig, ctx:
             calibration={**calibration.model_dump(), **calib_info},
             preprocess=cfg.preprocess,
         )
-    settings["op_types"] = op_types
+    settings["op_types"] = op_types or "all (onnxruntime default)"
     precision = f"int8-{cfg.mode}"
-    write_meta(out, task=ctx.task, labels=ctx.data.label_names, precision=precision, fmt="onnx")
+    source_meta = json.loads((source.path / "edgepipe.json").read_text(encoding="utf-8"))
+    carried = {k: source_meta[k] for k in ("input",) if k in source_meta}
+    write_meta(out, task=ctx.task, labels=ctx.data.label_names, precision=precision, fmt="onnx", **carried)
     write_json(ctx.stage_dir / "quantization.json", settings)
     metrics = {
         "settings": settings,

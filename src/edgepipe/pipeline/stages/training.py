@@ -47,7 +47,7 @@ def predict_logits(model: Any, tokenizer: Any, texts: list[str], max_seq_len: in
 
 def evaluate(model: Any, tokenizer: Any, split: Split, max_seq_len: int, batch_size: int) -> float:
     model.eval()
-    predicted = predict_logits(model, tokenizer, split.texts, max_seq_len, batch_size).argmax(-1).numpy()
+    predicted = predict_logits(model, tokenizer, list(split.inputs), max_seq_len, batch_size).argmax(-1).numpy()
     return float((predicted == split.labels).mean())
 
 

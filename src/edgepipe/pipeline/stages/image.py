@@ -1,0 +1,293 @@
+"""The image side of the training stages: train a module classifier (finetune) and distill a smaller
+module student from it (distill), with the same losses, schedules and teacher cache as text.
+
+Models are torch modules rebuilt from their folder (`edgepipe.runtime.modules`); the student of an
+image distill is a fresh module of a named architecture (a built-in CNN or a factory) or a folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgepipe.errors import InputError
+from edgepipe.pipeline.artifacts import Artifact, write_meta
+from edgepipe.pipeline.data import Split
+from edgepipe.pipeline.models import module_spec
+from edgepipe.pipeline.recipe import ArtifactKind, DistillConfig, FinetuneConfig
+from edgepipe.pipeline.stages import StageContext, StageResult
+from edgepipe.pipeline.stages.distill import (
+    HISTORY_KEYS,
+    history_metrics,
+    logit_objective,
+    record,
+    teacher_logits,
+)
+from edgepipe.pipeline.stages.training import batches, loss_window, optimizer_and_schedule
+from edgepipe.runtime.modules import WEIGHTS_FILE, build_module, load_module, module_meta, read_module_meta
+
+log = logging.getLogger(__name__)
+
+
+def module_logits(model: Any, images: np.ndarray, batch_size: int) -> Any:
+    import torch
+
+    model.eval()
+    with torch.inference_mode():
+        return torch.cat(
+            [model(torch.from_numpy(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
+        )
+
+
+def evaluate_module(model: Any, split: Split, batch_size: int) -> float:
+    images = np.asarray(split.inputs)
+    return float((module_logits(model, images, batch_size).argmax(-1).numpy() == split.labels).mean())
+
+
+def save_module(model: Any, out: Path, factory: str, kwargs: dict[str, Any], ctx: StageContext) -> None:
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / WEIGHTS_FILE))
+    shape = ctx.data.input_shape or ()
+    meta = module_meta(factory, kwargs, shape)
+    write_meta(out, task=ctx.task, labels=ctx.data.label_names, precision="fp32", fmt="torch-module", **meta)
+
+
+def _check_labels(meta: dict[str, Any], ctx: StageContext, key: str) -> None:
+    if list(meta["labels"]) != list(ctx.data.label_names):
+        raise InputError(
+            f"`{key}`: the model predicts labels {meta['labels']} but the data has {ctx.data.label_names}; "
+            "start from a model trained on these labels"
+        )
+
+
+def _train(
+    model: Any, loss_fn: Any, params: list[Any], cfg: FinetuneConfig | DistillConfig, ctx: StageContext, desc: str
+) -> float:
+    """The shared loop: seeded batches sharded over the world, AdamW with warm-up, clipped gradients."""
+    import torch
+    from tqdm.auto import tqdm
+
+    optimizer, schedule = optimizer_and_schedule(params, cfg.lr, cfg.weight_decay, cfg.warmup_ratio, cfg.max_steps)
+    train = ctx.data.train
+    model.train()
+    trained = ctx.world.wrap(model)  # DDP under torchrun: each rank takes its share of every batch
+    started = time.perf_counter()
+    plan = batches(len(train), cfg.batch_size, cfg.max_steps, ctx.seed)
+    for step, index in enumerate(tqdm(plan, desc=desc, disable=not ctx.progress)):
+        index = ctx.world.shard(index)
+        images = torch.from_numpy(np.asarray(train.take(index)))
+        loss = loss_fn(trained, step, index, images, torch.from_numpy(train.labels[index]))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    return time.perf_counter() - started
+
+
+def run_image_finetune(source: Artifact, cfg: FinetuneConfig, ctx: StageContext) -> StageResult:
+    import torch
+    import torch.nn.functional as F
+
+    meta = read_module_meta(source.path)
+    _check_labels(meta, ctx, "model")
+    torch.manual_seed(ctx.seed)
+    model = load_module(source.path)
+    losses: list[float] = []
+
+    def loss_fn(trained: Any, step: int, index: np.ndarray, images: Any, labels: Any) -> Any:
+        loss = F.cross_entropy(trained(images), labels)
+        losses.append(loss.item())
+        return loss
+
+    train_s = _train(model, loss_fn, list(model.parameters()), cfg, ctx, "finetune")
+    if not ctx.writes:
+        return StageResult([])
+    val_accuracy = evaluate_module(model, ctx.data.val, cfg.eval_batch_size)
+    log.info("finetune: %d steps in %.0f s, val accuracy %.4f", cfg.max_steps, train_s, val_accuracy)
+    out = ctx.stage_dir / "model"
+    save_module(model, out, meta["module"]["factory"], meta["module"]["kwargs"], ctx)
+    start, end = loss_window(losses)
+    metrics = {
+        "steps": cfg.max_steps,
+        "epochs": round(cfg.max_steps * cfg.batch_size / len(ctx.data.train), 3),
+        "train_loss_start": start,
+        "train_loss_end": end,
+        "val_accuracy": val_accuracy,
+        "train_seconds": round(train_s, 2),
+        "world_size": ctx.world.size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    return StageResult([Artifact("teacher", ArtifactKind.TORCH_MODEL, out, "fp32")], metrics)
+
+
+def _student(cfg: DistillConfig, ctx: StageContext, teacher_meta: dict[str, Any]) -> tuple[Any, str, dict[str, Any]]:
+    """(student module, factory, kwargs) from `student.model` (fresh, seeded) or `student.init_from`."""
+    import torch
+
+    spec = cfg.student
+    if spec.init == "folder":
+        folder = Path(spec.init_from or "")
+        meta = read_module_meta(folder)
+        _check_labels(meta, ctx, "student.init_from")
+        return load_module(folder), meta["module"]["factory"], meta["module"]["kwargs"]
+    if spec.model is None:
+        raise InputError("`student.model`: an image student needs an architecture, e.g. model: cnn-small")
+    resolved = module_spec(spec.model, spec.model_args)
+    if resolved is None:
+        raise InputError(f"`student.model`: {spec.model!r} is neither a built-in CNN nor a package.module:factory")
+    factory, kwargs = resolved
+    teacher_kwargs = teacher_meta["module"]["kwargs"]
+    kwargs = {"num_classes": teacher_kwargs["num_classes"], "in_channels": teacher_kwargs["in_channels"], **kwargs}
+    torch.manual_seed(ctx.seed)
+    return build_module(factory, kwargs, key="student.model"), factory, kwargs
+
+
+class _Captured:
+    """Outputs of a module's `stages` during its forward pass (forward hooks, so DDP's forward is kept)."""
+
+    def __init__(self, model: Any) -> None:
+        self.outputs: list[Any] = []
+        self._handles = [stage.register_forward_hook(self._hook) for stage in model.stages]
+
+    def _hook(self, module: Any, args: Any, output: Any) -> None:
+        self.outputs.append(output)
+
+    def take(self) -> list[Any]:
+        outputs, self.outputs = self.outputs, []
+        return outputs
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _feature_pairs(cfg: DistillConfig, student: Any, teacher: Any) -> dict[int, int]:
+    """Student stage -> teacher stage for the hidden loss (evenly spaced unless `layer_map` is given)."""
+    import torch
+
+    for who, model in (("student", student), ("teacher", teacher)):
+        if not isinstance(getattr(model, "stages", None), torch.nn.ModuleList):
+            raise InputError(
+                f"`loss.hidden`: the {who} ({type(model).__name__}) has no `stages` ModuleList whose outputs "
+                "are its feature maps; the built-in CNNs have one. Set loss.hidden: 0 for other modules"
+            )
+    s_count, t_count = len(student.stages), len(teacher.stages)
+    mapping = (
+        dict(cfg.layer_map) if cfg.layer_map else {i: round((i + 1) * t_count / s_count) - 1 for i in range(s_count)}
+    )
+    bad = {s: t for s, t in mapping.items() if not (0 <= s < s_count and 0 <= t < t_count)}
+    if bad:
+        raise InputError(f"`layer_map`: {bad} out of range; the student has {s_count} stages and the teacher {t_count}")
+    return mapping
+
+
+def _hidden_setup(
+    cfg: DistillConfig, student: Any, teacher: Any, captures: list[_Captured], probe: Any, seed: int
+) -> tuple[dict[int, int], Any]:
+    """Stage map and, when channels differ, 1x1-conv projections; checked on one real image."""
+    import torch
+
+    mapping = _feature_pairs(cfg, student, teacher)
+    with torch.no_grad():
+        student.eval()(probe), teacher(probe)
+    s_feats, t_feats = captures[0].take(), captures[1].take()
+    for s, t in mapping.items():
+        if s_feats[s].shape[2:] != t_feats[t].shape[2:]:
+            raise InputError(
+                f"`layer_map`: student stage {s} is {tuple(s_feats[s].shape[2:])} and teacher stage {t} is "
+                f"{tuple(t_feats[t].shape[2:])} (height, width); map stages of the same resolution"
+            )
+    if all(s_feats[s].shape[1] == t_feats[t].shape[1] for s, t in mapping.items()):
+        return mapping, None
+    if not cfg.hidden_projection:
+        raise InputError(
+            "`hidden_projection`: student and teacher stages differ in channels; set "
+            "hidden_projection: true (a learned 1x1 convolution) or loss.hidden: 0"
+        )
+    torch.manual_seed(seed)
+    projections = torch.nn.ModuleList(
+        torch.nn.Conv2d(s_feats[s].shape[1], t_feats[t].shape[1], 1) for s, t in mapping.items()
+    )
+    return mapping, projections
+
+
+def run_image_distill(source: Artifact, cfg: DistillConfig, ctx: StageContext) -> StageResult:
+    import torch
+
+    from edgepipe.pipeline import kd
+
+    teacher_meta = read_module_meta(source.path)
+    teacher = load_module(source.path)
+    for param in teacher.parameters():
+        param.requires_grad_(False)
+    student, factory, kwargs = _student(cfg, ctx, teacher_meta)
+    cached, reused = teacher_logits(
+        lambda images: module_logits(teacher, images, cfg.eval_batch_size), source, cfg, ctx
+    )
+
+    mapping: dict[int, int] = {}
+    projections = None
+    captures: list[_Captured] = []  # student's, then teacher's stage outputs (hidden loss only)
+    if cfg.loss.hidden > 0:
+        captures = [_Captured(student), _Captured(teacher)]
+        probe = torch.from_numpy(np.asarray(ctx.data.train.take([0])))
+        mapping, projections = _hidden_setup(cfg, student, teacher, captures, probe, ctx.seed)
+    history: dict[str, list[float]] = {k: [] for k in HISTORY_KEYS}
+    temperature = cfg.temperature
+
+    def loss_fn(trained: Any, step: int, index: np.ndarray, images: Any, labels: Any) -> Any:
+        nonlocal temperature
+        logits = trained(images)
+        loss, terms, weights, temperature = logit_objective(cfg, step, logits, cached[torch.from_numpy(index)], labels)
+        if cfg.loss.hidden > 0:
+            s_feats = captures[0].take()
+            with torch.no_grad():
+                teacher(images)
+            t_feats = captures[1].take()
+            terms["hidden"] = kd.feature_loss(
+                [s_feats[s] for s in mapping], [t_feats[t] for t in mapping.values()], projections
+            )
+            loss = loss + cfg.loss.hidden * terms["hidden"]
+        record(history, loss, terms, weights)
+        return loss
+
+    params = list(student.parameters()) + (list(projections.parameters()) if projections else [])
+    train_s = _train(student, loss_fn, params, cfg, ctx, "distill")
+    for capture in captures:
+        capture.close()
+    if not ctx.writes:
+        return StageResult([])
+    val_accuracy = evaluate_module(student, ctx.data.val, cfg.eval_batch_size)
+    teacher_val = evaluate_module(teacher, ctx.data.val, cfg.eval_batch_size)
+    log.info(
+        "distill: %d steps in %.0f s, student val %.4f, teacher val %.4f",
+        cfg.max_steps,
+        train_s,
+        val_accuracy,
+        teacher_val,
+    )
+    out = ctx.stage_dir / "model"
+    save_module(student, out, factory, kwargs, ctx)
+    metrics: dict[str, Any] = {
+        "steps": cfg.max_steps,
+        "train_seconds": round(train_s, 2),
+        "val_accuracy": val_accuracy,
+        "teacher_val_accuracy": teacher_val,
+        "retention": round(val_accuracy / teacher_val, 4) if teacher_val else None,
+        "student_parameters": sum(p.numel() for p in student.parameters()),
+        "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
+        "layer_map": {str(s): t for s, t in mapping.items()},
+        "teacher_logits_reused": reused,
+        "world_size": ctx.world.size,
+        "final_temperature": temperature,
+        **history_metrics(history),
+    }
+    return StageResult([Artifact(cfg.name, ArtifactKind.TORCH_MODEL, out, "fp32")], metrics)

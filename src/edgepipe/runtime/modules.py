@@ -1,0 +1,119 @@
+"""PyTorch modules that are not transformers models: built from a `package.module:factory` and weights.
+
+A module folder holds `model.safetensors` and `edgepipe.json`, which records the factory, its
+arguments and the input shape, so the folder reloads anywhere the factory imports:
+
+    factory(num_classes=N, in_channels=C, **model_args) -> torch.nn.Module
+
+The module takes one float32 tensor (batch, channels, height, width) and returns logits. Weights
+are read with safetensors only (no pickle).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from edgepipe.errors import InputError
+
+MODULE_FORMAT = "torch-module"
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "edgepipe.json"
+_FACTORY = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
+
+
+def is_factory_spec(name: str) -> bool:
+    return bool(_FACTORY.match(name))
+
+
+def import_factory(spec: str, key: str = "model") -> Any:
+    """Resolve `package.module:factory` to a callable; InputError naming `key` when it does not."""
+    if not is_factory_spec(spec):
+        raise InputError(f"`{key}`: {spec!r} is not of the form package.module:factory")
+    module_name, attr = spec.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise InputError(
+            f"`{key}`: cannot import {module_name!r} ({error}); is it installed or on PYTHONPATH?"
+        ) from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise InputError(f"`{key}`: {module_name} has no callable {attr!r}")
+    return factory
+
+
+def build_module(factory: str, kwargs: dict[str, Any], key: str = "model") -> Any:
+    import torch
+
+    try:
+        model = import_factory(factory, key)(**kwargs)
+    except TypeError as error:
+        raise InputError(f"`{key}`: {factory}(**{kwargs}) failed: {error}; check `model_args`") from None
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"`{key}`: {factory} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def load_weights(model: Any, path: Path, key: str = "model_weights") -> None:
+    """Load a safetensors file into `model`; every tensor must match by name and shape."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise InputError(f"`{key}`: weights file not found: {path}")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise InputError(f"`{key}`: {path} is not a readable safetensors file ({error})") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:5]}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:5]}")
+        if wrong:
+            parts.append(f"shape mismatch {wrong[:5]} (a different number of labels or model_args?)")
+        raise InputError(f"`{key}`: {path.name} does not fit the model: " + "; ".join(parts))
+    model.load_state_dict(state)
+
+
+def read_module_meta(folder: Path) -> dict[str, Any]:
+    meta_path = folder / META_FILE
+    if not meta_path.is_file():
+        raise InputError(f"{folder} has no {META_FILE}; it is not an edgepipe module folder")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if meta.get("format") != MODULE_FORMAT or "module" not in meta:
+        raise InputError(f"{meta_path} does not describe a {MODULE_FORMAT} folder")
+    return dict(meta)
+
+
+def is_module_folder(folder: Path) -> bool:
+    meta_path = folder / META_FILE
+    if not meta_path.is_file():
+        return False
+    return json.loads(meta_path.read_text(encoding="utf-8")).get("format") == MODULE_FORMAT
+
+
+def load_module(folder: Path) -> Any:
+    """Rebuild the module a folder describes and load its weights, in eval mode."""
+    meta = read_module_meta(folder)
+    model = build_module(meta["module"]["factory"], meta["module"]["kwargs"])
+    load_weights(model, folder / WEIGHTS_FILE, key=str(folder / WEIGHTS_FILE))
+    return model.eval()
+
+
+def module_meta(factory: str, kwargs: dict[str, Any], input_shape: tuple[int, ...]) -> dict[str, Any]:
+    """The edgepipe.json fields that let `load_module` rebuild a module."""
+    return {"module": {"factory": factory, "kwargs": kwargs}, "input": {"shape": list(input_shape)}}
