@@ -24,11 +24,7 @@ from edgepipe.pipeline.data import load_splits
 from edgepipe.pipeline.recipe import parse_recipe
 from edgepipe.runtime import Predictor, RuntimeOptions
 
-ARTIFACTS = {
-    "fp32": "02-export/fp32",
-    "int8-dynamic": "03-quantize/int8-dynamic",
-    "int8-static": "04-quantize/int8-static",
-}
+ARTIFACT_NAMES = ("fp32", "int8-dynamic", "int8-static")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     manifest = json.loads((args.run / "manifest.json").read_text())
     recipe = parse_recipe(manifest["recipe"])
+    artifacts = {a["name"]: a["path"] for a in manifest["artifacts"] if a["name"] in ARTIFACT_NAMES}
     texts = load_splits(recipe.data, recipe.seed).test.inputs[: args.batch]
 
     def load(path: str, daz: bool) -> Predictor:
@@ -53,21 +50,21 @@ def main(argv: list[str] | None = None) -> int:
     @contextmanager
     def one_at_a_time(name: str):  # type: ignore[no-untyped-def]
         artifact, daz = name.rsplit("|", 1)
-        yield {"x": runner(load(ARTIFACTS[artifact], daz == "daz"))}
+        yield {"x": runner(load(artifacts[artifact], daz == "daz"))}
 
     timing = {"runs": args.runs, "rounds": 6, "warmup_runs": 5, "warmup_s": 0.5}
-    names = [f"{a}|{d}" for a in ARTIFACTS for d in ("daz", "no-daz")]
+    names = [f"{a}|{d}" for a in artifacts for d in ("daz", "no-daz")]
     daz = measure_interleaved(names, one_at_a_time, **timing)
 
-    alive = {a: runner(load(p, True)) for a, p in ARTIFACTS.items()}
+    alive = {a: runner(load(p, True)) for a, p in artifacts.items()}
 
     @contextmanager
     def all_alive(name: str):  # type: ignore[no-untyped-def]
         yield {"x": alive[name]}
 
-    crowded = measure_interleaved(list(ARTIFACTS), all_alive, **timing)
+    crowded = measure_interleaved(list(artifacts), all_alive, **timing)
     alive.clear()  # release the sessions before timing one at a time
-    single = measure_interleaved(list(ARTIFACTS), lambda n: one_at_a_time(f"{n}|daz"), **timing)
+    single = measure_interleaved(list(artifacts), lambda n: one_at_a_time(f"{n}|daz"), **timing)
 
     def row(stats):  # type: ignore[no-untyped-def]
         return {"p50_ms": round(stats.p50, 3), "p90_ms": round(stats.p90, 3), "cv": round(stats.cv, 3)}
@@ -81,10 +78,10 @@ def main(argv: list[str] | None = None) -> int:
                 "off": row(daz[(f"{a}|no-daz", "x")]),
                 "speedup": round(daz[(f"{a}|no-daz", "x")].p50 / daz[(f"{a}|daz", "x")].p50, 3),
             }
-            for a in ARTIFACTS
+            for a in artifacts
         },
         "sessions": {
-            a: {"all_alive": row(crowded[(a, "x")]), "one_at_a_time": row(single[(a, "x")])} for a in ARTIFACTS
+            a: {"all_alive": row(crowded[(a, "x")]), "one_at_a_time": row(single[(a, "x")])} for a in artifacts
         },
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
