@@ -106,6 +106,33 @@ def tiny_recipe(model_dir: Path, data: Path, **changes: Any) -> dict[str, Any]:
     return recipe
 
 
+def digits_recipe(**changes: Any) -> dict[str, Any]:
+    recipe: dict[str, Any] = {
+        "schema_version": 1,
+        "name": "digits",
+        "task": "image-classification",
+        "model": "cnn-small",
+        "data": {"source": "digits", "calibration_size": 64},
+        "stages": [
+            {"kind": "finetune", "max_steps": 120, "batch_size": 64, "lr": 0.003},
+            {
+                "kind": "distill",
+                "student": {"init": "fresh", "model": "cnn-tiny"},
+                "loss": {"ce": 0.5, "kd": 0.5, "hidden": 1.0},
+                "max_steps": 120,
+                "batch_size": 64,
+                "lr": 0.003,
+            },
+            {"kind": "export", "fuse": False},
+            {"kind": "quantize", "mode": "static", "calibration": {"samples": 64, "batch_size": 16}},
+        ],
+        "bench": {"batch_sizes": [1, 8], "runs": 6, "rounds": 2, "warmup_runs": 1, "warmup_s": 0.0},
+        "gates": {"max_accuracy_drop": 0.1},
+    }
+    recipe.update(changes)
+    return recipe
+
+
 def write_recipe(path: Path, recipe: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     return path

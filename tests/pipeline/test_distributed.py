@@ -7,7 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import tiny_recipe, write_recipe
+import pytest
+from conftest import digits_recipe, tiny_recipe, write_recipe
 
 from edgepipe.pipeline.cli import main
 from edgepipe.pipeline.distributed import World
@@ -30,13 +31,28 @@ def test_shard_splits_a_batch_between_ranks() -> None:
     assert sorted(shards[0] + shards[1]) == batch and len(shards[0]) == len(shards[1])
 
 
-def test_two_process_gloo_run_matches_one_process_layout(tmp_path: Path, tiny_model_dir: Path, rt_csv: Path) -> None:
+def _text_recipe(tiny_model_dir: Path, rt_csv: Path) -> dict:
     raw = tiny_recipe(tiny_model_dir, rt_csv)
     raw["stages"] = [
         {**raw["stages"][0], "max_steps": 8},
         {"kind": "distill", "student": {"num_layers": 1}, "max_steps": 6, "batch_size": 16, "max_seq_len": 32},
         {"kind": "export", "fuse": False},
     ]
+    return raw
+
+
+def _image_recipe(tiny_model_dir: Path, rt_csv: Path) -> dict:
+    raw = digits_recipe()  # CNN teacher and student, feature-map KD with projections (averaged over ranks)
+    raw["stages"] = [{**raw["stages"][0], "max_steps": 8}, {**raw["stages"][1], "max_steps": 6}, raw["stages"][2]]
+    raw["gates"] = {}  # a few steps train nothing worth gating; this test is about the layout
+    return raw
+
+
+@pytest.mark.parametrize("make_recipe", [_text_recipe, _image_recipe], ids=["text", "image"])
+def test_two_process_gloo_run_matches_one_process_layout(
+    tmp_path: Path, tiny_model_dir: Path, rt_csv: Path, make_recipe
+) -> None:
+    raw = make_recipe(tiny_model_dir, rt_csv)
     raw["bench"]["batch_sizes"] = [1]
     recipe = write_recipe(tmp_path / "r.yaml", raw)
     single, double = tmp_path / "one", tmp_path / "two"

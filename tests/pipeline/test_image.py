@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import write_recipe
+from conftest import digits_recipe, write_recipe
 from safetensors.torch import save_file
 
 from edgepipe.errors import InputError
@@ -25,33 +25,6 @@ from edgepipe.runtime.modules import load_module
 from edgepipe.runtime.predictor import Predictor
 
 IMAGE = "image-classification"
-
-
-def digits_recipe(**changes: Any) -> dict[str, Any]:
-    recipe: dict[str, Any] = {
-        "schema_version": 1,
-        "name": "digits",
-        "task": IMAGE,
-        "model": "cnn-small",
-        "data": {"source": "digits", "calibration_size": 64},
-        "stages": [
-            {"kind": "finetune", "max_steps": 120, "batch_size": 64, "lr": 0.003},
-            {
-                "kind": "distill",
-                "student": {"init": "fresh", "model": "cnn-tiny"},
-                "loss": {"ce": 0.5, "kd": 0.5, "hidden": 1.0},
-                "max_steps": 120,
-                "batch_size": 64,
-                "lr": 0.003,
-            },
-            {"kind": "export", "fuse": False},
-            {"kind": "quantize", "mode": "static", "calibration": {"samples": 64, "batch_size": 16}},
-        ],
-        "bench": {"batch_sizes": [1, 8], "runs": 6, "rounds": 2, "warmup_runs": 1, "warmup_s": 0.0},
-        "gates": {"max_accuracy_drop": 0.1},
-    }
-    recipe.update(changes)
-    return recipe
 
 
 @pytest.fixture(scope="module")

@@ -109,7 +109,7 @@ class DataSplits:
 
 
 def _builtin_path(name: str) -> Path:
-    spec = BUILTIN_DATASETS[name]
+    spec: BuiltinDataset | BuiltinImages = BUILTIN_DATASETS[name] if name in BUILTIN_DATASETS else BUILTIN_IMAGES[name]
     root = package_dir(spec.package)
     path = root / spec.relpath if root else None
     if path is None or not path.is_file():
@@ -139,19 +139,10 @@ def _read_table(path: Path) -> tuple[list[str], list[dict[str, object]]]:
         raise InputError(f"`data.source`: cannot read {path}: {error}") from None
 
 
-def _image_path(name: str) -> Path:
-    spec = BUILTIN_IMAGES[name]
-    root = package_dir(spec.package)
-    path = root / spec.relpath if root else None
-    if path is None or not path.is_file():
-        raise InputError(f"`data.source`: built-in dataset {name!r} is not installed; run `{spec.install}`")
-    return path
-
-
 def _image_problem(cfg: DataConfig) -> str | None:
     if cfg.source in BUILTIN_IMAGES:
         try:
-            _image_path(cfg.source)
+            _builtin_path(cfg.source)
         except InputError as error:
             return str(error)
         return None
@@ -239,7 +230,7 @@ def _read_images(cfg: DataConfig) -> tuple[np.ndarray, list[str]]:
         raise InputError(problem)
     if cfg.source in BUILTIN_IMAGES:
         spec = BUILTIN_IMAGES[cfg.source]
-        with gzip.open(_image_path(cfg.source), "rt") as f:
+        with gzip.open(_builtin_path(cfg.source), "rt") as f:
             table = np.loadtxt(f, delimiter=",", dtype=np.float32)
         images = (table[:, :-1] / spec.max_value).reshape(-1, *spec.shape)
         return np.ascontiguousarray(images), [str(int(v)) for v in table[:, -1]]

@@ -130,10 +130,9 @@ def materialize_module(
     import shutil
 
     import torch
-    from safetensors.torch import save_file
 
-    from edgepipe.pipeline.artifacts import config_hash, sha256_file, write_meta
-    from edgepipe.runtime.modules import WEIGHTS_FILE, build_module, load_weights, module_meta
+    from edgepipe.pipeline.artifacts import config_hash, sha256_file
+    from edgepipe.runtime.modules import build_module, load_weights, save_module
 
     spec = module_spec(name, model_args)
     if spec is None:  # pragma: no cover - model_problem checked it
@@ -151,12 +150,7 @@ def materialize_module(
         load_weights(model, Path(weights))
     tmp = folder.with_name(f".{folder.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS_FILE))
-    meta = module_meta(factory, kwargs, input_shape)
-    write_meta(
-        tmp, task="image-classification", labels=labels, precision="fp32", fmt="torch-module", source_key=key, **meta
-    )
+    save_module(model, tmp, factory=factory, kwargs=kwargs, input_shape=input_shape, labels=labels, source_key=key)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.replace(folder)
     return folder

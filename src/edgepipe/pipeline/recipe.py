@@ -27,7 +27,7 @@ class ArtifactKind(str, enum.Enum):
 
     @classmethod
     def _missing_(cls, value: object) -> ArtifactKind | None:
-        return cls.TORCH_MODEL if value == "hf-model" else None  # manifests written before 0.2
+        return cls.TORCH_MODEL if value == "hf-model" else None  # manifests written before image models
 
 
 class _Strict(BaseModel):
@@ -54,7 +54,7 @@ class DataConfig(_Strict):
 
 
 class _TrainingConfig(_Strict):
-    """Budget and optimizer settings shared by the training stages; hf-model in, hf-model out."""
+    """Budget and optimizer settings shared by the training stages; torch-model in, torch-model out."""
 
     max_steps: int = Field(400, ge=1)
     batch_size: int = Field(32, ge=1)

@@ -114,6 +114,30 @@ def load_module(folder: Path) -> Any:
     return model.eval()
 
 
-def module_meta(factory: str, kwargs: dict[str, Any], input_shape: tuple[int, ...]) -> dict[str, Any]:
-    """The edgepipe.json fields that let `load_module` rebuild a module."""
-    return {"module": {"factory": factory, "kwargs": kwargs}, "input": {"shape": list(input_shape)}}
+def save_module(
+    model: Any,
+    folder: Path,
+    *,
+    factory: str,
+    kwargs: dict[str, Any],
+    input_shape: tuple[int, ...],
+    labels: list[str],
+    **extra: Any,
+) -> None:
+    """Write `model.safetensors` and the edgepipe.json that lets `load_module` rebuild it.
+
+    `folder` is new and inside a stage's temporary folder, which the runner renames when complete."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS_FILE))
+    meta = {
+        "task": "image-classification",
+        "labels": labels,
+        "precision": "fp32",
+        "format": MODULE_FORMAT,
+        "module": {"factory": factory, "kwargs": kwargs},
+        "input": {"shape": list(input_shape)},
+        **extra,
+    }
+    (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")

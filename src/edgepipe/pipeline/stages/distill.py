@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from edgepipe.errors import InputError
@@ -91,6 +92,47 @@ def history_metrics(history: dict[str, list[float]]) -> dict[str, float]:
         if values:
             metrics[f"{name}_start"], metrics[f"{name}_end"] = loss_window(values)
     return metrics
+
+
+@dataclass(frozen=True)
+class DistillRun:
+    """What a finished distillation loop measured (text and image alike)."""
+
+    train_s: float
+    val_accuracy: float
+    teacher_val: float
+    mapping: dict[int, int]
+    teacher_logits_reused: bool
+    final_temperature: float
+    history: dict[str, list[float]]
+
+
+def distill_result(
+    student: Any, teacher: Any, out: Any, cfg: DistillConfig, ctx: StageContext, run: DistillRun
+) -> StageResult:
+    """The student artifact and the stage's metrics."""
+    log.info(
+        "distill: %d steps in %.0f s, student val %.4f, teacher val %.4f",
+        cfg.max_steps,
+        run.train_s,
+        run.val_accuracy,
+        run.teacher_val,
+    )
+    metrics: dict[str, Any] = {
+        "steps": cfg.max_steps,
+        "train_seconds": round(run.train_s, 2),
+        "val_accuracy": run.val_accuracy,
+        "teacher_val_accuracy": run.teacher_val,
+        "retention": round(run.val_accuracy / run.teacher_val, 4) if run.teacher_val else None,
+        "student_parameters": sum(p.numel() for p in student.parameters()),
+        "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
+        "layer_map": {str(s): t for s, t in run.mapping.items()},
+        "teacher_logits_reused": run.teacher_logits_reused,
+        "world_size": ctx.world.size,
+        "final_temperature": run.final_temperature,
+        **history_metrics(run.history),
+    }
+    return StageResult([Artifact(cfg.name, ArtifactKind.TORCH_MODEL, out, "fp32")], metrics)
 
 
 def _selected(states: tuple[Any, ...], layers: list[int]) -> list[Any]:
@@ -187,31 +229,11 @@ def run_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx: S
 
     val_accuracy = evaluate(student, tokenizer, ctx.data.val, cfg.max_seq_len, cfg.eval_batch_size)
     teacher_val = evaluate(teacher, tokenizer, ctx.data.val, cfg.max_seq_len, cfg.eval_batch_size)
-    log.info(
-        "distill: %d steps in %.0f s, student val %.4f, teacher val %.4f",
-        cfg.max_steps,
-        train_s,
-        val_accuracy,
-        teacher_val,
-    )
     out_dir = ctx.stage_dir / "model"
     save_model(student, tokenizer, out_dir, ctx)
     if projections is not None:
         from safetensors.torch import save_file
 
         save_file(projections.state_dict(), str(ctx.stage_dir / "hidden_projections.safetensors"))
-    metrics: dict[str, Any] = {
-        "steps": cfg.max_steps,
-        "train_seconds": round(train_s, 2),
-        "val_accuracy": val_accuracy,
-        "teacher_val_accuracy": teacher_val,
-        "retention": round(val_accuracy / teacher_val, 4) if teacher_val else None,
-        "student_parameters": sum(p.numel() for p in student.parameters()),
-        "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
-        "layer_map": {str(s): t for s, t in mapping.items()},
-        "teacher_logits_reused": reused,
-        "world_size": ctx.world.size,
-        "final_temperature": temperature,
-    }
-    metrics.update(history_metrics(history))
-    return StageResult([Artifact(cfg.name, ArtifactKind.TORCH_MODEL, out_dir, "fp32")], metrics)
+    run = DistillRun(train_s, val_accuracy, teacher_val, mapping, reused, temperature, history)
+    return distill_result(student, teacher, out_dir, cfg, ctx, run)

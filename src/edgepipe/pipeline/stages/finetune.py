@@ -15,7 +15,7 @@ from edgepipe.pipeline.stages.training import (
     batches,
     encode,
     evaluate,
-    loss_window,
+    finetune_result,
     optimizer_and_schedule,
     save_model,
 )
@@ -77,15 +77,4 @@ def run_finetune(inputs: dict[ArtifactKind, Artifact], cfg: FinetuneConfig, ctx:
     log.info("finetune: %d steps in %.0f s, val accuracy %.4f", cfg.max_steps, train_s, val_accuracy)
 
     save_model(model, tokenizer, out, ctx)
-    start, end = loss_window(losses)
-    metrics = {
-        "steps": cfg.max_steps,
-        "epochs": round(cfg.max_steps * cfg.batch_size / len(train), 3),
-        "train_loss_start": start,
-        "train_loss_end": end,
-        "val_accuracy": val_accuracy,
-        "train_seconds": round(train_s, 2),
-        "world_size": ctx.world.size,
-        "parameters": sum(p.numel() for p in model.parameters()),
-    }
-    return StageResult([Artifact("teacher", ArtifactKind.TORCH_MODEL, out, "fp32")], metrics)
+    return finetune_result(model, out, cfg, ctx, losses, val_accuracy, train_s)

@@ -15,20 +15,21 @@ from typing import Any
 import numpy as np
 
 from edgepipe.errors import InputError
-from edgepipe.pipeline.artifacts import Artifact, write_meta
+from edgepipe.pipeline.artifacts import Artifact
 from edgepipe.pipeline.data import Split
 from edgepipe.pipeline.models import module_spec
-from edgepipe.pipeline.recipe import ArtifactKind, DistillConfig, FinetuneConfig
+from edgepipe.pipeline.recipe import DistillConfig, FinetuneConfig
 from edgepipe.pipeline.stages import StageContext, StageResult
 from edgepipe.pipeline.stages.distill import (
     HISTORY_KEYS,
-    history_metrics,
+    DistillRun,
+    distill_result,
     logit_objective,
     record,
     teacher_logits,
 )
-from edgepipe.pipeline.stages.training import batches, loss_window, optimizer_and_schedule
-from edgepipe.runtime.modules import WEIGHTS_FILE, build_module, load_module, module_meta, read_module_meta
+from edgepipe.pipeline.stages.training import batches, finetune_result, optimizer_and_schedule
+from edgepipe.runtime.modules import build_module, load_module, read_module_meta, save_module
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +49,9 @@ def evaluate_module(model: Any, split: Split, batch_size: int) -> float:
     return float((module_logits(model, images, batch_size).argmax(-1).numpy() == split.labels).mean())
 
 
-def save_module(model: Any, out: Path, factory: str, kwargs: dict[str, Any], ctx: StageContext) -> None:
-    from safetensors.torch import save_file
-
-    out.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / WEIGHTS_FILE))
+def _save(model: Any, out: Path, factory: str, kwargs: dict[str, Any], ctx: StageContext) -> None:
     shape = ctx.data.input_shape or ()
-    meta = module_meta(factory, kwargs, shape)
-    write_meta(out, task=ctx.task, labels=ctx.data.label_names, precision="fp32", fmt="torch-module", **meta)
+    save_module(model, out, factory=factory, kwargs=kwargs, input_shape=shape, labels=ctx.data.label_names)
 
 
 def _check_labels(meta: dict[str, Any], ctx: StageContext, key: str) -> None:
@@ -67,9 +63,18 @@ def _check_labels(meta: dict[str, Any], ctx: StageContext, key: str) -> None:
 
 
 def _train(
-    model: Any, loss_fn: Any, params: list[Any], cfg: FinetuneConfig | DistillConfig, ctx: StageContext, desc: str
+    model: Any,
+    loss_fn: Any,
+    params: list[Any],
+    cfg: FinetuneConfig | DistillConfig,
+    ctx: StageContext,
+    desc: str,
+    outside: list[Any] | None = None,
 ) -> float:
-    """The shared loop: seeded batches sharded over the world, AdamW with warm-up, clipped gradients."""
+    """The shared loop: seeded batches sharded over the world, AdamW with warm-up, clipped gradients.
+
+    `outside`: trained parameters that are not in `model` (projections); DDP does not see them, so
+    their gradients are averaged over the world here."""
     import torch
     from tqdm.auto import tqdm
 
@@ -84,6 +89,8 @@ def _train(
         images = torch.from_numpy(np.asarray(train.take(index)))
         loss = loss_fn(trained, step, index, images, torch.from_numpy(train.labels[index]))
         loss.backward()
+        if outside:
+            ctx.world.average_gradients(outside)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
@@ -113,19 +120,8 @@ def run_image_finetune(source: Artifact, cfg: FinetuneConfig, ctx: StageContext)
     val_accuracy = evaluate_module(model, ctx.data.val, cfg.eval_batch_size)
     log.info("finetune: %d steps in %.0f s, val accuracy %.4f", cfg.max_steps, train_s, val_accuracy)
     out = ctx.stage_dir / "model"
-    save_module(model, out, meta["module"]["factory"], meta["module"]["kwargs"], ctx)
-    start, end = loss_window(losses)
-    metrics = {
-        "steps": cfg.max_steps,
-        "epochs": round(cfg.max_steps * cfg.batch_size / len(ctx.data.train), 3),
-        "train_loss_start": start,
-        "train_loss_end": end,
-        "val_accuracy": val_accuracy,
-        "train_seconds": round(train_s, 2),
-        "world_size": ctx.world.size,
-        "parameters": sum(p.numel() for p in model.parameters()),
-    }
-    return StageResult([Artifact("teacher", ArtifactKind.TORCH_MODEL, out, "fp32")], metrics)
+    _save(model, out, meta["module"]["factory"], meta["module"]["kwargs"], ctx)
+    return finetune_result(model, out, cfg, ctx, losses, val_accuracy, train_s)
 
 
 def _student(cfg: DistillConfig, ctx: StageContext, teacher_meta: dict[str, Any]) -> tuple[Any, str, dict[str, Any]]:
@@ -259,35 +255,15 @@ def run_image_distill(source: Artifact, cfg: DistillConfig, ctx: StageContext) -
         record(history, loss, terms, weights)
         return loss
 
-    params = list(student.parameters()) + (list(projections.parameters()) if projections else [])
-    train_s = _train(student, loss_fn, params, cfg, ctx, "distill")
+    extra = list(projections.parameters()) if projections is not None else []
+    train_s = _train(student, loss_fn, list(student.parameters()) + extra, cfg, ctx, "distill", outside=extra)
     for capture in captures:
         capture.close()
     if not ctx.writes:
         return StageResult([])
     val_accuracy = evaluate_module(student, ctx.data.val, cfg.eval_batch_size)
     teacher_val = evaluate_module(teacher, ctx.data.val, cfg.eval_batch_size)
-    log.info(
-        "distill: %d steps in %.0f s, student val %.4f, teacher val %.4f",
-        cfg.max_steps,
-        train_s,
-        val_accuracy,
-        teacher_val,
-    )
     out = ctx.stage_dir / "model"
-    save_module(student, out, factory, kwargs, ctx)
-    metrics: dict[str, Any] = {
-        "steps": cfg.max_steps,
-        "train_seconds": round(train_s, 2),
-        "val_accuracy": val_accuracy,
-        "teacher_val_accuracy": teacher_val,
-        "retention": round(val_accuracy / teacher_val, 4) if teacher_val else None,
-        "student_parameters": sum(p.numel() for p in student.parameters()),
-        "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
-        "layer_map": {str(s): t for s, t in mapping.items()},
-        "teacher_logits_reused": reused,
-        "world_size": ctx.world.size,
-        "final_temperature": temperature,
-        **history_metrics(history),
-    }
-    return StageResult([Artifact(cfg.name, ArtifactKind.TORCH_MODEL, out, "fp32")], metrics)
+    _save(student, out, factory, kwargs, ctx)
+    run = DistillRun(train_s, val_accuracy, teacher_val, mapping, reused, temperature, history)
+    return distill_result(student, teacher, out, cfg, ctx, run)

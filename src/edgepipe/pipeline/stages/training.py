@@ -57,6 +57,28 @@ def save_model(model: Any, tokenizer: Any, out: Path, ctx: StageContext) -> None
     write_meta(out, task=ctx.task, labels=ctx.data.label_names, precision="fp32", fmt="transformers")
 
 
+def finetune_result(
+    model: Any, out: Path, cfg: Any, ctx: StageContext, losses: list[float], val_accuracy: float, train_s: float
+) -> Any:
+    """The `teacher` artifact of a finetune stage and its metrics (text and image alike)."""
+    from edgepipe.pipeline.artifacts import Artifact
+    from edgepipe.pipeline.recipe import ArtifactKind
+    from edgepipe.pipeline.stages import StageResult
+
+    start, end = loss_window(losses)
+    metrics = {
+        "steps": cfg.max_steps,
+        "epochs": round(cfg.max_steps * cfg.batch_size / len(ctx.data.train), 3),
+        "train_loss_start": start,
+        "train_loss_end": end,
+        "val_accuracy": val_accuracy,
+        "train_seconds": round(train_s, 2),
+        "world_size": ctx.world.size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    return StageResult([Artifact("teacher", ArtifactKind.TORCH_MODEL, out, "fp32")], metrics)
+
+
 def loss_window(losses: list[float]) -> tuple[float, float]:
     """Mean loss over the first and the last few steps."""
     window = max(1, min(20, len(losses) // 4))
