@@ -193,6 +193,14 @@ class QuantizeConfig(_Strict):
     nodes_to_exclude: list[str] = Field(default_factory=list)
     preprocess: bool = Field(True, description="onnxruntime quant_pre_process before static quantization")
     calibration: CalibrationConfig | None = None
+    preset: Literal["auto", "ort-cpu-vnni", "ort-cpu-avx2", "ort-arm64", "tensorrt"] | None = Field(
+        None, description="target preset filling the settings left unset (auto: from this CPU's flags)"
+    )
+    sensitivity: bool = Field(False, description="measure each quantizable node alone against fp32 (report table)")
+    max_accuracy_drop: float | None = Field(
+        None, gt=0, le=1, description="fall back the most sensitive nodes to float until the val drop is met"
+    )
+    eval_examples: int = Field(500, ge=10, description="val examples for sensitivity and fallback")
 
     @model_validator(mode="after")
     def _calibration_only_for_static(self) -> QuantizeConfig:

@@ -206,6 +206,7 @@ def _run_stage(
         "duration_s": round(duration, 2),
         "world_size": world.size,
         "metrics": result.metrics,
+        "gate_failure": result.gate_failure,
         "artifacts": [a.to_json(paths.root) for a in artifacts],
         "files": files,
     }
@@ -391,6 +392,8 @@ def _build(recipe: Recipe, out: Path, force: bool, world: World) -> Path | None:
         manifest["stages"] = records
         if world.is_main:
             write_json(paths.manifest, manifest)
+        if record.get("gate_failure"):  # the stage kept its best result but missed its own budget
+            raise GateFailedError(f"{stage_dir.name}: {record['gate_failure']}")
     if not world.is_main:
         return None  # the benchmark and the gates are rank 0's
 

@@ -41,6 +41,9 @@ class StageContext:
 class StageResult:
     artifacts: list[Artifact]
     metrics: dict[str, Any] = field(default_factory=dict)
+    # set when the stage kept its best result but missed its own budget (accuracy-aware quantization):
+    # the runner records the stage, then stops with exit 3
+    gate_failure: str | None = None
 
 
 TRAINING_STAGES = ("finetune", "distill")  # the stages every torchrun rank runs

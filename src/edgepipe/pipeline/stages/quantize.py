@@ -2,7 +2,10 @@
 
 Static quantization runs as visible steps: pre-process (shape inference, auto_merge) -> collect
 activation ranges on the calibration split -> save them (a cached artifact keyed by model and
-calibration data) -> write the QDQ model from the saved ranges.
+calibration data) -> write the QDQ model from the saved ranges. A `preset` fills the settings the
+recipe leaves unset (`edgepipe.pipeline.presets`). With `sensitivity` each quantizable node is
+measured alone; with `max_accuracy_drop` the most sensitive nodes fall back to float until the
+validation accuracy is within budget (`edgepipe.pipeline.accuracy_aware`).
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from edgepipe.pipeline.artifacts import Artifact, config_hash, sha256_file, write_json, write_meta
+from edgepipe.pipeline import accuracy_aware
+from edgepipe.pipeline.artifacts import Artifact, config_hash, sha256_file, write_atomic, write_json, write_meta
 from edgepipe.pipeline.calibration import CalibrationSet, ImageCalibrationSet, ort_reader
+from edgepipe.pipeline.presets import PRESETS, select_preset
 from edgepipe.pipeline.recipe import ArtifactKind, CalibrationConfig, QuantizeConfig
 from edgepipe.pipeline.stages import StageContext, StageResult, register
 
@@ -33,6 +38,9 @@ STATIC_OP_TYPES = ["MatMul", "Gemm"]
 # int8 tensors then flow from one conv to the next without a dequantize between them.
 IMAGE_DYNAMIC_OP_TYPES = ["Conv", "MatMul", "Gemm"]
 IMAGE_STATIC_OP_TYPES: list[str] = []  # empty: onnxruntime's full list
+
+
+WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "Attention")  # sensitivity candidates when op_types is "all"
 
 
 def _default_op_types(mode: str, task: str) -> list[str]:
@@ -118,80 +126,176 @@ def _calibrate(
     return cached, {**info, "reused": False}
 
 
+def resolve_settings(cfg: QuantizeConfig, task: str, cpu_flags: list[str]) -> dict[str, Any]:
+    """The settings actually used: the recipe's explicit keys, else the preset's, else the defaults."""
+    explicit = cfg.model_fields_set
+    preset_name = select_preset(cpu_flags) if cfg.preset == "auto" else cfg.preset
+    preset = PRESETS[preset_name] if preset_name else None
+
+    def pick(key: str) -> Any:
+        return getattr(preset, key) if preset is not None and key not in explicit else getattr(cfg, key)
+
+    return {
+        "mode": cfg.mode,
+        "preset": preset_name,
+        "per_channel": pick("per_channel"),
+        "reduce_range": pick("reduce_range"),
+        "weight_type": pick("weight_type"),
+        "activation_type": pick("activation_type"),
+        "symmetric": bool(preset and preset.symmetric_activations),
+        "op_types": cfg.op_types or _default_op_types(cfg.mode, task),
+        "nodes_to_exclude": list(cfg.nodes_to_exclude),
+    }
+
+
+def _quantizer(model: Path, settings: dict[str, Any], ranges: Path | None) -> accuracy_aware.Quantizer:
+    """Writes `model` quantized with `settings`, extra nodes kept float, or only `include` quantized."""
+    import onnx
+    from onnxruntime.quantization import QuantFormat, quantize_dynamic, quantize_static
+
+    def write(exclude: list[str], include: list[str] | None, out: Path) -> None:
+        common = {
+            "op_types_to_quantize": settings["op_types"] or None,
+            "per_channel": settings["per_channel"],
+            "reduce_range": settings["reduce_range"],
+            "weight_type": _qtype(settings["weight_type"]),
+            "nodes_to_exclude": settings["nodes_to_exclude"] + exclude,
+            "nodes_to_quantize": include,
+        }
+        if settings["mode"] == "dynamic":
+            # fused graphs carry tensors without type info; onnxruntime needs a default to proceed
+            quantize_dynamic(model, out, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT}, **common)
+            return
+        symmetric = {"ActivationSymmetric": True, "WeightSymmetric": True} if settings["symmetric"] else {}
+        quantize_static(
+            model,
+            out,
+            calibration_data_reader=None,
+            calibration_cache_path=ranges,
+            quant_format=QuantFormat.QDQ,
+            activation_type=_qtype(settings["activation_type"]),
+            calibrate_method=_method(settings.get("calibration", {}).get("method", "minmax")),
+            extra_options=symmetric,
+            **common,
+        )
+
+    return write
+
+
+def _eval_feeds(source: Path, cfg: QuantizeConfig, ctx: StageContext, input_names: tuple[str, ...]) -> list[Any]:
+    """Validation batches for sensitivity and fallback (every example, none dropped)."""
+    inputs = ctx.data.val.inputs[: cfg.eval_examples]
+    if isinstance(inputs, np.ndarray):
+        return [{input_names[0]: inputs[i : i + 32]} for i in range(0, len(inputs), 32)]
+    from transformers import AutoTokenizer
+
+    return list(CalibrationSet(list(inputs), AutoTokenizer.from_pretrained(source), input_names, 32, 128))
+
+
+def _candidates(model: Path, settings: dict[str, Any]) -> list[tuple[str, str]]:
+    import onnx
+
+    kinds = set(settings["op_types"] or WEIGHT_OPS)
+    graph = onnx.load(str(model), load_external_data=False).graph
+    return [
+        (n.name, n.op_type)
+        for n in graph.node
+        if n.op_type in kinds and n.name and n.name not in settings["nodes_to_exclude"]
+    ]
+
+
+def _sensitivity_markdown(rows: list[accuracy_aware.NodeSensitivity], fp32_accuracy: float) -> str:
+    lines = [
+        f"# Sensitivity: each node quantized alone (val, fp32 accuracy {100 * fp32_accuracy:.2f}%)",
+        "",
+        "| node | op | SQNR dB | MSE | argmax agreement | accuracy |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.node} | {r.op_type} | {r.sqnr_db:.1f} | {r.mse:.3g} | {r.argmax_agreement:.4f} | "
+            f"{100 * r.accuracy:.2f}% |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 @register("quantize")
 def run_quantize(inputs: dict[ArtifactKind, Artifact], cfg: QuantizeConfig, ctx: StageContext) -> StageResult:
     import onnx
-    from onnxruntime.quantization import QuantFormat, quant_pre_process, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import quant_pre_process
+
+    from edgepipe.runtime.host import host_info
 
     source = inputs[cfg.source_kind]
     out = ctx.stage_dir / cfg.artifact_name
     out.mkdir(parents=True)
     _copy_companions(source.path, out)
     src_model = source.path / "model.onnx"
-    settings: dict[str, Any] = {
-        "mode": cfg.mode,
-        "source": source.name,
-        "per_channel": cfg.per_channel,
-        "reduce_range": cfg.reduce_range,
-        "weight_type": cfg.weight_type,
-        "nodes_to_exclude": cfg.nodes_to_exclude,
-    }
-    op_types = cfg.op_types or _default_op_types(cfg.mode, ctx.task)
-    if cfg.mode == "dynamic":
-        quantize_dynamic(
-            src_model,
-            out / "model.onnx",
-            op_types_to_quantize=op_types,
-            per_channel=cfg.per_channel,
-            reduce_range=cfg.reduce_range,
-            weight_type=_qtype(cfg.weight_type),
-            nodes_to_exclude=cfg.nodes_to_exclude,
-            # fused graphs carry tensors without type info; onnxruntime needs a default to proceed
-            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-        )
-    else:
+    settings = resolve_settings(cfg, ctx.task, host_info()["cpu_flags"])
+    settings["source"] = source.name
+    model, ranges = src_model, None
+    if cfg.mode == "static":
         calibration = cfg.calibration or CalibrationConfig()
-        model = src_model
         if cfg.preprocess:
             model = ctx.stage_dir / ".preprocessed.onnx"
             # auto_merge: symbolic shape inference otherwise stops on the BERT export's dynamic axes
             quant_pre_process(str(src_model), str(model), auto_merge=True)
         input_names = tuple(i.name for i in onnx.load(str(model), load_external_data=False).graph.input)
         calib = _calibration_set(source.path, calibration, ctx, input_names)
-        ranges, calib_info = _calibrate(model, calibration, op_types, ctx, calib)
-        quantize_static(
-            model,
-            out / "model.onnx",
-            calibration_data_reader=None,
-            calibration_cache_path=ranges,
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=op_types or None,
-            per_channel=cfg.per_channel,
-            reduce_range=cfg.reduce_range,
-            activation_type=_qtype(cfg.activation_type),
-            weight_type=_qtype(cfg.weight_type),
-            nodes_to_exclude=cfg.nodes_to_exclude,
-            calibrate_method=_method(calibration.method),
+        ranges, calib_info = _calibrate(model, calibration, settings["op_types"], ctx, calib)
+        settings.update(calibration={**calibration.model_dump(), **calib_info}, preprocess=cfg.preprocess)
+    quantize = _quantizer(model, settings, ranges)
+    metrics: dict[str, Any] = {}
+    gate_failure = None
+    if cfg.sensitivity or cfg.max_accuracy_drop is not None:
+        input_names = tuple(i.name for i in onnx.load(str(src_model), load_external_data=False).graph.input)
+        feeds = _eval_feeds(source.path, cfg, ctx, input_names)
+        labels = ctx.data.val.labels[: cfg.eval_examples]
+        reference = accuracy_aware.run_model(src_model, feeds)
+        fp32_accuracy = float(np.mean(reference.argmax(-1) == labels))
+        rows = accuracy_aware.sensitivity(
+            quantize, _candidates(model, settings), feeds, labels, reference, ctx.stage_dir
         )
+        write_json(ctx.stage_dir / "sensitivity.json", [r.__dict__ for r in rows])
+        write_atomic(ctx.stage_dir / "sensitivity.md", _sensitivity_markdown(rows, fp32_accuracy))
+        metrics["most_sensitive"] = [r.__dict__ for r in rows[:5]]
+        if cfg.max_accuracy_drop is not None:
+            result = accuracy_aware.fallback(
+                quantize,
+                [r.node for r in rows],
+                feeds,
+                labels,
+                fp32_accuracy,
+                cfg.max_accuracy_drop,
+                out / "model.onnx",
+                ctx.stage_dir,
+            )
+            metrics["fallback"] = result.to_json()
+            settings["nodes_to_exclude"] = settings["nodes_to_exclude"] + result.excluded
+            if not result.met:
+                gate_failure = (
+                    f"`{cfg.artifact_name}`: no int8 model within max_accuracy_drop {cfg.max_accuracy_drop:g} on "
+                    f"val; the closest ({len(result.excluded)} node(s) in float) drops "
+                    f"{fp32_accuracy - result.accuracy:.4f} and is kept at {out / 'model.onnx'}"
+                )
+    if cfg.max_accuracy_drop is None:
+        quantize([], None, out / "model.onnx")
+    if model != src_model:
         model.unlink(missing_ok=True)
-        settings.update(
-            activation_type=cfg.activation_type,
-            calibration={**calibration.model_dump(), **calib_info},
-            preprocess=cfg.preprocess,
-        )
-    settings["op_types"] = op_types or "all (onnxruntime default)"
+    settings["op_types"] = settings["op_types"] or "all (onnxruntime default)"
     precision = f"int8-{cfg.mode}"
     source_meta = json.loads((source.path / "edgepipe.json").read_text(encoding="utf-8"))
     carried = {k: source_meta[k] for k in ("input",) if k in source_meta}
     write_meta(out, task=ctx.task, labels=ctx.data.label_names, precision=precision, fmt="onnx", **carried)
     write_json(ctx.stage_dir / "quantization.json", settings)
-    metrics = {
-        "settings": settings,
-        "op_counts": op_counts(out / "model.onnx"),
-        "size_mb_before": round(src_model.stat().st_size / 1e6, 2),
-        "size_mb_after": round((out / "model.onnx").stat().st_size / 1e6, 2),
-    }
-    return StageResult([Artifact(cfg.artifact_name, ArtifactKind.ONNX_INT8, out, precision)], metrics)
+    metrics.update(
+        settings=settings,
+        op_counts=op_counts(out / "model.onnx"),
+        size_mb_before=round(src_model.stat().st_size / 1e6, 2),
+        size_mb_after=round((out / "model.onnx").stat().st_size / 1e6, 2),
+    )
+    artifact = Artifact(cfg.artifact_name, ArtifactKind.ONNX_INT8, out, precision)
+    return StageResult([artifact], metrics, gate_failure=gate_failure)
 
 
 def _method(name: str) -> Any:
