@@ -53,6 +53,7 @@ class BenchSettings:
     eval_max_seq_len: int
     eval_max_examples: int | None
     cv_warn: float
+    profile: bool = False
     input_shape: tuple[int, ...] | None = None  # image models: (channels, height, width); None for text
 
     def describe_input(self, seq_len: int) -> str:
@@ -132,6 +133,27 @@ def _measure_target(
     return acc, stats, described
 
 
+def _profile(usable: dict[str, BenchItem], inputs: Inputs, settings: BenchSettings) -> dict[str, Any]:
+    """Per-op-type kernel time of every ONNX artifact at the first shape (outside the timed runs)."""
+    from edgepipe.runtime.profiling import op_type_profile
+
+    options = RuntimeOptions(
+        threads=settings.threads, denormal_as_zero=settings.denormal_as_zero, optimization=settings.graph_optimization
+    )
+    batch, seq_len = settings.batch_sizes[0], settings.seq_lens[0]
+    index = np.arange(batch) % len(inputs)
+    batch_inputs = inputs[index] if isinstance(inputs, np.ndarray) else [inputs[i] for i in index]
+    profiles = {}
+    for name, item in usable.items():
+        if item.model_format != "onnx":
+            continue
+        predictor = Predictor.load(item.path, options=item.options or options)
+        feeds = predictor.encode(batch_inputs, pad_to=seq_len)
+        profiles[name] = op_type_profile(item.path / "model.onnx", feeds, min(settings.runs, 30), options)
+        gc.collect()
+    return {"batch": batch, "seq_len": seq_len, "input": settings.describe_input(seq_len), "artifacts": profiles}
+
+
 def run_bench(
     items: list[BenchItem],
     inputs: Inputs,
@@ -143,6 +165,7 @@ def run_bench(
     if settings.eval_max_examples is not None:
         inputs, labels = inputs[: settings.eval_max_examples], labels[: settings.eval_max_examples]
     results: list[dict[str, Any]] = []
+    op_profile: dict[str, Any] | None = None
     skipped: list[dict[str, str]] = []
     warnings: list[str] = []
     for target in settings.targets:
@@ -157,6 +180,8 @@ def run_bench(
         if not usable:
             continue
         acc, stats, described = _measure_target(usable, target, inputs, labels, settings)
+        if settings.profile and target == "cpu":
+            op_profile = _profile(usable, inputs, settings)
         order = list(usable)
         for (name, shape), s in sorted(stats.items(), key=lambda kv: (kv[0][1], order.index(kv[0][0]))):
             batch, seq_len = cast(tuple[int, int], shape)
@@ -197,4 +222,5 @@ def run_bench(
         "results": results,
         "skipped": skipped,
         "warnings": warnings,
+        "op_profile": op_profile,
     }

@@ -40,6 +40,31 @@ def findings(report: dict[str, Any]) -> list[str]:
     return notes
 
 
+def _profile_table(profile: dict[str, Any] | None) -> list[str]:
+    """Op types as rows, artifacts as columns: where each artifact spends its time."""
+    if not profile or not profile["artifacts"]:
+        return []
+    names = list(profile["artifacts"])
+    ops = sorted(
+        {op for times in profile["artifacts"].values() for op in times},
+        key=lambda op: -max(t.get(op, 0.0) for t in profile["artifacts"].values()),
+    )
+    out = [
+        "",
+        f"## Where the time goes: ORT kernel time per op type (ms per run, batch {profile['batch']}, "
+        f"{profile['input']})",
+        "",
+        "| op type | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for op in ops:
+        cells = [f"{profile['artifacts'][n][op]:.3f}" if op in profile["artifacts"][n] else "" for n in names]
+        out.append(f"| {op} | " + " | ".join(cells) + " |")
+    totals = [f"**{sum(profile['artifacts'][n].values()):.3f}**" for n in names]
+    out.append("| **total** | " + " | ".join(totals) + " |")
+    return out
+
+
 def render_markdown(report: dict[str, Any], title: str, gate_lines: list[str] | None = None) -> str:
     machine, vers = report["machine"], report["versions"]
     out = [f"# edgepipe report: {title}", ""]
@@ -89,6 +114,7 @@ def render_markdown(report: dict[str, Any], title: str, gate_lines: list[str] | 
                 f"| {row['artifact']} | {lat['p50']:.2f} | {lat['p90']:.2f} | {lat['p99']:.2f} | "
                 f"{lat['mean']:.2f} ± {lat['std']:.2f} | {row['throughput_per_s']:.1f} | {speed} |"
             )
+    out += _profile_table(report.get("op_profile"))
     notes = findings(report)
     if notes or report["warnings"] or report["skipped"]:
         out += ["", "## Notes", ""]

@@ -247,6 +247,7 @@ class BenchConfig(_Strict):
     eval_max_examples: int | None = Field(None, ge=1)
     cv_warn: float = Field(0.15, gt=0, description="warn when std/mean of a latency exceeds this")
     include_torch: bool = Field(True, description="also measure the PyTorch fp32 model")
+    profile: bool = Field(False, description="ORT per-op-type kernel time of each ONNX artifact (first shape)")
 
     _check_len = field_validator("eval_max_seq_len")(_positive_seq_len)
 

@@ -65,18 +65,26 @@ class Backend(Protocol):
 _ORT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED"}
 
 
+def ort_session_options(options: RuntimeOptions) -> Any:
+    """onnxruntime SessionOptions for `options`: threads, optimization level, denormals."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = options.resolved_threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = getattr(
+        ort.GraphOptimizationLevel, _ORT_LEVELS.get(options.optimization, "ORT_ENABLE_ALL")
+    )
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.set_denormal_as_zero", "1" if options.denormal_as_zero else "0")
+    return so
+
+
 class _OrtSession:
     def __init__(self, path: Path, options: RuntimeOptions, provider: str) -> None:
         import onnxruntime as ort
 
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = options.resolved_threads
-        so.inter_op_num_threads = 1
-        so.graph_optimization_level = getattr(
-            ort.GraphOptimizationLevel, _ORT_LEVELS.get(options.optimization, "ORT_ENABLE_ALL")
-        )
-        so.log_severity_level = 3
-        so.add_session_config_entry("session.set_denormal_as_zero", "1" if options.denormal_as_zero else "0")
+        so = ort_session_options(options)
         if not path.is_file():
             raise InputError(f"ONNX model not found: {path}; rebuild the run with `edgepipe build --force`")
         try:
