@@ -42,6 +42,7 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_demo.py --out runs/demo --json runs/bench/demo.json
 	$(BIN)/python benchmarks/bench_runtime.py --run runs/demo --json runs/bench/runtime.json
+	$(BIN)/python benchmarks/bench_distill.py --json runs/bench/distill.json  # ~15 min: 4 students, 2 CNNs
 
 # Gate the demo run against a saved baseline run, both measured interleaved (A/B); exit 3 on a regression.
 # The first call saves the current demo run as the baseline.
