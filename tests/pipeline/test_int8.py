@@ -156,6 +156,12 @@ def test_missed_budget_is_exit_3_with_the_stage_kept(tmp_path: Path, monkeypatch
     assert main(["build", str(recipe), "--out", str(tmp_path / "run")]) == 3
     stage = tmp_path / "run" / "03-quantize"
     assert (stage / "int8-static" / "model.onnx").is_file() and (stage / "sensitivity.md").is_file()
+    assert (stage / "sensitivity.png").read_bytes()[:4] == b"\x89PNG"
+    # every quantizable weight op of the model is in the table (the CNN: its convolutions and the head)
+    graph = onnx.load(str(tmp_path / "run" / "02-export" / "fp32" / "model.onnx")).graph
+    weight_ops = [n for n in graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    rows = json.loads((stage / "sensitivity.json").read_text())
+    assert len(rows) == len(weight_ops) and len((stage / "sensitivity.md").read_text().splitlines()) == 4 + len(rows)
     record = json.loads((stage / "stage.json").read_text())
     assert "no int8 model within max_accuracy_drop 0.01" in record["gate_failure"]
     assert main(["build", str(recipe), "--out", str(tmp_path / "run")]) == 3

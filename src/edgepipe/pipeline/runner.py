@@ -412,8 +412,10 @@ def _build(recipe: Recipe, out: Path, force: bool, world: World) -> Path | None:
         report = json.loads(report_file.read_text(encoding="utf-8"))
         gate_lines = write_report(paths, recipe, report)
     elif any(not r["reused"] for r in records):
-        # Stages ran in this process: measure in a fresh one. Benchmarked right after fine-tuning in the
-        # same process, ORT fp32 ran 23% and static int8 31% slower than in a new process (RESULTS.md).
+        # Stages ran in this process: measure in a fresh one. Measured right after the stages, ORT fp32 ran
+        # 23% and static int8 31% slower: the parity check's and calibration's sessions had left the
+        # caller thread without flush-to-zero (now set per session, backends.set_caller_denormals); a
+        # fresh process also leaves behind whatever else training changed in this one (RESULTS.md).
         manifest.pop("bench", None)
         write_json(paths.manifest, manifest)
         _bench_in_subprocess(paths)

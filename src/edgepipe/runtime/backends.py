@@ -80,10 +80,27 @@ def ort_session_options(options: RuntimeOptions) -> Any:
     return so
 
 
+def set_caller_denormals(flush: bool) -> None:
+    """Flush-to-zero / denormals-are-zero on the calling thread, which runs part of every ORT call.
+
+    onnxruntime applies `session.set_denormal_as_zero` to its pool threads for every session, but to the
+    calling thread only for the first session created in the process (a `call_once`). Whatever ran first
+    (a parity check, onnxruntime.quantization's calibration or pre-processing, all with default options)
+    therefore decided it for every later session: fp32 ran 24% and static int8 29% slower after
+    quantization had run in the same process (benchmarks/RESULTS.md). Set it on the thread explicitly.
+    """
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return
+    torch.set_flush_denormal(flush)
+
+
 class _OrtSession:
     def __init__(self, path: Path, options: RuntimeOptions, provider: str) -> None:
         import onnxruntime as ort
 
+        set_caller_denormals(options.denormal_as_zero)
         so = ort_session_options(options)
         if not path.is_file():
             raise InputError(f"ONNX model not found: {path}; rebuild the run with `edgepipe build --force`")
@@ -137,6 +154,7 @@ class _TorchSession:
         from edgepipe.runtime.modules import is_module_folder, load_module
 
         torch.set_num_threads(options.resolved_threads)
+        set_caller_denormals(options.denormal_as_zero)  # the same floating-point mode as the ORT sessions
         self._torch = torch
         self._settings: dict[str, Any] = {
             "device": "cpu",

@@ -1,0 +1,150 @@
+"""int8 against its peers on the default recipe's model (the demo's distilled student), b1 s128.
+
+    python benchmarks/bench_int8.py --run runs/demo --json runs/bench/int8.json
+
+Side by side, one process, one artifact alive at a time, interleaved over 5 rounds: the student's ORT
+fp32 and fused fp32, edgepipe's static (QDQ) and dynamic int8 from the run, and the peers built here
+from the same fp32 model and the same 256 calibration sentences:
+
+- `ort-static-defaults`: `quantize_static` with onnxruntime's defaults (QDQ, every op, s8 activations
+  and weights, per tensor, MinMax), on the plain fp32 export after `quant_pre_process`;
+- `ort-dynamic-defaults`: `quantize_dynamic` with its defaults (every op it supports, per tensor s8);
+- `torch-dynamic-int8`: PyTorch's `torch.ao.quantization.quantize_dynamic` on the student's nn.Linear layers;
+- Optimum's `ORTQuantizer` is recorded as not installable beside our pins, with the reason (see `peers`).
+
+Accuracy is on the whole test split (1,275 reviews).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from edgepipe.benchmarks.harness import measure_interleaved
+from edgepipe.pipeline.calibration import CalibrationSet, ort_reader
+from edgepipe.pipeline.data import load_splits
+from edgepipe.pipeline.recipe import parse_recipe
+from edgepipe.runtime import Predictor
+
+OPTIMUM_REASON = (
+    "optimum-onnx 0.1.0 (the newest; ORTQuantizer lives there since optimum 2.0) declares transformers<4.58 and "
+    "optimum~=2.1, and with --no-deps its import fails on transformers 5.24.0: `cannot import name "
+    "'is_offline_mode' from 'transformers.utils'`"
+)
+
+
+class _TorchInt8Session:
+    """PyTorch dynamic int8 (nn.Linear -> quantized Linear) of a transformers folder, as a Session."""
+
+    def __init__(self, folder: Path, threads: int) -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification
+
+        torch.set_num_threads(threads)
+        model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+        self._model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        self._torch = torch
+        self.input_names = ("input_ids", "attention_mask", "token_type_ids")
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        with self._torch.inference_mode():
+            tensors = {k: self._torch.from_numpy(v) for k, v in feeds.items() if k in self.input_names}
+            return self._model(**tensors).logits.numpy()
+
+    def describe(self) -> dict[str, Any]:
+        return {"engine": "pytorch", "quantization": "torch.ao dynamic qint8 Linear"}
+
+
+def _peer_folders(fp32: Path, calibration: list[str], work: Path) -> dict[str, Path]:
+    """ORT's quantizers with their default settings, each in an artifact folder beside the fp32 companions."""
+    import onnx
+    from onnxruntime.quantization import QuantFormat, quant_pre_process, quantize_dynamic, quantize_static
+    from transformers import AutoTokenizer
+
+    folders = {}
+    for name in ("ort-static-defaults", "ort-dynamic-defaults"):
+        folder = work / name
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(fp32, folder)
+        folders[name] = folder
+    pre = work / "preprocessed.onnx"
+    quant_pre_process(str(fp32 / "model.onnx"), str(pre), auto_merge=True)
+    names = tuple(i.name for i in onnx.load(str(pre), load_external_data=False).graph.input)
+    calib = CalibrationSet(calibration, AutoTokenizer.from_pretrained(fp32), names, 16, 128)
+    quantize_static(pre, folders["ort-static-defaults"] / "model.onnx", ort_reader(calib), quant_format=QuantFormat.QDQ)
+    quantize_dynamic(fp32 / "model.onnx", folders["ort-dynamic-defaults"] / "model.onnx")
+    pre.unlink()
+    return folders
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, default=Path("runs/demo"))
+    parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--runs", type=int, default=100)
+    args = parser.parse_args(argv)
+    manifest = json.loads((args.run / "manifest.json").read_text())
+    recipe = parse_recipe(manifest["recipe"])
+    paths = {a["name"]: args.run / a["path"] for a in manifest["artifacts"]}
+    data = load_splits(recipe.data, recipe.seed, recipe.task)
+    texts, labels = list(data.test.inputs), data.test.labels
+    work = args.run.parent / f"{args.run.name}-int8-peers"
+    work.mkdir(exist_ok=True)
+    peers = _peer_folders(paths["fp32"], list(data.calibration.inputs[:256]), work)
+
+    loaders: dict[str, Callable[[], Predictor]] = {
+        name: (lambda p=paths[name]: Predictor.load(p))
+        for name in ("fp32", "fp32-fused", "int8-static", "int8-dynamic")
+    }
+    loaders.update({name: (lambda p=folder: Predictor.load(p)) for name, folder in peers.items()})
+
+    def torch_int8() -> Predictor:
+        base = Predictor.load(paths["fp32"])
+        return Predictor(_TorchInt8Session(paths["student"], 2), base.tokenizer, base.labels)
+
+    loaders["torch-dynamic-int8"] = torch_int8
+
+    accuracy = {}
+    for name, load in loaders.items():
+        accuracy[name] = float((load().logits(texts).argmax(-1) == labels).mean())
+
+    @contextmanager
+    def open_runners(name: str):  # type: ignore[no-untyped-def]
+        predictor = loaders[name]()
+        feeds = predictor.encode(texts[:1], pad_to=128)
+        yield {"b1s128": lambda: predictor.session.run(feeds)}
+
+    stats = measure_interleaved(list(loaders), open_runners, runs=args.runs, rounds=5, warmup_runs=5, warmup_s=0.5)
+    row = {n: {"p50_ms": round(stats[(n, "b1s128")].p50, 3), "cv": round(stats[(n, "b1s128")].cv, 3)} for n in loaders}
+    result = {
+        "fp32_acc": accuracy["fp32"],
+        "fp32_p50_ms": row["fp32"]["p50_ms"],
+        "fp32_fused_p50_ms": row["fp32-fused"]["p50_ms"],
+        "static": {**row["int8-static"], "acc": accuracy["int8-static"]},
+        "dynamic": {**row["int8-dynamic"], "acc": accuracy["int8-dynamic"]},
+        "peers": [
+            {"name": n, **row[n], "acc": accuracy[n]}
+            for n in ("ort-static-defaults", "ort-dynamic-defaults", "torch-dynamic-int8")
+        ]
+        + [{"name": "optimum-ortquantizer", "p50_ms": None, "acc": None, "not_run": OPTIMUM_REASON}],
+        "runs": args.runs,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
