@@ -10,7 +10,7 @@ from edgepipe.pipeline.recipe import parse_recipe
 from edgepipe.pipeline.runner import _gate
 
 
-@pytest.mark.parametrize("command", ["validate", "build", "bench"])
+@pytest.mark.parametrize("command", ["validate", "build", "bench", "search"])
 def test_help_shows_an_example(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([command, "--help"]) == 0
     assert f"edgepipe {command} " in capsys.readouterr().out

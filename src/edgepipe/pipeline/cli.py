@@ -1,4 +1,4 @@
-"""The `edgepipe` command line: validate, build, bench. `main(argv) -> int` is what tests call.
+"""The `edgepipe` command line: validate, build, bench, compare, search. `main(argv) -> int` is what tests call.
 
 Exit codes: 0 ok, 1 failure, 2 usage or input error, 3 a gate failed.
 """
@@ -33,6 +33,10 @@ EXAMPLES = {
         "  edgepipe bench runs/new --baseline runs/main   # A/B: both runs measured interleaved, then gated"
     ),
     "compare": ("example:\n  edgepipe compare baseline.json runs/demo/report.json --latency-floor 0.10"),
+    "search": (
+        "example:\n  edgepipe search src/edgepipe/recipes/default.yaml --latency-budget-ms 4 "
+        "--set 'search.student_layers=[1, 2, 3]' --out runs/search"
+    ),
 }
 
 
@@ -101,6 +105,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("baseline", type=Path)
     p.add_argument("current", type=Path)
     gate_options(p)
+
+    p = command("search", "Find the most accurate artifact whose p90 latency fits a budget (resumable).")
+    p.add_argument("recipe", type=Path)
+    p.add_argument("--latency-budget-ms", type=float, required=True, help="p90 budget at search.batch_size/seq_len")
+    p.add_argument("--target", default="cpu", help="where latency is measured (cpu)")
+    p.add_argument("--out", type=Path, default=None, help="search folder (default: runs/<recipe name>-search)")
+    p.add_argument("--set", dest="overrides", **overrides)  # type: ignore[arg-type]
     return parser
 
 
@@ -199,6 +210,16 @@ def _bench(args: argparse.Namespace) -> int:
     return _gate(args, stored, _read_report(report.with_suffix(".json")), args.baseline)
 
 
+def _search(args: argparse.Namespace) -> int:
+    from edgepipe.pipeline.recipe import load_recipe
+    from edgepipe.pipeline.search import search
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    out = args.out or Path("runs") / f"{recipe.name}-search"
+    print(f"report: {search(recipe, args.latency_budget_ms, out, args.target)}")
+    return 0
+
+
 def _compare(args: argparse.Namespace) -> int:
     return _gate(args, _read_report(args.baseline), _read_report(args.current), args.baseline)
 
@@ -212,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command not in ("validate", "compare"):
         _configure_logging(args.verbose)
     try:
-        commands = {"validate": _validate, "build": _build, "bench": _bench, "compare": _compare}
+        commands = {"validate": _validate, "build": _build, "bench": _bench, "compare": _compare, "search": _search}
         return commands[args.command](args)
     except EdgepipeError as error:
         log.debug("traceback of the error below", exc_info=True)  # shown with -v

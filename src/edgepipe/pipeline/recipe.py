@@ -260,6 +260,33 @@ class BenchConfig(_Strict):
         return values
 
 
+Int8Choice = Literal["none", "dynamic", "static"]
+INT8_CHOICES: tuple[Int8Choice, ...] = ("none", "dynamic", "static")
+
+
+class SearchConfig(_Strict):
+    """The knobs `edgepipe search` explores and how it measures each candidate."""
+
+    student_layers: list[int] = Field(
+        default_factory=list, description="depths tried for the recipe's distill stage (student.num_layers)"
+    )
+    int8: list[Int8Choice] = Field(
+        default_factory=lambda: list(INT8_CHOICES),
+        description="which artifact of each build is a candidate: fp32 (none) or the int8 models",
+    )
+    batch_size: int = Field(1, ge=1)
+    seq_len: int = Field(128, ge=1, description="text: tokens per example timed (images use their size)")
+    runs: int = Field(30, ge=5, description="timed runs per candidate; the budget applies to their p90")
+    eval_examples: int | None = Field(None, ge=10, description="val examples for accuracy (default all)")
+
+    @field_validator("student_layers")
+    @classmethod
+    def _depths(cls, values: list[int]) -> list[int]:
+        if any(v < 1 for v in values) or len(set(values)) != len(values):
+            raise ValueError(f"depths must be distinct and >= 1, got {values}")
+        return values
+
+
 class GatesConfig(_Strict):
     max_accuracy_drop: float | None = Field(
         None, ge=0, le=1, description="largest allowed accuracy drop (0.01 = 1 point) of the gated artifacts"
@@ -281,6 +308,7 @@ class Recipe(_Strict):
     stages: list[StageConfig] = Field(min_length=1)
     bench: BenchConfig = Field(default_factory=BenchConfig)
     gates: GatesConfig = Field(default_factory=GatesConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
 
     @model_validator(mode="after")
     def _dynamic_source(self) -> Recipe:

@@ -311,13 +311,15 @@ def prepare(recipe: Recipe, out: Path, world: World | None = None) -> tuple[RunP
     return paths, data, model_dir
 
 
-def build(recipe: Recipe, out: Path, *, force: bool = False) -> Path | None:
-    """Run every stage (or reuse it), benchmark, gate. Returns the path of report.md (None on ranks > 0)."""
+def build(recipe: Recipe, out: Path, *, force: bool = False, benchmark: bool = True) -> Path | None:
+    """Run every stage (or reuse it), benchmark, gate. Returns the path of report.md (None on ranks > 0).
+
+    `benchmark=False` stops after the stages (the search measures its own way) and returns the run folder."""
     world = join_world()
     if not world.is_main:
         logging.getLogger("edgepipe").setLevel(logging.WARNING)  # rank 0 tells the story
     try:
-        report = _build(recipe, out, force, world)
+        report = _build(recipe, out, force, world, benchmark)
     except BaseException:
         world.close(wait=False)
         raise
@@ -325,7 +327,7 @@ def build(recipe: Recipe, out: Path, *, force: bool = False) -> Path | None:
     return report
 
 
-def _build(recipe: Recipe, out: Path, force: bool, world: World) -> Path | None:
+def _build(recipe: Recipe, out: Path, force: bool, world: World, benchmark: bool = True) -> Path | None:
     paths, data, model_dir = prepare(recipe, out, world)
     manifest = _load_manifest(paths) if world.is_main else {}
     resolved = recipe.model_dump(mode="json")
@@ -401,6 +403,9 @@ def _build(recipe: Recipe, out: Path, force: bool, world: World) -> Path | None:
     hf = [a for a in produced if a.kind == ArtifactKind.TORCH_MODEL] or [current[ArtifactKind.TORCH_MODEL]]
     artifacts = [*hf, *[a for a in produced if a.kind != ArtifactKind.TORCH_MODEL]]
     manifest["artifacts"] = [a.to_json(paths.root) for a in artifacts]
+    if not benchmark:
+        write_json(paths.manifest, manifest)
+        return paths.root
     bench_key = config_hash([[a.fingerprint for a in artifacts], recipe.bench.model_dump(), data.fingerprint])
     report_file = paths.root / REPORT_JSON
     previous = manifest.get("bench", {})
