@@ -165,3 +165,23 @@ def test_missed_budget_is_exit_3_with_the_stage_kept(tmp_path: Path, monkeypatch
     record = json.loads((stage / "stage.json").read_text())
     assert "no int8 model within max_accuracy_drop 0.01" in record["gate_failure"]
     assert main(["build", str(recipe), "--out", str(tmp_path / "run")]) == 3
+
+
+@pytest.mark.parametrize(
+    ("preset", "zero_point_type", "symmetric"),
+    [("tensorrt", TensorProto.INT8, True), ("ort-cpu-vnni", TensorProto.UINT8, False)],
+)
+def test_preset_decides_the_qdq_types(outlier_model, tmp_path: Path, preset, zero_point_type, symmetric) -> None:  # type: ignore[no-untyped-def]
+    path, _, _, _, root = outlier_model
+    settings = resolve_settings(_quantize_cfg(preset=preset, op_types=["MatMul"]), "text-classification", [])
+    out = tmp_path / "q.onnx"
+    _quantizer(path, settings, root / "ranges.json")([], None, out)
+    model = onnx.load(str(out))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    activations = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert activations  # activations of mm1 and mm2 (inputs and outputs)
+    zero_points = [inits[n.input[2]] for n in activations]
+    assert {int(i.data_type) for i in model.graph.initializer if i.name in {n.input[2] for n in activations}} == {
+        zero_point_type
+    }
+    assert all(int(z) == 0 for z in zero_points) == symmetric
