@@ -139,6 +139,29 @@ class DistillConfig(_TrainingConfig):
     lr: float = Field(1e-4, gt=0)
 
 
+class PruneConfig(_Strict):
+    """Structured pruning of FFN neurons (the intermediate width) of a BERT-family text model."""
+
+    kind: Literal["prune"]
+    ffn_ratio: float = Field(gt=0, lt=1, description="fraction of each layer's FFN neurons removed")
+    importance: Literal["magnitude", "taylor"] = Field(
+        "taylor", description="magnitude: weight norms; taylor: |w * dL/dw| summed over train batches"
+    )
+    round_to: int = Field(8, ge=1, description="kept width is a multiple of this (odd widths run slowly)")
+    samples: int = Field(256, ge=8, description="train examples for the taylor importance")
+    batch_size: int = Field(32, ge=1)
+    max_seq_len: int = Field(64, description="tokens per example for the taylor importance")
+    eval_batch_size: int = Field(64, ge=1)
+
+    _check_len = field_validator("max_seq_len")(_positive_seq_len)
+
+    def consumes(self) -> tuple[ArtifactKind, ...]:
+        return (ArtifactKind.TORCH_MODEL,)
+
+    def produces(self) -> tuple[ArtifactKind, ...]:
+        return (ArtifactKind.TORCH_MODEL,)
+
+
 class ExportConfig(_Strict):
     kind: Literal["export"]
     opset: int = Field(17, ge=17, le=21)
@@ -224,7 +247,9 @@ class QuantizeConfig(_Strict):
         return (ArtifactKind.ONNX_INT8,)
 
 
-StageConfig = Annotated[FinetuneConfig | DistillConfig | ExportConfig | QuantizeConfig, Field(discriminator="kind")]
+StageConfig = Annotated[
+    FinetuneConfig | DistillConfig | PruneConfig | ExportConfig | QuantizeConfig, Field(discriminator="kind")
+]
 
 
 class BenchConfig(_Strict):
@@ -330,7 +355,7 @@ class Recipe(_Strict):
         return self
 
 
-STAGE_KINDS = ("finetune", "distill", "export", "quantize")
+STAGE_KINDS = ("finetune", "distill", "prune", "export", "quantize")
 IMAGE_TASK = "image-classification"
 
 
@@ -341,6 +366,11 @@ def task_problems(recipe: Recipe) -> list[str]:
     for i, stage in enumerate(recipe.stages):
         if image and isinstance(stage, ExportConfig) and stage.fuse:
             problems.append(f"`stages.{i}.fuse`: transformer fusion applies to text models; set fuse: false")
+        if image and isinstance(stage, PruneConfig):
+            problems.append(
+                f"`stages.{i}` (prune): supports BERT-family text models for now (FFN neurons); "
+                "CNN channel pruning is not built yet"
+            )
         if image and isinstance(stage, FinetuneConfig) and not stage.train_encoder:
             problems.append(f"`stages.{i}.train_encoder`: applies to text models; image models train whole")
         if isinstance(stage, DistillConfig):

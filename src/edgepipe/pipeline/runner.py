@@ -38,13 +38,14 @@ from edgepipe.pipeline.recipe import (
     IMAGE_TASK,
     ArtifactKind,
     DistillConfig,
+    PruneConfig,
     Recipe,
     dump_recipe,
     parse_recipe,
     task_problems,
 )
 from edgepipe.pipeline.stages import TRAINING_STAGES
-from edgepipe.pipeline.students import student_problems, student_shape
+from edgepipe.pipeline.students import SUBSET_MODEL_TYPES, student_problems, student_shape
 from edgepipe.runtime.host import git_commit, host_info, versions
 from edgepipe.runtime.predictor import model_labels
 
@@ -80,6 +81,17 @@ def check_students(recipe: Recipe) -> list[str]:
         if isinstance(stage, DistillConfig):
             problems += student_problems(stage, config, f"stages.{i}")
             config = {**config, **student_shape(stage, config)}  # a later distill starts from this student
+        elif isinstance(stage, PruneConfig):
+            if config.get("model_type") not in SUBSET_MODEL_TYPES:
+                problems.append(
+                    f"`stages.{i}` (prune): model_type {config.get('model_type')!r} is not supported; "
+                    f"supported: {', '.join(SUBSET_MODEL_TYPES)}"
+                )
+            if stage.round_to > int(config["intermediate_size"]):
+                problems.append(
+                    f"`stages.{i}.round_to`: {stage.round_to} is larger than the FFN width "
+                    f"{config['intermediate_size']}; use a smaller multiple"
+                )
     return problems
 
 
