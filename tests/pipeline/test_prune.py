@@ -81,7 +81,15 @@ def test_prune_stage_in_a_run_with_taylor_importance(tmp_path: Path, tiny_model_
     raw = tiny_recipe(tiny_model_dir, rt_csv)
     raw["stages"] = [
         {**raw["stages"][0], "max_steps": 20},
-        {"kind": "prune", "ffn_ratio": 0.5, "importance": "taylor", "samples": 32, "batch_size": 16},
+        {
+            "kind": "prune",
+            "ffn_ratio": 0.5,
+            "importance": "taylor",
+            "samples": 32,
+            "batch_size": 16,
+            "iterations": 2,
+            "recover": {"max_steps": 8, "batch_size": 16, "lr": 1e-3},
+        },
         {"kind": "export", "fuse": False},
     ]
     raw["bench"]["batch_sizes"] = [1]
@@ -89,6 +97,9 @@ def test_prune_stage_in_a_run_with_taylor_importance(tmp_path: Path, tiny_model_
     assert main(["build", str(write_recipe(tmp_path / "r.yaml", raw)), "--out", str(run)]) == 0
     metrics = json.loads((run / "02-prune" / "metrics.json").read_text())
     assert (metrics["ffn_before"], metrics["ffn_after"]) == (64, 32)
+    assert [i["ffn"] for i in metrics["iterations"]] == [48, 32]  # half the way, recover, the rest
+    assert all("val_accuracy_recovered" in i and i["recover_loss_end"] > 0 for i in metrics["iterations"])
+    assert all(len(k) == 32 and len(set(k)) == 32 and max(k) < 64 for k in metrics["kept_neurons"])
     assert metrics["params_after"] < metrics["params_before"]
     assert metrics["macs_per_token_after"] < metrics["macs_per_token_before"]
     config = json.loads((run / "02-prune" / "model" / "config.json").read_text())

@@ -139,6 +139,19 @@ class DistillConfig(_TrainingConfig):
     lr: float = Field(1e-4, gt=0)
 
 
+class RecoverConfig(_Strict):
+    """Fine-tuning after pruning with KD from the unpruned model (the distill stage's logit objective)."""
+
+    max_steps: int = Field(200, ge=1, description="steps per pruning iteration")
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    temperature: float = Field(2.0, gt=0)
+    adaptive: Literal["none", "anneal", "wsl"] = "none"
+    loss: LossWeights = Field(default_factory=LossWeights)
+
+
 class PruneConfig(_Strict):
     """Structured pruning of FFN neurons (the intermediate width) of a BERT-family text model."""
 
@@ -152,6 +165,8 @@ class PruneConfig(_Strict):
     batch_size: int = Field(32, ge=1)
     max_seq_len: int = Field(64, description="tokens per example for the taylor importance")
     eval_batch_size: int = Field(64, ge=1)
+    recover: RecoverConfig | None = Field(None, description="KD fine-tuning from the unpruned model after pruning")
+    iterations: int = Field(1, ge=1, le=10, description="prune part of the way, recover, repeat")
 
     _check_len = field_validator("max_seq_len")(_positive_seq_len)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from edgepipe.errors import InputError
 from edgepipe.pipeline.artifacts import Artifact, config_hash
-from edgepipe.pipeline.recipe import ArtifactKind, DistillConfig
+from edgepipe.pipeline.recipe import ArtifactKind, DistillConfig, RecoverConfig
 from edgepipe.pipeline.stages import StageContext, StageResult, register
 from edgepipe.pipeline.stages.training import (
     batches,
@@ -59,7 +59,7 @@ HISTORY_KEYS = ("loss_total", "loss_ce", "loss_kd", "loss_hidden", "loss_attenti
 
 
 def logit_objective(
-    cfg: DistillConfig, step: int, logits: Any, t_logits: Any, labels: Any
+    cfg: DistillConfig | RecoverConfig, step: int, logits: Any, t_logits: Any, labels: Any
 ) -> tuple[Any, dict, Any, float]:
     """ce * CE + kd * KD (per-sample weighted under wsl, temperature annealed under anneal).
 

@@ -8,6 +8,9 @@ the pruned model reloads with a plain `from_pretrained`), chosen per layer by im
 Pruning a neuron equals masking it (zero output) exactly: the kept neurons' weights are copied as
 they are. The kept width is rounded down to a multiple of `round_to`.
 
+`recover` fine-tunes the pruned model with the distill stage's logit objective (CE + KD from the
+unpruned model, optional anneal/wsl); `iterations: N` prunes 1/N of the way, recovers, and repeats.
+
 Attention heads are not pruned: transformers 5 dropped `prune_heads`/`pruned_heads` and derives the
 head size from hidden_size / num_attention_heads, so a head-pruned BERT would not reload plainly.
 """
@@ -21,7 +24,14 @@ from edgepipe.errors import InputError
 from edgepipe.pipeline.artifacts import Artifact
 from edgepipe.pipeline.recipe import ArtifactKind, PruneConfig
 from edgepipe.pipeline.stages import StageContext, StageResult, register
-from edgepipe.pipeline.stages.training import batches, encode, evaluate, save_model
+from edgepipe.pipeline.stages.training import (
+    batches,
+    encode,
+    evaluate,
+    loss_window,
+    optimizer_and_schedule,
+    save_model,
+)
 from edgepipe.pipeline.students import SUBSET_MODEL_TYPES
 
 log = logging.getLogger(__name__)
@@ -87,6 +97,36 @@ def ffn_macs_per_token(config: Any) -> int:
     return layers * (4 * hidden * hidden + 2 * hidden * ffn)
 
 
+def recover(model: Any, teacher: Any, tokenizer: Any, cfg: PruneConfig, ctx: StageContext, seed: int) -> list[float]:
+    """KD fine-tuning of the pruned model from the unpruned one; returns the loss per step."""
+    import torch
+
+    from edgepipe.pipeline.stages.distill import logit_objective
+
+    spec = cfg.recover
+    assert spec is not None  # checked by the caller
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, schedule = optimizer_and_schedule(params, spec.lr, spec.weight_decay, spec.warmup_ratio, spec.max_steps)
+    train = ctx.data.train
+    losses = []
+    model.train()
+    for step, index in enumerate(batches(len(train), spec.batch_size, spec.max_steps, seed)):
+        enc = encode(tokenizer, list(train.take(index)), cfg.max_seq_len)
+        with torch.no_grad():
+            t_logits = teacher(**enc).logits
+        loss, _, _, _ = logit_objective(
+            spec, step, model(**enc).logits, t_logits, torch.from_numpy(train.labels[index])
+        )
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
 @register("prune")
 def run_prune(inputs: dict[ArtifactKind, Artifact], cfg: PruneConfig, ctx: StageContext) -> StageResult:
     import torch
@@ -103,29 +143,45 @@ def run_prune(inputs: dict[ArtifactKind, Artifact], cfg: PruneConfig, ctx: Stage
     if cfg.round_to > width:
         raise InputError(f"`round_to`: {cfg.round_to} is larger than the FFN width {width}; use a smaller multiple")
     tokenizer = AutoTokenizer.from_pretrained(source)
+    teacher = AutoModelForSequenceClassification.from_pretrained(source).eval() if cfg.recover else None
     params_before = sum(p.numel() for p in model.parameters())
     macs_before = ffn_macs_per_token(model.config)
     acc_before = evaluate(model, tokenizer, ctx.data.val, cfg.max_seq_len, cfg.eval_batch_size)
-    torch.manual_seed(ctx.seed)
-    scores = magnitude_scores(model) if cfg.importance == "magnitude" else taylor_scores(model, tokenizer, cfg, ctx)
-    count = kept_width(width, cfg.ffn_ratio, cfg.round_to)
-    keep = [torch.sort(torch.topk(s, count).indices).values for s in scores]
-    prune_ffn(model, keep)
-    acc_after = evaluate(model, tokenizer, ctx.data.val, cfg.max_seq_len, cfg.eval_batch_size)
+    history = []
+    kept_total: list[Any] = [torch.arange(width) for _ in ffn_layers(model)]
+    for iteration in range(1, cfg.iterations + 1):
+        torch.manual_seed(ctx.seed + iteration)
+        scores = magnitude_scores(model) if cfg.importance == "magnitude" else taylor_scores(model, tokenizer, cfg, ctx)
+        count = kept_width(width, cfg.ffn_ratio * iteration / cfg.iterations, cfg.round_to)
+        keep = [torch.sort(torch.topk(s, count).indices).values for s in scores]
+        prune_ffn(model, keep)
+        kept_total = [previous[k] for previous, k in zip(kept_total, keep, strict=True)]
+        entry: dict[str, Any] = {
+            "ffn": count,
+            "val_accuracy_pruned": evaluate(model, tokenizer, ctx.data.val, cfg.max_seq_len, cfg.eval_batch_size),
+        }
+        if teacher is not None:
+            losses = recover(model, teacher, tokenizer, cfg, ctx, ctx.seed + iteration)
+            entry["recover_loss_start"], entry["recover_loss_end"] = loss_window(losses)
+            entry["val_accuracy_recovered"] = evaluate(
+                model, tokenizer, ctx.data.val, cfg.max_seq_len, cfg.eval_batch_size
+            )
+        history.append(entry)
+        log.info("prune: iteration %d, FFN %d -> %d per layer: %s", iteration, width, count, entry)
     out = ctx.stage_dir / "model"
     save_model(model, tokenizer, out, ctx)
-    params_after = sum(p.numel() for p in model.parameters())
-    log.info("prune: FFN %d -> %d per layer, val accuracy %.4f -> %.4f", width, count, acc_before, acc_after)
     metrics = {
         "importance": cfg.importance,
         "ffn_before": width,
-        "ffn_after": count,
-        "kept_neurons": [k.tolist() for k in keep],
+        "ffn_after": model.config.intermediate_size,
+        "kept_neurons": [k.tolist() for k in kept_total],
         "params_before": params_before,
-        "params_after": params_after,
+        "params_after": sum(p.numel() for p in model.parameters()),
         "macs_per_token_before": macs_before,
         "macs_per_token_after": ffn_macs_per_token(model.config),
         "val_accuracy_before": acc_before,
-        "val_accuracy_pruned": acc_after,
+        "val_accuracy_pruned": history[-1]["val_accuracy_pruned"],
+        "val_accuracy_recovered": history[-1].get("val_accuracy_recovered"),
+        "iterations": history,
     }
     return StageResult([Artifact("pruned", ArtifactKind.TORCH_MODEL, out, "fp32")], metrics)
