@@ -43,6 +43,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_demo.py --out runs/demo --json runs/bench/demo.json
 	$(BIN)/python benchmarks/bench_runtime.py --run runs/demo --json runs/bench/runtime.json
 	$(BIN)/python benchmarks/bench_distill.py --json runs/bench/distill.json  # ~15 min: 4 students, 2 CNNs
+	$(BIN)/python benchmarks/bench_int8.py --run runs/demo --json runs/bench/int8.json  # ~4 min: int8 vs peers
+	$(BIN)/python benchmarks/bench_prune.py --json runs/bench/prune.json  # ~5 min: FFN ratios 0.3, 0.5
+	$(BIN)/python benchmarks/bench_search.py --json runs/bench/search.json  # ~5 min: depth x int8 under budget
 
 # Gate the demo run against a saved baseline run, both measured interleaved (A/B); exit 3 on a regression.
 # The first call saves the current demo run as the baseline.
