@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from edgepipe.pipeline.artifacts import write_json
 from edgepipe.pipeline.cli import main as edgepipe
 from edgepipe.pipeline.recipe import default_recipe_path
 
@@ -87,8 +88,7 @@ def run(argv: list[str] | None = None) -> int:
     report = json.loads((args.out / "report.json").read_text())
     summary = summarize(report)
     summary.update(build_s=round(build_s, 1), bench_s=report.get("bench_seconds"), gates=report.get("gates"))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(args.json, summary)  # atomic, creates the folder
     print(markdown(summary))
     return code
 

@@ -28,6 +28,7 @@ import yaml
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from edgepipe.benchmarks.harness import measure_interleaved
+from edgepipe.pipeline.artifacts import write_json
 from edgepipe.pipeline.cli import main as edgepipe
 from edgepipe.pipeline.data import load_splits
 from edgepipe.pipeline.recipe import parse_recipe
@@ -132,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": metrics["steps"],
         "cnn": _cnn(args.out / "cnn"),
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)  # atomic, creates the folder
     print(json.dumps(result, indent=2))
     return 0
 

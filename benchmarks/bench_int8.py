@@ -32,6 +32,7 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from edgepipe.benchmarks.harness import measure_interleaved
+from edgepipe.pipeline.artifacts import write_json
 from edgepipe.pipeline.calibration import CalibrationSet, ort_reader
 from edgepipe.pipeline.data import load_splits
 from edgepipe.pipeline.recipe import parse_recipe
@@ -140,8 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         + [{"name": "optimum-ortquantizer", "p50_ms": None, "acc": None, "not_run": OPTIMUM_REASON}],
         "runs": args.runs,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)  # atomic, creates the folder
     print(json.dumps(result, indent=2))
     return 0
 

@@ -23,6 +23,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from edgepipe.benchmarks.harness import measure_interleaved
+from edgepipe.pipeline.artifacts import write_json
 from edgepipe.pipeline.data import load_splits
 from edgepipe.pipeline.recipe import default_recipe_path, load_recipe, parse_recipe
 from edgepipe.pipeline.runner import build
@@ -87,8 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
     result = {"transformer": rows, "cnn": None, "accuracy_split": "val", "runs": args.runs}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)  # atomic, creates the folder
     print(json.dumps(result, indent=2))
     return 0
 

@@ -20,6 +20,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from edgepipe.benchmarks.harness import measure_interleaved
+from edgepipe.pipeline.artifacts import write_json
 from edgepipe.pipeline.data import load_splits
 from edgepipe.pipeline.recipe import parse_recipe
 from edgepipe.runtime import Predictor, RuntimeOptions
@@ -84,8 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             a: {"all_alive": row(crowded[(a, "x")]), "one_at_a_time": row(single[(a, "x")])} for a in artifacts
         },
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(out, indent=2) + "\n")
+    write_json(args.json, out)  # atomic, creates the folder
     print(json.dumps(out, indent=2))
     return 0
 

@@ -22,6 +22,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from edgepipe.benchmarks.harness import measure_interleaved
+from edgepipe.pipeline.artifacts import write_json
 from edgepipe.pipeline.cli import main as edgepipe
 from edgepipe.pipeline.data import load_splits
 from edgepipe.pipeline.recipe import default_recipe_path, load_recipe
@@ -88,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         "trials": trials,
         "wall_s": round(time.perf_counter() - started, 1),
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)  # atomic, creates the folder
     print(json.dumps({k: v for k, v in result.items() if k != "trials"}, indent=2))
     return 0
 

@@ -118,7 +118,7 @@ def fallback(
     """Keep the most sensitive nodes of `ranking` in float until accuracy is within `max_drop` of fp32."""
     trial = work_dir / "fallback-trial.onnx"
     trials: list[dict[str, Any]] = []
-    best: dict[str, Any] | None = None
+    best: dict[str, Any] = {"excluded": [], "accuracy": 0.0, "drop": float("inf"), "met": False}
     for k in fallback_steps(len(ranking)):
         excluded = ranking[:k]
         quantize(excluded, None, trial)
@@ -127,11 +127,10 @@ def fallback(
         met = drop <= max_drop + 1e-12
         trials.append({"excluded": k, "accuracy": accuracy, "drop": round(drop, 5), "met": met})
         log.info("fallback: %d node(s) in float -> accuracy %.4f (drop %.4f)", k, accuracy, drop)
-        if best is None or met or drop < best["drop"]:
+        if met or drop < best["drop"]:
             best = {"excluded": excluded, "accuracy": accuracy, "drop": drop, "met": met}
             shutil.copyfile(trial, out)  # the best model so far is always at `out`
         if met:
             break
     trial.unlink(missing_ok=True)
-    assert best is not None  # fallback_steps always has the step 0
     return FallbackResult(best["met"], fp32_accuracy, best["accuracy"], best["excluded"], trials)

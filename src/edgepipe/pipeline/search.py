@@ -215,8 +215,8 @@ def search(recipe: Recipe, budget_ms: float, out: Path, target: str = "cpu") -> 
         log.info("search %d/%d: %s (%d candidate(s) to measure)", step, len(depths), prefix, len(todo))
         if not todo:
             continue
-        run = build(with_depth(recipe, depth), out / prefix, benchmark=False)
-        assert run is not None  # the search runs in one process, rank 0
+        run = out / prefix
+        build(with_depth(recipe, depth), run, benchmark=False)
         manifest = json.loads((run / "manifest.json").read_text(encoding="utf-8"))
         by_precision = {a["precision"]: a["name"] for a in manifest["artifacts"] if a["kind"] != "torch-model"}
         names = {label: by_precision[PRECISION_OF[choice]] for label, choice in todo.items()}

@@ -25,6 +25,7 @@ from edgepipe.pipeline.stages.training import (
     evaluate,
     loss_window,
     optimizer_and_schedule,
+    optimizer_step,
     predict_logits,
     save_model,
 )
@@ -215,13 +216,8 @@ def run_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx: S
                     enc["attention_mask"],
                 )
                 loss = loss + cfg.loss.attention * terms["attention"]
-        loss.backward()
-        if projections is not None:
-            ctx.world.average_gradients(projections.parameters())
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+        extra = list(projections.parameters()) if projections is not None else []
+        optimizer_step(loss, params, optimizer, schedule, ctx.world, extra)
         record(history, loss, terms, weights)
     train_s = time.perf_counter() - started
     if not ctx.writes:

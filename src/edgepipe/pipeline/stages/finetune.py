@@ -17,6 +17,7 @@ from edgepipe.pipeline.stages.training import (
     evaluate,
     finetune_result,
     optimizer_and_schedule,
+    optimizer_step,
     save_model,
 )
 
@@ -63,11 +64,7 @@ def run_finetune(inputs: dict[ArtifactKind, Artifact], cfg: FinetuneConfig, ctx:
         index = ctx.world.shard(index)
         enc = encode(tokenizer, list(train.take(index)), cfg.max_seq_len)
         loss = trained(**enc, labels=torch.from_numpy(train.labels[index])).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(loss, params, optimizer, schedule)
         losses.append(loss.item())
     train_s = time.perf_counter() - started
     out = ctx.stage_dir / "model"

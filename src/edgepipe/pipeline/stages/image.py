@@ -28,7 +28,7 @@ from edgepipe.pipeline.stages.distill import (
     record,
     teacher_logits,
 )
-from edgepipe.pipeline.stages.training import batches, finetune_result, optimizer_and_schedule
+from edgepipe.pipeline.stages.training import batches, finetune_result, optimizer_and_schedule, optimizer_step
 from edgepipe.runtime.modules import build_module, load_module, read_module_meta, save_module
 
 log = logging.getLogger(__name__)
@@ -88,13 +88,7 @@ def _train(
         index = ctx.world.shard(index)
         images = torch.from_numpy(np.asarray(train.take(index)))
         loss = loss_fn(trained, step, index, images, torch.from_numpy(train.labels[index]))
-        loss.backward()
-        if outside:
-            ctx.world.average_gradients(outside)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(loss, params, optimizer, schedule, ctx.world, outside or ())
     model.eval()
     return time.perf_counter() - started
 

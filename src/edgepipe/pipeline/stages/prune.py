@@ -22,7 +22,7 @@ from typing import Any
 
 from edgepipe.errors import InputError
 from edgepipe.pipeline.artifacts import Artifact
-from edgepipe.pipeline.recipe import ArtifactKind, PruneConfig
+from edgepipe.pipeline.recipe import ArtifactKind, PruneConfig, RecoverConfig
 from edgepipe.pipeline.stages import StageContext, StageResult, register
 from edgepipe.pipeline.stages.training import (
     batches,
@@ -30,6 +30,7 @@ from edgepipe.pipeline.stages.training import (
     evaluate,
     loss_window,
     optimizer_and_schedule,
+    optimizer_step,
     save_model,
 )
 from edgepipe.pipeline.students import SUBSET_MODEL_TYPES
@@ -97,14 +98,14 @@ def ffn_macs_per_token(config: Any) -> int:
     return layers * (4 * hidden * hidden + 2 * hidden * ffn)
 
 
-def recover(model: Any, teacher: Any, tokenizer: Any, cfg: PruneConfig, ctx: StageContext, seed: int) -> list[float]:
+def recover(
+    model: Any, teacher: Any, tokenizer: Any, cfg: PruneConfig, spec: RecoverConfig, ctx: StageContext, seed: int
+) -> list[float]:
     """KD fine-tuning of the pruned model from the unpruned one; returns the loss per step."""
     import torch
 
     from edgepipe.pipeline.stages.distill import logit_objective
 
-    spec = cfg.recover
-    assert spec is not None  # checked by the caller
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, schedule = optimizer_and_schedule(params, spec.lr, spec.weight_decay, spec.warmup_ratio, spec.max_steps)
     train = ctx.data.train
@@ -117,11 +118,7 @@ def recover(model: Any, teacher: Any, tokenizer: Any, cfg: PruneConfig, ctx: Sta
         loss, _, _, _ = logit_objective(
             spec, step, model(**enc).logits, t_logits, torch.from_numpy(train.labels[index])
         )
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(loss, params, optimizer, schedule)
         losses.append(loss.item())
     model.eval()
     return losses
@@ -160,8 +157,8 @@ def run_prune(inputs: dict[ArtifactKind, Artifact], cfg: PruneConfig, ctx: Stage
             "ffn": count,
             "val_accuracy_pruned": evaluate(model, tokenizer, ctx.data.val, cfg.max_seq_len, cfg.eval_batch_size),
         }
-        if teacher is not None:
-            losses = recover(model, teacher, tokenizer, cfg, ctx, ctx.seed + iteration)
+        if teacher is not None and cfg.recover is not None:
+            losses = recover(model, teacher, tokenizer, cfg, cfg.recover, ctx, ctx.seed + iteration)
             entry["recover_loss_start"], entry["recover_loss_end"] = loss_window(losses)
             entry["val_accuracy_recovered"] = evaluate(
                 model, tokenizer, ctx.data.val, cfg.max_seq_len, cfg.eval_batch_size

@@ -35,6 +35,22 @@ def optimizer_and_schedule(params: list[Any], lr: float, weight_decay: float, wa
     return optimizer, get_linear_schedule_with_warmup(optimizer, int(warmup_ratio * steps), steps)
 
 
+def optimizer_step(
+    loss: Any, params: list[Any], optimizer: Any, schedule: Any, world: Any = None, outside: Any = ()
+) -> None:
+    """Backward; all-reduce the gradients of `outside` (trained parameters DDP does not wrap, e.g.
+    projections) over `world`; clip at 1.0; step optimizer and schedule."""
+    import torch
+
+    loss.backward()
+    if world is not None:
+        world.average_gradients(outside)
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def predict_logits(model: Any, tokenizer: Any, texts: list[str], max_seq_len: int, batch_size: int) -> Any:
     import torch
 
