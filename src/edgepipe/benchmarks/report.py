@@ -65,6 +65,46 @@ def _profile_table(profile: dict[str, Any] | None) -> list[str]:
     return out
 
 
+def _pruning_tables(stages: list[dict[str, Any]] | None) -> list[str]:
+    """Per prune stage: what was kept, parameters, MACs, ORT latency and accuracy before and after."""
+    out: list[str] = []
+    for m in stages or []:
+        rows = [("parameters", m["params_before"], m["params_after"])]
+        if "encoder_params_before" in m:
+            rows.append(("encoder-layer parameters", m["encoder_params_before"], m["encoder_params_after"]))
+            rows.append(
+                ("encoder MACs per 128-token sequence", m["macs_per_seq128_before"], m["macs_per_seq128_after"])
+            )
+        else:
+            rows.append(("MACs per image", m["macs_before"], m["macs_after"]))
+        out += ["", f"## Pruning ({m['stage']}, importance {m['importance']})", ""]
+        out += ["| | before | after | after / before |", "|---|---|---|---|"]
+        out += [f"| {name} | {a:,} | {b:,} | {b / a:.3f} |" for name, a, b in rows]
+        for shape, before in m.get("ort_latency_ms", {}).get("before", {}).items():
+            after = m["ort_latency_ms"]["after"][shape]["p50"]
+            label = shape.replace("_", " ").replace("b", "batch ", 1).replace("s", "seq ", 1)
+            out.append(
+                f"| ORT fp32 p50 ms, {label} | {before['p50']:.2f} | {after:.2f} | {after / before['p50']:.3f} "
+                f"({before['p50'] / after:.2f}x faster) |"
+            )
+        recovered = m.get("val_accuracy_recovered")
+        out.append(
+            f"| val accuracy | {100 * m['val_accuracy_before']:.2f}% | {100 * m['val_accuracy_pruned']:.2f}% pruned"
+            + (f", {100 * recovered:.2f}% recovered" if recovered is not None else "")
+            + " | |"
+        )
+        out.append("")
+        if "heads_before" in m:
+            out.append(
+                f"Heads per layer: {m['heads_before']} -> {m['heads_after']}; FFN neurons per layer: "
+                f"{m['ffn_before']} -> {m['ffn_after']}; layers removed: {m['dropped_layers'] or 'none'}."
+            )
+        else:
+            kept = ", ".join(f"{name} {a}->{b}" for name, (a, b) in m["channels"].items())
+            out.append(f"Output channels per conv: {kept}.")
+    return out
+
+
 def render_markdown(report: dict[str, Any], title: str, gate_lines: list[str] | None = None) -> str:
     machine, vers = report["machine"], report["versions"]
     out = [f"# edgepipe report: {title}", ""]
@@ -115,6 +155,7 @@ def render_markdown(report: dict[str, Any], title: str, gate_lines: list[str] | 
                 f"{lat['mean']:.2f} ± {lat['std']:.2f} | {row['throughput_per_s']:.1f} | {speed} |"
             )
     out += _profile_table(report.get("op_profile"))
+    out += _pruning_tables(report.get("pruning"))
     notes = findings(report)
     if notes or report["warnings"] or report["skipped"]:
         out += ["", "## Notes", ""]

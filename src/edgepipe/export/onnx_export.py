@@ -67,9 +67,9 @@ def spec_for(model: Any, task: str) -> ExportSpec:
 
 
 def load_for_export(model_dir: Path) -> Any:
-    from transformers import AutoModelForSequenceClassification
+    from edgepipe.runtime.text import load_text_model
 
-    return AutoModelForSequenceClassification.from_pretrained(model_dir, attn_implementation="eager").eval()
+    return load_text_model(model_dir, attn_implementation="eager")
 
 
 def text_feeds(tokenizer: Any, texts: list[str], names: tuple[str, ...]) -> Feeds:
@@ -176,11 +176,13 @@ def fuse_transformer(onnx_path: Path, out_path: Path, config: Any) -> dict[str, 
     if model_type is None:
         log.info("no transformer fusion for model_type %s (supported: %s)", config.model_type, FUSIBLE_MODEL_TYPES)
         return None
+    # a pruned BERT's layers differ in heads: 0 lets the optimizer read each layer's from its Reshape
+    pruned = hasattr(config, "layer_heads")
     optimized = optimize_model(
         str(onnx_path),
         model_type=model_type,
-        num_heads=config.num_attention_heads,
-        hidden_size=config.hidden_size,
+        num_heads=0 if pruned else config.num_attention_heads,
+        hidden_size=0 if pruned else config.hidden_size,
     )
     optimized.save_model_to_file(str(out_path))
     stats = optimized.get_fused_operator_statistics()

@@ -153,10 +153,23 @@ class RecoverConfig(_Strict):
 
 
 class PruneConfig(_Strict):
-    """Structured pruning of FFN neurons (the intermediate width) of a BERT-family text model."""
+    """Structured pruning: attention heads, FFN neurons and whole layers of a BERT-family text model;
+    conv channels of an image model. Every knob removes whole rows/columns, so shapes really shrink."""
 
     kind: Literal["prune"]
-    ffn_ratio: float = Field(gt=0, lt=1, description="fraction of each layer's FFN neurons removed")
+    ratio: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="fraction of the prunable parameters removed (text: heads and FFN neurons each by this "
+        "ratio, so encoder-layer params and FLOPs drop by it; image: conv channels, searched to hit it)",
+    )
+    head_ratio: float | None = Field(
+        None, gt=0, lt=1, description="fraction of all attention heads removed, ranked across layers"
+    )
+    ffn_ratio: float | None = Field(None, gt=0, lt=1, description="fraction of each layer's FFN neurons removed")
+    heads: dict[int, list[int]] | None = Field(None, description="heads removed per layer, e.g. {0: [1, 5]}")
+    drop_layers: list[int] = Field(default_factory=list, description="encoder layers removed whole")
     importance: Literal["magnitude", "taylor"] = Field(
         "taylor", description="magnitude: weight norms; taylor: |w * dL/dw| summed over train batches"
     )
@@ -167,6 +180,32 @@ class PruneConfig(_Strict):
     eval_batch_size: int = Field(64, ge=1)
     recover: RecoverConfig | None = Field(None, description="KD fine-tuning from the unpruned model after pruning")
     iterations: int = Field(1, ge=1, le=10, description="prune part of the way, recover, repeat")
+    latency: bool = Field(True, description="measure ORT fp32 latency before and after (b1 and b8, s128)")
+
+    @model_validator(mode="after")
+    def _knobs(self) -> PruneConfig:
+        if not (self.ratio or self.head_ratio or self.ffn_ratio or self.heads or self.drop_layers):
+            raise ValueError("nothing to prune: set ratio, or head_ratio / ffn_ratio / heads / drop_layers")
+        if self.ratio is not None and (self.head_ratio or self.ffn_ratio or self.heads):
+            raise ValueError("ratio sets every component; give either ratio or head_ratio/ffn_ratio/heads")
+        if self.heads and self.head_ratio:
+            raise ValueError("heads lists the heads to remove; give either heads or head_ratio")
+        for layer, ids in (self.heads or {}).items():
+            if layer < 0 or not ids or min(ids) < 0 or len(set(ids)) != len(ids):
+                raise ValueError(f"heads.{layer}: {ids} must be distinct head indices >= 0 of a layer >= 0")
+        if min(self.drop_layers, default=0) < 0 or len(set(self.drop_layers)) != len(self.drop_layers):
+            raise ValueError(f"drop_layers: {self.drop_layers} must be distinct layer indices >= 0")
+        if self.iterations > 1 and self.heads:
+            raise ValueError("iterations prune a ratio part of the way at a time; explicit heads apply at once")
+        return self
+
+    @property
+    def head_fraction(self) -> float | None:
+        return self.ratio if self.ratio is not None else self.head_ratio
+
+    @property
+    def ffn_fraction(self) -> float | None:
+        return self.ratio if self.ratio is not None else self.ffn_ratio
 
     _check_len = field_validator("max_seq_len")(_positive_seq_len)
 
@@ -382,10 +421,12 @@ def task_problems(recipe: Recipe) -> list[str]:
         if image and isinstance(stage, ExportConfig) and stage.fuse:
             problems.append(f"`stages.{i}.fuse`: transformer fusion applies to text models; set fuse: false")
         if image and isinstance(stage, PruneConfig):
-            problems.append(
-                f"`stages.{i}` (prune): supports BERT-family text models for now (FFN neurons); "
-                "CNN channel pruning is not built yet"
-            )
+            for key in ("head_ratio", "ffn_ratio", "heads", "drop_layers"):
+                if getattr(stage, key):
+                    problems.append(
+                        f"`stages.{i}.{key}`: applies to transformers; an image model is pruned by conv "
+                        "channels: use `ratio`"
+                    )
         if image and isinstance(stage, FinetuneConfig) and not stage.train_encoder:
             problems.append(f"`stages.{i}.train_encoder`: applies to text models; image models train whole")
         if isinstance(stage, DistillConfig):

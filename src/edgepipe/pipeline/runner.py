@@ -45,7 +45,8 @@ from edgepipe.pipeline.recipe import (
     task_problems,
 )
 from edgepipe.pipeline.stages import TRAINING_STAGES
-from edgepipe.pipeline.students import SUBSET_MODEL_TYPES, student_problems, student_shape
+from edgepipe.pipeline.stages.prune import prune_problems
+from edgepipe.pipeline.students import student_problems, student_shape
 from edgepipe.runtime.host import git_commit, host_info, versions
 from edgepipe.runtime.predictor import model_labels
 
@@ -82,16 +83,8 @@ def check_students(recipe: Recipe) -> list[str]:
             problems += student_problems(stage, config, f"stages.{i}")
             config = {**config, **student_shape(stage, config)}  # a later distill starts from this student
         elif isinstance(stage, PruneConfig):
-            if config.get("model_type") not in SUBSET_MODEL_TYPES:
-                problems.append(
-                    f"`stages.{i}` (prune): model_type {config.get('model_type')!r} is not supported; "
-                    f"supported: {', '.join(SUBSET_MODEL_TYPES)}"
-                )
-            if stage.round_to > int(config["intermediate_size"]):
-                problems.append(
-                    f"`stages.{i}.round_to`: {stage.round_to} is larger than the FFN width "
-                    f"{config['intermediate_size']}; use a smaller multiple"
-                )
+            problems += prune_problems(stage, config, f"stages.{i}")
+            config = {**config, "num_hidden_layers": int(config["num_hidden_layers"]) - len(stage.drop_layers)}
     return problems
 
 
@@ -280,6 +273,9 @@ def write_report(paths: RunPaths, recipe: Recipe, report: dict[str, Any]) -> lis
 
     gate_lines = _gate(recipe, report)
     report["gates"] = gate_lines
+    if paths.manifest.is_file():  # what the prune stages removed, shown beside the measurements
+        stages = _load_manifest(paths).get("stages", [])
+        report["pruning"] = [{"stage": r["dir"], **r["metrics"]} for r in stages if r["kind"] == "prune"]
     write_json(paths.root / REPORT_JSON, report)
     write_atomic(paths.root / REPORT_MD, render_markdown(report, recipe.name, gate_lines))
     return gate_lines

@@ -115,12 +115,13 @@ def student_problems(cfg: DistillConfig, teacher_config: dict[str, Any], key: st
 def build_student(teacher: Any, cfg: DistillConfig, seed: int) -> Any:
     """A new student model: copied layer subset, fresh narrow config, or loaded from `init_from`."""
     import torch
-    from transformers import AutoModelForSequenceClassification
+
+    from edgepipe.runtime.text import load_text_model
 
     spec = cfg.student
     teacher_config = teacher.config.to_dict()
     if spec.init == "folder":
-        return AutoModelForSequenceClassification.from_pretrained(str(spec.init_from))
+        return load_text_model(str(spec.init_from))
     config = copy.deepcopy(teacher.config)
     for name, value in student_shape(cfg, teacher_config).items():
         setattr(config, name, value)

@@ -168,9 +168,9 @@ class _TorchSession:
             self.input_names: tuple[str, ...] = ("pixel_values",)
             self._settings["module"] = type(self._model).__name__
             return
-        from transformers import AutoModelForSequenceClassification
+        from edgepipe.runtime.text import load_text_model
 
-        self._model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+        self._model = load_text_model(path)
         forward_args = inspect.signature(self._model.forward).parameters
         self.input_names = tuple(n for n in ("input_ids", "attention_mask", "token_type_ids") if n in forward_args)
         self._settings["attn_implementation"] = self._model.config._attn_implementation

@@ -106,10 +106,50 @@ def is_module_folder(folder: Path) -> bool:
     return json.loads(meta_path.read_text(encoding="utf-8")).get("format") == MODULE_FORMAT
 
 
+def fit_to_weights(model: Any, path: Path) -> None:
+    """Resize the Conv2d/Linear/BatchNorm2d layers of `model` to the shapes stored in `path`.
+
+    A channel-pruned module (edgepipe.json `"pruned": true`) is rebuilt by its factory at the original
+    widths; its layers are then replaced by ones of the stored widths before the strict load."""
+    from safetensors import safe_open
+    from torch import nn
+
+    with safe_open(str(path), framework="pt") as stored:
+        shapes = {name: tuple(stored.get_slice(name).get_shape()) for name in stored.keys()}  # noqa: SIM118
+    for name, module in list(model.named_modules()):
+        shape = shapes.get(f"{name}.weight")
+        if shape is None or shape == tuple(module.weight.shape):
+            continue
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        bias = module.bias is not None
+        if isinstance(module, nn.Conv2d):
+            depthwise = module.groups > 1 and module.groups == module.in_channels
+            groups = shape[0] if depthwise else module.groups
+            new: nn.Module = nn.Conv2d(
+                shape[1] * groups,
+                shape[0],
+                module.kernel_size,  # type: ignore[arg-type]
+                module.stride,  # type: ignore[arg-type]
+                module.padding,  # type: ignore[arg-type]
+                module.dilation,  # type: ignore[arg-type]
+                groups,
+                bias,
+            )
+        elif isinstance(module, nn.Linear):
+            new = nn.Linear(shape[1], shape[0], bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            new = nn.BatchNorm2d(shape[0], module.eps, module.momentum, module.affine, module.track_running_stats)
+        else:
+            continue  # load_weights names the mismatch
+        setattr(parent, name.rpartition(".")[2], new)
+
+
 def load_module(folder: Path) -> Any:
     """Rebuild the module a folder describes and load its weights, in eval mode."""
     meta = read_module_meta(folder)
     model = build_module(meta["module"]["factory"], meta["module"]["kwargs"])
+    if meta.get("pruned"):
+        fit_to_weights(model, folder / WEIGHTS_FILE)
     load_weights(model, folder / WEIGHTS_FILE, key=str(folder / WEIGHTS_FILE))
     return model.eval()
 

@@ -151,13 +151,14 @@ def run_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx: S
 
     import torch
     from tqdm.auto import tqdm
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from edgepipe.pipeline import kd
+    from edgepipe.runtime.text import load_text_model
 
     need_attention = cfg.loss.attention > 0
     attn = {"attn_implementation": "eager"} if need_attention else {}
-    teacher = AutoModelForSequenceClassification.from_pretrained(source.path, **attn).eval()
+    teacher = load_text_model(source.path, **attn)
     problems = student_problems(cfg, teacher.config.to_dict(), "distill")
     if problems:
         raise InputError("; ".join(problems))

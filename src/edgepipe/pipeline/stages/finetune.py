@@ -32,13 +32,15 @@ def run_finetune(inputs: dict[ArtifactKind, Artifact], cfg: FinetuneConfig, ctx:
         return run_image_finetune(inputs[ArtifactKind.TORCH_MODEL], cfg, ctx)
     import torch
     from tqdm.auto import tqdm
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from edgepipe.runtime.text import load_text_model
 
     source = inputs[ArtifactKind.TORCH_MODEL].path
     labels = ctx.data.label_names
     torch.manual_seed(ctx.seed)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForSequenceClassification.from_pretrained(
+    model = load_text_model(
         source,
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),

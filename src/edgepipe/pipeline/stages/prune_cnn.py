@@ -1,0 +1,180 @@
+"""prune for image models: remove conv channels, with Torch-Pruning's dependency graph.
+
+Channels that must go together (a conv's outputs, its batch norm, the next layer's inputs, every
+branch of a residual add, the members of a concatenation) form one group in Torch-Pruning's
+`DependencyGraph`, traced from a real image; each group is pruned as one, so the module stays
+valid and its shapes really shrink. The classifier's outputs are never pruned. `ratio` is the
+fraction of parameters removed: the per-group channel fraction that gives it is found by bisection
+on copies (parameters fall roughly with its square), then the model is pruned with the chosen
+importance (`magnitude`: L2 norm of each group's weights; `taylor`: |w * dL/dw| over train batches).
+
+The pruned module is saved with `"pruned": true`, so `load_module` rebuilds it at the original widths
+and resizes each layer to the stored weights. Recovery and iterations work as for text.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import numpy as np
+
+from edgepipe.errors import InputError
+from edgepipe.pipeline.artifacts import Artifact
+from edgepipe.pipeline.recipe import ArtifactKind, PruneConfig, RecoverConfig
+from edgepipe.pipeline.stages import StageContext, StageResult
+from edgepipe.pipeline.stages.image import evaluate_module
+from edgepipe.pipeline.stages.training import batches, loss_window, optimizer_and_schedule, optimizer_step
+from edgepipe.runtime.modules import load_module, read_module_meta, save_module
+
+log = logging.getLogger(__name__)
+
+
+def _params(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _macs(model: Any, example: Any) -> int:
+    import torch_pruning as tp
+
+    macs, _ = tp.utils.count_ops_and_params(model, example)
+    return int(macs)
+
+
+def _pruner(model: Any, example: Any, importance: Any, fraction: float, cfg: PruneConfig, classes: int) -> Any:
+    import torch
+    import torch_pruning as tp
+
+    heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == classes]
+    return tp.pruner.MetaPruner(
+        model, example, importance=importance, pruning_ratio=fraction, ignored_layers=heads, round_to=cfg.round_to
+    )
+
+
+def channel_fraction(model: Any, example: Any, target: int, cfg: PruneConfig, classes: int) -> float:
+    """The channel fraction whose pruning leaves about `target` parameters (bisection on copies)."""
+    import torch_pruning as tp
+
+    low, high = 0.0, 0.95
+    for _ in range(12):
+        middle = (low + high) / 2
+        trial = copy.deepcopy(model)
+        _pruner(trial, example, tp.importance.GroupMagnitudeImportance(p=2), middle, cfg, classes).step()
+        low, high = (middle, high) if _params(trial) > target else (low, middle)
+    return high
+
+
+def _importance(model: Any, cfg: PruneConfig, ctx: StageContext) -> Any:
+    """Torch-Pruning importance; for taylor, gradients of the CE loss accumulated over train batches."""
+    import torch
+    import torch.nn.functional as F
+    import torch_pruning as tp
+
+    if cfg.importance == "magnitude":
+        return tp.importance.GroupMagnitudeImportance(p=2)
+    model.eval()  # gradients only: train mode would move the batch-norm running statistics
+    model.zero_grad(set_to_none=True)
+    train = ctx.data.train
+    for index in batches(len(train), cfg.batch_size, max(1, cfg.samples // cfg.batch_size), ctx.seed):
+        images = torch.from_numpy(np.asarray(train.take(index)))
+        F.cross_entropy(model(images), torch.from_numpy(train.labels[index])).backward()
+    return tp.importance.GroupTaylorImportance()
+
+
+def recover_module(model: Any, teacher: Any, spec: RecoverConfig, ctx: StageContext, seed: int) -> list[float]:
+    """KD fine-tuning of the pruned module from the unpruned one; returns the loss per step."""
+    import torch
+
+    from edgepipe.pipeline.stages.distill import logit_objective
+
+    params = list(model.parameters())
+    optimizer, schedule = optimizer_and_schedule(params, spec.lr, spec.weight_decay, spec.warmup_ratio, spec.max_steps)
+    train, losses = ctx.data.train, []
+    model.train()
+    for step, index in enumerate(batches(len(train), spec.batch_size, spec.max_steps, seed)):
+        images = torch.from_numpy(np.asarray(train.take(index)))
+        with torch.no_grad():
+            t_logits = teacher(images)
+        loss, _, _, _ = logit_objective(spec, step, model(images), t_logits, torch.from_numpy(train.labels[index]))
+        optimizer_step(loss, params, optimizer, schedule)
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def conv_widths(model: Any) -> dict[str, int]:
+    import torch
+
+    return {name: m.out_channels for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+
+
+def run_cnn_prune(source: Artifact, cfg: PruneConfig, ctx: StageContext) -> StageResult:
+    import torch
+
+    from edgepipe.export import image_feeds, spec_for
+    from edgepipe.pipeline.stages.prune import ort_latency
+
+    if cfg.ratio is None:
+        raise InputError("`ratio`: an image model is pruned by conv channels; set ratio (fraction of parameters)")
+    meta = read_module_meta(source.path)
+    model, original = load_module(source.path), load_module(source.path)
+    for param in original.parameters():
+        param.requires_grad_(False)
+    classes = len(meta["labels"])
+    example = torch.from_numpy(np.asarray(ctx.data.val.inputs[:2]))
+    before: dict[str, Any] = {
+        "params": _params(model),
+        "macs": _macs(model, example),
+        "widths": conv_widths(model),
+        "val_accuracy": evaluate_module(model, ctx.data.val, cfg.eval_batch_size),
+    }
+    history = []
+    for iteration in range(1, cfg.iterations + 1):
+        torch.manual_seed(ctx.seed + iteration)
+        target = round(before["params"] * (1 - cfg.ratio * iteration / cfg.iterations))
+        fraction = channel_fraction(model, example, target, cfg, classes)
+        _pruner(model, example, _importance(model, cfg, ctx), fraction, cfg, classes).step()
+        model.zero_grad(set_to_none=True)
+        entry: dict[str, Any] = {
+            "channel_fraction": round(fraction, 4),
+            "params": _params(model),
+            "val_accuracy_pruned": evaluate_module(model, ctx.data.val, cfg.eval_batch_size),
+        }
+        if cfg.recover is not None:
+            losses = recover_module(model, original, cfg.recover, ctx, ctx.seed + iteration)
+            entry["recover_loss_start"], entry["recover_loss_end"] = loss_window(losses)
+            entry["val_accuracy_recovered"] = evaluate_module(model, ctx.data.val, cfg.eval_batch_size)
+        history.append(entry)
+        log.info("prune: iteration %d: %s", iteration, entry)
+    out = ctx.stage_dir / "model"
+    module = meta["module"]
+    save_module(
+        model,
+        out,
+        factory=module["factory"],
+        kwargs=module["kwargs"],
+        input_shape=tuple(meta["input"]["shape"]),
+        labels=meta["labels"],
+        pruned=True,
+    )
+    after = conv_widths(model)
+    metrics: dict[str, Any] = {
+        "importance": cfg.importance,
+        "channels": {name: [width, after[name]] for name, width in before["widths"].items()},
+        "params_before": before["params"],
+        "params_after": _params(model),
+        "macs_before": before["macs"],
+        "macs_after": _macs(model, example),
+        "val_accuracy_before": before["val_accuracy"],
+        "val_accuracy_pruned": history[-1]["val_accuracy_pruned"],
+        "val_accuracy_recovered": history[-1].get("val_accuracy_recovered"),
+        "iterations": history,
+    }
+    if cfg.latency:
+        spec = spec_for(model, ctx.task)
+        feeds = image_feeds(np.asarray(ctx.data.val.inputs[:16]))
+        metrics["ort_latency_ms"] = ort_latency(
+            {"before": original, "after": model}, feeds, spec, ctx.stage_dir / "latency"
+        )
+    return StageResult([Artifact("pruned", ArtifactKind.TORCH_MODEL, out, "fp32")], metrics)
