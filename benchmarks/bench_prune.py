@@ -1,13 +1,16 @@
-"""FFN pruning of the default recipe's distilled student at ratios 0.3 and 0.5, with KD recovery.
+"""Structured pruning at ratios 0.3 and 0.5, with KD recovery: the default recipe's distilled student
+(heads + FFN neurons) and the MNIST CNN (conv channels).
 
     python benchmarks/bench_prune.py --json runs/bench/prune.json [--teacher-run runs/demo]
 
-For each ratio, the default recipe with `{kind: prune, ffn_ratio: R, importance: taylor, recover:
-{max_steps: 200}}` after distill and an fp32 export is built into `--out/ratio-R` (teacher, logits and
-student copied from the demo run, so only pruning and recovery run here). Then the student's fp32 ONNX
-and every pruned fp32 ONNX are timed interleaved in one process, b1 s128 and b8 s128, one alive at a time.
-Accuracies are the prune stage's own measurements on the validation split (before, pruned, recovered).
-The CNN rows are not built: channel pruning is not implemented yet (`"cnn": null`).
+Transformer: for each ratio, the default recipe up to its distill stage, then `{kind: prune, ratio: R,
+importance: taylor, recover: {max_steps: 200}}` and an fp32 export, is built into `--out/ratio-R` (teacher,
+logits and student copied from the demo run, so only pruning and recovery run here). CNN: the same on
+`recipes/mnist.yaml`'s teacher (cnn-base, 2 residual blocks per stage) with `recover: {max_steps: 300}`; the
+MNIST teacher is built into `--out/cnn/teacher` first (about 1 min). Then the unpruned fp32
+ONNX and every pruned fp32 ONNX are timed interleaved in one process, b1 and b8 (text at s128), one alive
+at a time. Accuracies are the prune stage's own measurements on the validation split (before, pruned,
+recovered). FLOPs = 2 x MACs (text: encoder layers at 128 tokens; CNN: the whole net per image).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -30,6 +34,75 @@ from edgepipe.pipeline.runner import build
 from edgepipe.runtime import Predictor
 
 RATIOS = (0.3, 0.5)
+MNIST = default_recipe_path().parent / "mnist.yaml"
+EXPORT = {"kind": "export", "fuse": False}
+
+
+def _build(recipe: Path, stages: list[Any], source: Path | None, run: Path, shared: int = 0) -> Path:
+    """Build `recipe` with `stages` into `run`, first copying `source`'s first `shared` completed stages."""
+    raw = {**load_recipe(recipe).model_dump(mode="json"), "stages": stages}
+    for part in sorted(source.iterdir()) if source is not None else []:
+        copy = (part.name[:2].isdigit() and int(part.name[:2]) <= shared) or part.name == "cache"
+        if part.is_dir() and copy and not (run / part.name).exists():
+            shutil.copytree(part, run / part.name)
+    build(parse_recipe(raw), run, benchmark=False)
+    return run
+
+
+def _pruned_runs(recipe: Path, keep: int, source: Path, out: Path, steps: int) -> dict[float, Path]:
+    """`recipe`'s first `keep` stages + prune(R) + fp32 export for every ratio: the run folder per ratio."""
+    stages = load_recipe(recipe).model_dump(mode="json")["stages"][:keep]
+    runs = {}
+    for ratio in RATIOS:
+        prune = {"kind": "prune", "ratio": ratio, "importance": "taylor", "recover": {"max_steps": steps}}
+        runs[ratio] = _build(recipe, [*stages, prune, EXPORT], source, out / f"ratio-{ratio}", keep)
+    return runs
+
+
+def _rows(runs: dict[float, Path], unpruned: Path, inputs: Any, keep: int, text: bool, runs_n: int) -> list[Any]:
+    folders = {"unpruned": unpruned} | {
+        f"ratio-{r}": run / f"{keep + 2:02d}-export" / "fp32" for r, run in runs.items()
+    }
+
+    @contextmanager
+    def open_runners(name: str):  # type: ignore[no-untyped-def]
+        predictor = Predictor.load(folders[name])
+        runners = {}
+        for batch in (1, 8):
+            feeds = predictor.encode(inputs[:batch], pad_to=128 if text else None)
+            runners[batch] = lambda feeds=feeds: predictor.session.run(feeds)
+        yield runners
+
+    stats = measure_interleaved(list(folders), open_runners, runs=runs_n, rounds=5, warmup_runs=5, warmup_s=0.5)
+    rows = []
+    for ratio, run in runs.items():
+        m = json.loads((run / f"{keep + 1:02d}-prune" / "metrics.json").read_text())
+        macs = ("macs_per_seq128_before", "macs_per_seq128_after") if text else ("macs_before", "macs_after")
+        row = {
+            "ratio": ratio,
+            "params_before": m["params_before"],
+            "params_after": m["params_after"],
+            "flops_before": 2 * m[macs[0]],
+            "flops_after": 2 * m[macs[1]],
+            "p50_before_ms": round(stats[("unpruned", 1)].p50, 3),
+            "p50_after_ms": round(stats[(f"ratio-{ratio}", 1)].p50, 3),
+            "p50_before_b8_ms": round(stats[("unpruned", 8)].p50, 3),
+            "p50_after_b8_ms": round(stats[(f"ratio-{ratio}", 8)].p50, 3),
+            "acc_before": m["val_accuracy_before"],
+            "acc_pruned": m["val_accuracy_pruned"],
+            "acc_recovered": m["val_accuracy_recovered"],
+        }
+        if text:
+            row |= {
+                "encoder_params_before": m["encoder_params_before"],
+                "encoder_params_after": m["encoder_params_after"],
+                "heads_after": m["heads_after"],
+                "ffn_after": m["ffn_after"],
+            }
+        else:
+            row["channels"] = m["channels"]
+        rows.append(row)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,55 +112,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher-run", type=Path, default=Path("runs/demo"))
     parser.add_argument("--runs", type=int, default=50)
     args = parser.parse_args(argv)
-    base = load_recipe(default_recipe_path()).model_dump(mode="json")
-    folders = {"student": args.teacher_run / "03-export" / "fp32"}
-    metrics = {}
-    for ratio in RATIOS:
-        raw = json.loads(json.dumps(base))
-        prune = {"kind": "prune", "ffn_ratio": ratio, "importance": "taylor", "recover": {"max_steps": 200}}
-        raw["stages"] = [*raw["stages"][:2], prune, {"kind": "export", "fuse": False}]
-        out = args.out / f"ratio-{ratio}"
-        for part in ("01-finetune", "02-distill", "cache"):
-            if (args.teacher_run / part).is_dir() and not (out / part).exists():
-                shutil.copytree(args.teacher_run / part, out / part)
-        build(parse_recipe(raw), out, benchmark=False)
-        folders[f"ratio-{ratio}"] = out / "04-export" / "fp32"
-        metrics[ratio] = json.loads((out / "03-prune" / "metrics.json").read_text())
-    recipe = load_recipe(default_recipe_path())
+
+    default = default_recipe_path()
+    stages = load_recipe(default).model_dump(mode="json")["stages"][:2]  # finetune, distill
+    student = _build(default, [*stages, EXPORT], args.teacher_run, args.out / "text" / "student", 2)
+    text_runs = _pruned_runs(default, 2, student, args.out / "text", 200)
+    recipe = load_recipe(default)
     texts = list(load_splits(recipe.data, recipe.seed).test.inputs)
+    text_rows = _rows(text_runs, student / "03-export" / "fp32", texts, 2, True, args.runs)
 
-    @contextmanager
-    def open_runners(name: str):  # type: ignore[no-untyped-def]
-        predictor = Predictor.load(folders[name])
-        runners = {}
-        for batch in (1, 8):
-            feeds = predictor.encode(texts[:batch], pad_to=128)
-            runners[batch] = lambda feeds=feeds: predictor.session.run(feeds)
-        yield runners
+    mnist = load_recipe(MNIST)
+    finetune = mnist.model_dump(mode="json")["stages"][:1]
+    teacher = _build(MNIST, [*finetune, EXPORT], None, args.out / "cnn" / "teacher")
+    cnn_runs = _pruned_runs(MNIST, 1, teacher, args.out / "cnn", 300)
+    images = load_splits(mnist.data, mnist.seed, mnist.task).test.inputs
+    cnn_rows = _rows(cnn_runs, teacher / "02-export" / "fp32", images, 1, False, args.runs)
 
-    stats = measure_interleaved(list(folders), open_runners, runs=args.runs, rounds=5, warmup_runs=5, warmup_s=0.5)
-    rows = []
-    for ratio in RATIOS:
-        m = metrics[ratio]
-        rows.append(
-            {
-                "ratio": ratio,
-                "ffn_before": m["ffn_before"],
-                "ffn_after": m["ffn_after"],
-                "params_before": m["params_before"],
-                "params_after": m["params_after"],
-                "flops_before": 2 * m["macs_per_token_before"] * 128,
-                "flops_after": 2 * m["macs_per_token_after"] * 128,
-                "p50_before_ms": round(stats[("student", 1)].p50, 3),
-                "p50_after_ms": round(stats[(f"ratio-{ratio}", 1)].p50, 3),
-                "p50_before_b8_ms": round(stats[("student", 8)].p50, 3),
-                "p50_after_b8_ms": round(stats[(f"ratio-{ratio}", 8)].p50, 3),
-                "acc_before": m["val_accuracy_before"],
-                "acc_pruned": m["val_accuracy_pruned"],
-                "acc_recovered": m["val_accuracy_recovered"],
-            }
-        )
-    result = {"transformer": rows, "cnn": None, "accuracy_split": "val", "runs": args.runs}
+    result = {"transformer": text_rows, "cnn": cnn_rows, "accuracy_split": "val", "runs": args.runs}
     write_json(args.json, result)  # atomic, creates the folder
     print(json.dumps(result, indent=2))
     return 0

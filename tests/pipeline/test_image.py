@@ -214,5 +214,3 @@ def test_bad_image_stages_name_the_key() -> None:
     assert "`stages.1.loss.attention`: attention maps exist in transformers only; set it to 0" in problems
     assert any(p.startswith("`stages.1.student.init`: an image student is `fresh`") for p in problems)
     assert "`stages.2.fuse`: transformer fusion applies to text models; set fuse: false" in problems
-    recipe["stages"] = [{"kind": "prune", "ffn_ratio": 0.5}]
-    assert any("(prune): supports BERT-family text models for now" in p for p in check_recipe(parse_recipe(recipe)))
