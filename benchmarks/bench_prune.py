@@ -6,7 +6,8 @@
 Transformer: for each ratio, the default recipe up to its distill stage, then `{kind: prune, ratio: R,
 importance: taylor, recover: {max_steps: 200}}` and an fp32 export, is built into `--out/ratio-R` (teacher,
 logits and student copied from the demo run, so only pruning and recovery run here). CNN: the same on
-`recipes/mnist.yaml`'s teacher (cnn-base, 2 residual blocks per stage) with `recover: {max_steps: 300}`; the
+`recipes/mnist.yaml`'s teacher (cnn-base, 2 residual blocks per stage) with `round_to: 16` and
+`recover: {max_steps: 300}`; the
 MNIST teacher is built into `--out/cnn/teacher` first (about 1 min). Then the unpruned fp32
 ONNX and every pruned fp32 ONNX are timed interleaved in one process, b1 and b8 (text at s128), one alive
 at a time. Accuracies are the prune stage's own measurements on the validation split (before, pruned,
@@ -49,12 +50,13 @@ def _build(recipe: Path, stages: list[Any], source: Path | None, run: Path, shar
     return run
 
 
-def _pruned_runs(recipe: Path, keep: int, source: Path, out: Path, steps: int) -> dict[float, Path]:
+def _pruned_runs(recipe: Path, keep: int, source: Path, out: Path, steps: int, round_to: int) -> dict[float, Path]:
     """`recipe`'s first `keep` stages + prune(R) + fp32 export for every ratio: the run folder per ratio."""
     stages = load_recipe(recipe).model_dump(mode="json")["stages"][:keep]
     runs = {}
     for ratio in RATIOS:
-        prune = {"kind": "prune", "ratio": ratio, "importance": "taylor", "recover": {"max_steps": steps}}
+        recover = {"max_steps": steps}
+        prune = {"kind": "prune", "ratio": ratio, "importance": "taylor", "round_to": round_to, "recover": recover}
         runs[ratio] = _build(recipe, [*stages, prune, EXPORT], source, out / f"ratio-{ratio}", keep)
     return runs
 
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     default = default_recipe_path()
     stages = load_recipe(default).model_dump(mode="json")["stages"][:2]  # finetune, distill
     student = _build(default, [*stages, EXPORT], args.teacher_run, args.out / "text" / "student", 2)
-    text_runs = _pruned_runs(default, 2, student, args.out / "text", 200)
+    text_runs = _pruned_runs(default, 2, student, args.out / "text", 200, 8)
     recipe = load_recipe(default)
     texts = list(load_splits(recipe.data, recipe.seed).test.inputs)
     text_rows = _rows(text_runs, student / "03-export" / "fp32", texts, 2, True, args.runs)
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     mnist = load_recipe(MNIST)
     finetune = mnist.model_dump(mode="json")["stages"][:1]
     teacher = _build(MNIST, [*finetune, EXPORT], None, args.out / "cnn" / "teacher")
-    cnn_runs = _pruned_runs(MNIST, 1, teacher, args.out / "cnn", 300)
+    cnn_runs = _pruned_runs(MNIST, 1, teacher, args.out / "cnn", 300, 16)  # 16 fp32 lanes of AVX-512
     images = load_splits(mnist.data, mnist.seed, mnist.task).test.inputs
     cnn_rows = _rows(cnn_runs, teacher / "02-export" / "fp32", images, 1, False, args.runs)
 

@@ -66,6 +66,26 @@ def test_a_tight_budget_is_respected(searched, capsys) -> None:  # type: ignore[
     assert "0 candidate(s) to measure" in capsys.readouterr().err
 
 
+def test_prune_ratio_is_a_knob_and_variants_share_the_teacher(
+    tmp_path: Path, tiny_model_dir: Path, rt_csv: Path
+) -> None:
+    raw = _search_recipe(tiny_model_dir, rt_csv)
+    raw["stages"].insert(2, {"kind": "prune", "ratio": 0.3, "samples": 16, "latency": False})
+    raw["search"] = {"prune_ratios": [0, 0.5], "int8": ["none"], "seq_len": 16, "runs": 10}
+    out = tmp_path / "out"
+    assert (
+        main(["search", str(write_recipe(tmp_path / "r.yaml", raw)), "--out", str(out), "--latency-budget-ms", "1e3"])
+        == 0
+    )
+    rows = {r["label"]: r for r in _rows(out)}
+    assert set(rows) == {"prune-0/none", "prune-0.5/none"}
+    assert rows["prune-0.5/none"]["size_mb"] < rows["prune-0/none"]["size_mb"]
+    assert not (out / "prune-0" / "03-prune").exists()  # ratio 0: no prune stage
+    manifest = json.loads((out / "prune-0.5" / "manifest.json").read_text())
+    assert [s["reused"] for s in manifest["stages"][:2]] == [True, True]  # teacher and student copied
+    assert manifest["stages"][2]["config"]["ratio"] == 0.5
+
+
 def test_pareto_front_has_no_dominated_point(searched) -> None:  # type: ignore[no-untyped-def]
     _, out = searched
     with (out / "pareto.csv").open() as handle:

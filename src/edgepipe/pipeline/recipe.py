@@ -349,6 +349,10 @@ class SearchConfig(_Strict):
     student_layers: list[int] = Field(
         default_factory=list, description="depths tried for the recipe's distill stage (student.num_layers)"
     )
+    prune_ratios: list[float] = Field(
+        default_factory=list,
+        description="ratios tried for the recipe's prune stage (0: no pruning), e.g. [0, 0.3, 0.5]",
+    )
     int8: list[Int8Choice] = Field(
         default_factory=lambda: list(INT8_CHOICES),
         description="which artifact of each build is a candidate: fp32 (none) or the int8 models",
@@ -363,6 +367,13 @@ class SearchConfig(_Strict):
     def _depths(cls, values: list[int]) -> list[int]:
         if any(v < 1 for v in values) or len(set(values)) != len(values):
             raise ValueError(f"depths must be distinct and >= 1, got {values}")
+        return values
+
+    @field_validator("prune_ratios")
+    @classmethod
+    def _ratios(cls, values: list[float]) -> list[float]:
+        if any(not 0 <= v < 1 for v in values) or len(set(values)) != len(values):
+            raise ValueError(f"ratios must be distinct and in [0, 1), got {values}")
         return values
 
 

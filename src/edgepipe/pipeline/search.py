@@ -1,10 +1,12 @@
 """`edgepipe search`: the most accurate artifact under a latency budget measured on the target.
 
-The knobs come from the recipe's `search:` section: the distill stage's student depth and which
-artifact of each build is a candidate (fp32, dynamic or static int8). For each depth the recipe is
-built into `OUT/layers-N/` (stages reused as usual, so an interrupted search resumes where it
-stopped); every candidate of that build is measured here: accuracy on the validation split, latency
-p90 at the search's batch and sequence length, timed interleaved with one artifact alive at a time.
+The knobs come from the recipe's `search:` section: the distill stage's student depth, the prune
+stage's ratio, and which artifact of each build is a candidate (fp32, dynamic or static int8). For
+each depth and ratio the recipe is built into `OUT/layers-N-prune-R/` (stages reused as usual, so an
+interrupted search resumes where it stopped; a new variant starts from copies of the completed stages
+it shares with one built before: the teacher, and for the same depth the student); every candidate of
+that build is measured here: accuracy on the validation split, latency p90 at the search's batch and
+sequence length, timed interleaved with one artifact alive at a time.
 
 Every measured candidate is appended to `trials.jsonl` (the resume log). After each step the search
 rewrites `pareto.csv`, `pareto.png` (accuracy against p90, marker size = model size), `search.md`
@@ -27,7 +29,7 @@ import numpy as np
 
 from edgepipe.errors import InputError, RecipeError
 from edgepipe.pipeline.artifacts import write_atomic, write_json
-from edgepipe.pipeline.recipe import DistillConfig, QuantizeConfig, Recipe, parse_recipe
+from edgepipe.pipeline.recipe import DistillConfig, PruneConfig, QuantizeConfig, Recipe, parse_recipe
 
 log = logging.getLogger(__name__)
 TRIALS = "trials.jsonl"
@@ -39,13 +41,15 @@ def search_problems(recipe: Recipe, budget_ms: float) -> list[str]:
     if budget_ms <= 0:
         problems.append(f"`--latency-budget-ms`: must be > 0, got {budget_ms:g}")
     cfg = recipe.search
-    if not cfg.student_layers and len(cfg.int8) < 2:
+    if not cfg.student_layers and len(cfg.prune_ratios) < 2 and len(cfg.int8) < 2:
         problems.append(
-            "`search`: the search space has no knob; give search.student_layers (e.g. [1, 2, 3]) and/or "
-            "two or more search.int8 choices (none, dynamic, static)"
+            "`search`: the search space has no knob; give search.student_layers (e.g. [1, 2, 3]), "
+            "search.prune_ratios (e.g. [0, 0.3, 0.5]) and/or two or more search.int8 choices (none, dynamic, static)"
         )
     if cfg.student_layers and not any(isinstance(s, DistillConfig) for s in recipe.stages):
         problems.append("`search.student_layers`: the recipe has no distill stage whose depth could vary")
+    if cfg.prune_ratios and not any(isinstance(s, PruneConfig) for s in recipe.stages):
+        problems.append("`search.prune_ratios`: the recipe has no prune stage whose ratio could vary; add one")
     wanted = {PRECISION_OF[c] for c in cfg.int8} - {"fp32"}
     made = {f"int8-{s.mode}" for s in recipe.stages if isinstance(s, QuantizeConfig)}
     if wanted - made:
@@ -53,13 +57,51 @@ def search_problems(recipe: Recipe, budget_ms: float) -> list[str]:
     return problems
 
 
-def with_depth(recipe: Recipe, depth: int | None) -> Recipe:
-    if depth is None:
+Variant = tuple[int | None, float | None]  # (student depth, prune ratio); None: as the recipe says
+
+
+def variant(recipe: Recipe, knobs: Variant) -> Recipe:
+    """The recipe with the student depth and prune ratio set (ratio 0 removes the prune stage)."""
+    depth, ratio = knobs
+    if depth is None and ratio is None:
         return recipe
     raw = recipe.model_dump(mode="json")
-    index = next(i for i, s in enumerate(recipe.stages) if isinstance(s, DistillConfig))
-    raw["stages"][index]["student"].update(num_layers=depth, layers=None)
-    return parse_recipe(raw, f"search depth {depth}")
+    if depth is not None:
+        index = next(i for i, s in enumerate(recipe.stages) if isinstance(s, DistillConfig))
+        raw["stages"][index]["student"].update(num_layers=depth, layers=None)
+    if ratio is not None:
+        index = next(i for i, s in enumerate(recipe.stages) if isinstance(s, PruneConfig))
+        if ratio == 0:
+            del raw["stages"][index]
+        else:
+            raw["stages"][index].update(ratio=ratio, head_ratio=None, ffn_ratio=None, heads=None)
+    return parse_recipe(raw, f"search variant {variant_name(knobs)}")
+
+
+def variant_name(knobs: Variant) -> str:
+    depth, ratio = knobs
+    parts = ([f"layers-{depth}"] if depth is not None else []) + ([f"prune-{ratio:g}"] if ratio is not None else [])
+    return "-".join(parts) or "recipe"
+
+
+def _seed_from_siblings(recipe: Recipe, knobs: Variant, built: list[Variant], out: Path) -> None:
+    """Copy into a new variant's run the completed stages it shares with variants built before.
+
+    Variants share every stage before the first one a knob changes (the distill stage when the depth
+    differs, the prune stage when only the ratio does); the runner reuses a copied stage only if its
+    inputs and config hash match, so a wrong guess costs a rebuild, never a wrong artifact."""
+    run = out / variant_name(knobs)
+    if run.exists():
+        return
+    kinds = [s.kind for s in recipe.stages]
+    for other in built:
+        varied = "distill" if other[0] != knobs[0] else "prune"
+        shared = kinds.index(varied) if varied in kinds else len(kinds)
+        source = out / variant_name(other)
+        for part in sorted(source.iterdir()) if source.is_dir() else []:
+            stage = part.name[:2].isdigit() and int(part.name[:2]) <= shared
+            if part.is_dir() and (stage or part.name == "cache") and not (run / part.name).exists():
+                shutil.copytree(part, run / part.name)
 
 
 def pareto_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -140,7 +182,7 @@ def _plot(rows: list[dict[str, Any]], front: list[dict[str, Any]], budget_ms: fl
 
 def _write_outputs(out: Path, rows: list[dict[str, Any]], budget_ms: float, best: dict[str, Any] | None) -> None:
     front = pareto_front(rows)
-    keys = ["label", "depth", "int8", "artifact", "accuracy", "p50_ms", "p90_ms", "cv", "size_mb", "pareto"]
+    keys = ["label", "depth", "prune", "int8", "artifact", "accuracy", "p50_ms", "p90_ms", "cv", "size_mb", "pareto"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=keys, extrasaction="ignore")
     writer.writeheader()
@@ -194,10 +236,12 @@ def search(recipe: Recipe, budget_ms: float, out: Path, target: str = "cpu") -> 
         raise RecipeError(problems)
     cfg = recipe.search
     depths: list[int | None] = list(cfg.student_layers) or [None]
-    for depth in depths:  # every variant must be valid before anything is built
-        variant_problems = check_recipe(with_depth(recipe, depth))
+    ratios: list[float | None] = list(cfg.prune_ratios) or [None]
+    variants: list[Variant] = [(d, r) for d in depths for r in ratios]
+    for knobs in variants:  # every variant must be valid before anything is built
+        variant_problems = check_recipe(variant(recipe, knobs))
         if variant_problems:
-            raise RecipeError(variant_problems, f"search depth {depth}")
+            raise RecipeError(variant_problems, f"search variant {variant_name(knobs)}")
     out.mkdir(parents=True, exist_ok=True)
     trials_file = out / TRIALS
     rows = (
@@ -208,15 +252,16 @@ def search(recipe: Recipe, budget_ms: float, out: Path, target: str = "cpu") -> 
     done = {r["label"] for r in rows}
     data = load_splits(recipe.data, recipe.seed, recipe.task)
     best = max((r for r in rows if r["p90_ms"] <= budget_ms), key=lambda r: r["accuracy"], default=None)
-    for step, depth in enumerate(depths, start=1):
-        prefix = f"layers-{depth}" if depth is not None else "recipe"
+    for step, knobs in enumerate(variants, start=1):
+        prefix = variant_name(knobs)
         labels = {f"{prefix}/{choice}": choice for choice in cfg.int8}
         todo = {label: choice for label, choice in labels.items() if label not in done}
-        log.info("search %d/%d: %s (%d candidate(s) to measure)", step, len(depths), prefix, len(todo))
+        log.info("search %d/%d: %s (%d candidate(s) to measure)", step, len(variants), prefix, len(todo))
         if not todo:
             continue
         run = out / prefix
-        build(with_depth(recipe, depth), run, benchmark=False)
+        _seed_from_siblings(recipe, knobs, variants[: step - 1], out)
+        build(variant(recipe, knobs), run, benchmark=False)
         manifest = json.loads((run / "manifest.json").read_text(encoding="utf-8"))
         by_precision = {a["precision"]: a["name"] for a in manifest["artifacts"] if a["kind"] != "torch-model"}
         names = {label: by_precision[PRECISION_OF[choice]] for label, choice in todo.items()}
@@ -224,7 +269,7 @@ def search(recipe: Recipe, budget_ms: float, out: Path, target: str = "cpu") -> 
         with trials_file.open("a", encoding="utf-8") as handle:
             for label, choice in todo.items():
                 row = next(r for r in measured if r["artifact"] == names[label])
-                row = {**row, "label": label, "depth": depth, "int8": choice}
+                row = {**row, "label": label, "depth": knobs[0], "prune": knobs[1], "int8": choice}
                 rows.append(row)
                 handle.write(json.dumps(row) + "\n")
                 log.info("  %s: accuracy %.4f, p90 %.2f ms", label, row["accuracy"], row["p90_ms"])

@@ -1,6 +1,6 @@
 """`Predictor`: an artifact folder (ONNX, transformers or module) plus its input encoding and labels.
 
-Predictor.load("runs/demo/04-quantize/int8-dynamic").predict(["great film"])
+Predictor.load("runs/demo/05-quantize/int8-dynamic").predict(["great film"])
 Predictor.load("runs/mnist/04-quantize/int8-static").predict(images)  # float32 (N, 1, 28, 28) in [0, 1]
 """
 
