@@ -10,7 +10,8 @@ import pytest
 from conftest import tiny_recipe, write_recipe
 
 from edgepipe.pipeline.cli import main
-from edgepipe.pipeline.search import pareto_front
+from edgepipe.pipeline.recipe import parse_recipe
+from edgepipe.pipeline.search import pareto_front, variant, variant_name, variants_of
 
 
 def _search_recipe(tiny_model_dir: Path, rt_csv: Path) -> dict:
@@ -84,6 +85,21 @@ def test_prune_ratio_is_a_knob_and_variants_share_the_teacher(
     manifest = json.loads((out / "prune-0.5" / "manifest.json").read_text())
     assert [s["reused"] for s in manifest["stages"][:2]] == [True, True]  # teacher and student copied
     assert manifest["stages"][2]["config"]["ratio"] == 0.5
+
+
+def test_preset_and_fallback_knobs_set_the_static_quantize_stage(tiny_model_dir: Path, rt_csv: Path) -> None:
+    raw = tiny_recipe(tiny_model_dir, rt_csv)
+    raw["search"] = {"presets": ["ort-cpu-vnni", "ort-cpu-avx2"], "fallback_drops": [0.01], "int8": ["static"]}
+    recipe = parse_recipe(raw)
+    variants = variants_of(recipe.search)
+    assert [variant_name(v) for v in variants] == [
+        "preset-ort-cpu-vnni-fallback-0.01",
+        "preset-ort-cpu-avx2-fallback-0.01",
+    ]
+    static = [s for s in variant(recipe, variants[1]).stages if getattr(s, "mode", None) == "static"]
+    assert [(s.preset, s.max_accuracy_drop) for s in static] == [("ort-cpu-avx2", 0.01)]  # type: ignore[union-attr]
+    dynamic = [s for s in variant(recipe, variants[1]).stages if getattr(s, "mode", None) == "dynamic"]
+    assert [(s.preset, s.max_accuracy_drop) for s in dynamic] == [(None, None)]  # type: ignore[union-attr]
 
 
 def test_pareto_front_has_no_dominated_point(searched) -> None:  # type: ignore[no-untyped-def]

@@ -353,6 +353,13 @@ class SearchConfig(_Strict):
         default_factory=list,
         description="ratios tried for the recipe's prune stage (0: no pruning), e.g. [0, 0.3, 0.5]",
     )
+    presets: list[Literal["ort-cpu-vnni", "ort-cpu-avx2", "ort-arm64", "tensorrt"]] = Field(
+        default_factory=list, description="int8 presets tried for the static quantize stage"
+    )
+    fallback_drops: list[float] = Field(
+        default_factory=list,
+        description="max_accuracy_drop values tried for the static quantize stage (sensitive nodes go float)",
+    )
     int8: list[Int8Choice] = Field(
         default_factory=lambda: list(INT8_CHOICES),
         description="which artifact of each build is a candidate: fp32 (none) or the int8 models",
@@ -369,11 +376,11 @@ class SearchConfig(_Strict):
             raise ValueError(f"depths must be distinct and >= 1, got {values}")
         return values
 
-    @field_validator("prune_ratios")
+    @field_validator("prune_ratios", "fallback_drops")
     @classmethod
     def _ratios(cls, values: list[float]) -> list[float]:
         if any(not 0 <= v < 1 for v in values) or len(set(values)) != len(values):
-            raise ValueError(f"ratios must be distinct and in [0, 1), got {values}")
+            raise ValueError(f"values must be distinct and in [0, 1), got {values}")
         return values
 
 

@@ -1,11 +1,11 @@
 """`edgepipe search`: the most accurate artifact under a latency budget measured on the target.
 
 The knobs come from the recipe's `search:` section: the distill stage's student depth, the prune
-stage's ratio, and which artifact of each build is a candidate (fp32, dynamic or static int8). For
-each depth and ratio the recipe is built into `OUT/layers-N-prune-R/` (stages reused as usual, so an
-interrupted search resumes where it stopped; a new variant starts from copies of the completed stages
-it shares with one built before: the teacher, and for the same depth the student); every candidate of
-that build is measured here: accuracy on the validation split, latency p90 at the search's batch and
+stage's ratio, the static quantize stage's preset and accuracy budget (fallback to float), and which
+artifact of each build is a candidate (fp32, dynamic or static int8). Each combination is built into
+`OUT/layers-N-prune-R-.../` (stages reused as usual, so an interrupted search resumes where it
+stopped; a new variant starts from copies of the completed stages it shares with one built before);
+every candidate of that build is measured here: accuracy on the validation split, latency p90 at the search's batch and
 sequence length, timed interleaved with one artifact alive at a time.
 
 Every measured candidate is appended to `trials.jsonl` (the resume log). After each step the search
@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from edgepipe.errors import InputError, RecipeError
+from edgepipe.errors import GateFailedError, InputError, RecipeError
 from edgepipe.pipeline.artifacts import write_atomic, write_json
 from edgepipe.pipeline.recipe import DistillConfig, PruneConfig, QuantizeConfig, Recipe, parse_recipe
 
@@ -41,15 +41,22 @@ def search_problems(recipe: Recipe, budget_ms: float) -> list[str]:
     if budget_ms <= 0:
         problems.append(f"`--latency-budget-ms`: must be > 0, got {budget_ms:g}")
     cfg = recipe.search
-    if not cfg.student_layers and len(cfg.prune_ratios) < 2 and len(cfg.int8) < 2:
+    if not (cfg.student_layers or cfg.prune_ratios or cfg.presets or cfg.fallback_drops) and len(cfg.int8) < 2:
         problems.append(
             "`search`: the search space has no knob; give search.student_layers (e.g. [1, 2, 3]), "
-            "search.prune_ratios (e.g. [0, 0.3, 0.5]) and/or two or more search.int8 choices (none, dynamic, static)"
+            "search.prune_ratios (e.g. [0, 0.3, 0.5]), search.presets, search.fallback_drops and/or two or "
+            "more search.int8 choices (none, dynamic, static)"
         )
     if cfg.student_layers and not any(isinstance(s, DistillConfig) for s in recipe.stages):
         problems.append("`search.student_layers`: the recipe has no distill stage whose depth could vary")
     if cfg.prune_ratios and not any(isinstance(s, PruneConfig) for s in recipe.stages):
         problems.append("`search.prune_ratios`: the recipe has no prune stage whose ratio could vary; add one")
+    if (cfg.presets or cfg.fallback_drops) and not any(
+        isinstance(s, QuantizeConfig) and s.mode == "static" for s in recipe.stages
+    ):
+        problems.append(
+            "`search.presets`/`search.fallback_drops`: apply to a static quantize stage; the recipe has none"
+        )
     wanted = {PRECISION_OF[c] for c in cfg.int8} - {"fp32"}
     made = {f"int8-{s.mode}" for s in recipe.stages if isinstance(s, QuantizeConfig)}
     if wanted - made:
@@ -57,46 +64,77 @@ def search_problems(recipe: Recipe, budget_ms: float) -> list[str]:
     return problems
 
 
-Variant = tuple[int | None, float | None]  # (student depth, prune ratio); None: as the recipe says
+Variant = tuple[tuple[str, Any], ...]  # ((knob, value), ...) for the knobs the search varies
+KNOB_PREFIX = {"depth": "layers-", "prune": "prune-", "preset": "preset-", "fallback": "fallback-"}
+
+
+def variants_of(cfg: Any) -> list[Variant]:
+    """Every combination of the knob values the `search:` section gives (depth outermost)."""
+    axes = [
+        (name, values)
+        for name, values in (
+            ("depth", cfg.student_layers),
+            ("prune", cfg.prune_ratios),
+            ("preset", cfg.presets),
+            ("fallback", cfg.fallback_drops),
+        )
+        if values
+    ]
+    combos: list[Variant] = [()]
+    for name, values in axes:
+        combos = [(*combo, (name, value)) for combo in combos for value in values]
+    return combos
 
 
 def variant(recipe: Recipe, knobs: Variant) -> Recipe:
-    """The recipe with the student depth and prune ratio set (ratio 0 removes the prune stage)."""
-    depth, ratio = knobs
-    if depth is None and ratio is None:
+    """The recipe with the knobs set: student depth, prune ratio (0 removes the prune stage), the static
+    quantize stages' preset and accuracy budget (`max_accuracy_drop`: nodes fall back to float)."""
+    if not knobs:
         return recipe
     raw = recipe.model_dump(mode="json")
-    if depth is not None:
-        index = next(i for i, s in enumerate(recipe.stages) if isinstance(s, DistillConfig))
-        raw["stages"][index]["student"].update(num_layers=depth, layers=None)
-    if ratio is not None:
-        index = next(i for i, s in enumerate(recipe.stages) if isinstance(s, PruneConfig))
-        if ratio == 0:
-            del raw["stages"][index]
+    stages = raw["stages"]
+    for name, value in knobs:
+        if name == "depth":
+            index = next(i for i, s in enumerate(recipe.stages) if isinstance(s, DistillConfig))
+            stages[index]["student"].update(num_layers=value, layers=None)
+        elif name == "prune":
+            index = next(i for i, s in enumerate(recipe.stages) if isinstance(s, PruneConfig))
+            stages[index].update(ratio=value, head_ratio=None, ffn_ratio=None, heads=None)
         else:
-            raw["stages"][index].update(ratio=ratio, head_ratio=None, ffn_ratio=None, heads=None)
+            key = "preset" if name == "preset" else "max_accuracy_drop"
+            for stage in stages:
+                if stage["kind"] == "quantize" and stage["mode"] == "static":
+                    stage[key] = value
+    raw["stages"] = [s for s in stages if not (s["kind"] == "prune" and s.get("ratio") == 0)]
     return parse_recipe(raw, f"search variant {variant_name(knobs)}")
 
 
 def variant_name(knobs: Variant) -> str:
-    depth, ratio = knobs
-    parts = ([f"layers-{depth}"] if depth is not None else []) + ([f"prune-{ratio:g}"] if ratio is not None else [])
-    return "-".join(parts) or "recipe"
+    return (
+        "-".join(
+            f"{KNOB_PREFIX[name]}{value:g}" if isinstance(value, float) else f"{KNOB_PREFIX[name]}{value}"
+            for name, value in knobs
+        )
+        or "recipe"
+    )
 
 
 def _seed_from_siblings(recipe: Recipe, knobs: Variant, built: list[Variant], out: Path) -> None:
     """Copy into a new variant's run the completed stages it shares with variants built before.
 
-    Variants share every stage before the first one a knob changes (the distill stage when the depth
-    differs, the prune stage when only the ratio does); the runner reuses a copied stage only if its
-    inputs and config hash match, so a wrong guess costs a rebuild, never a wrong artifact."""
+    A variant shares with another every stage before the first whose config differs (the teacher for
+    another depth; teacher and student for another prune ratio; everything before quantize for another
+    preset). The runner reuses a copied stage only if its inputs and config hash match, so a wrong
+    copy costs a rebuild, never a wrong artifact."""
     run = out / variant_name(knobs)
     if run.exists():
         return
-    kinds = [s.kind for s in recipe.stages]
+    mine = [s.model_dump(mode="json") for s in variant(recipe, knobs).stages]
     for other in built:
-        varied = "distill" if other[0] != knobs[0] else "prune"
-        shared = kinds.index(varied) if varied in kinds else len(kinds)
+        theirs = [s.model_dump(mode="json") for s in variant(recipe, other).stages]
+        shared = next(
+            (i for i, (a, b) in enumerate(zip(mine, theirs, strict=False)) if a != b), min(len(mine), len(theirs))
+        )
         source = out / variant_name(other)
         for part in sorted(source.iterdir()) if source.is_dir() else []:
             stage = part.name[:2].isdigit() and int(part.name[:2]) <= shared
@@ -182,7 +220,21 @@ def _plot(rows: list[dict[str, Any]], front: list[dict[str, Any]], budget_ms: fl
 
 def _write_outputs(out: Path, rows: list[dict[str, Any]], budget_ms: float, best: dict[str, Any] | None) -> None:
     front = pareto_front(rows)
-    keys = ["label", "depth", "prune", "int8", "artifact", "accuracy", "p50_ms", "p90_ms", "cv", "size_mb", "pareto"]
+    keys = [
+        "label",
+        "depth",
+        "prune",
+        "preset",
+        "fallback",
+        "int8",
+        "artifact",
+        "accuracy",
+        "p50_ms",
+        "p90_ms",
+        "cv",
+        "size_mb",
+        "pareto",
+    ]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=keys, extrasaction="ignore")
     writer.writeheader()
@@ -235,9 +287,7 @@ def search(recipe: Recipe, budget_ms: float, out: Path, target: str = "cpu") -> 
     if problems:
         raise RecipeError(problems)
     cfg = recipe.search
-    depths: list[int | None] = list(cfg.student_layers) or [None]
-    ratios: list[float | None] = list(cfg.prune_ratios) or [None]
-    variants: list[Variant] = [(d, r) for d in depths for r in ratios]
+    variants = variants_of(cfg)
     for knobs in variants:  # every variant must be valid before anything is built
         variant_problems = check_recipe(variant(recipe, knobs))
         if variant_problems:
@@ -261,15 +311,20 @@ def search(recipe: Recipe, budget_ms: float, out: Path, target: str = "cpu") -> 
             continue
         run = out / prefix
         _seed_from_siblings(recipe, knobs, variants[: step - 1], out)
-        build(variant(recipe, knobs), run, benchmark=False)
+        try:
+            build(variant(recipe, knobs), run, benchmark=False)
+        except GateFailedError as error:  # a fallback budget not met: its closest model is kept and measured
+            log.warning("  %s: %s", prefix, error)
         manifest = json.loads((run / "manifest.json").read_text(encoding="utf-8"))
         by_precision = {a["precision"]: a["name"] for a in manifest["artifacts"] if a["kind"] != "torch-model"}
-        names = {label: by_precision[PRECISION_OF[choice]] for label, choice in todo.items()}
-        measured = _measure(run, recipe, list(names.values()), data, cfg)
+        names = {label: by_precision[PRECISION_OF[c]] for label, c in todo.items() if PRECISION_OF[c] in by_precision}
+        for label in sorted(set(todo) - set(names)):
+            log.warning("  %s: not built (a stage before it failed its gate); skipped", label)
+        measured = _measure(run, recipe, list(names.values()), data, cfg) if names else []
         with trials_file.open("a", encoding="utf-8") as handle:
-            for label, choice in todo.items():
-                row = next(r for r in measured if r["artifact"] == names[label])
-                row = {**row, "label": label, "depth": knobs[0], "prune": knobs[1], "int8": choice}
+            for label, name in names.items():
+                row = next(r for r in measured if r["artifact"] == name)
+                row = {**row, "label": label, **dict(knobs), "int8": todo[label]}
                 rows.append(row)
                 handle.write(json.dumps(row) + "\n")
                 log.info("  %s: accuracy %.4f, p90 %.2f ms", label, row["accuracy"], row["p90_ms"])
