@@ -13,9 +13,9 @@ from typing import Any, cast
 
 import numpy as np
 
-from edgepipe.benchmarks.harness import LatencyStats, measure_interleaved
+from edgepipe.benchmarks.harness import LatencyStats, cuda_event_ms, measure_interleaved, summarize
 from edgepipe.errors import EdgepipeError
-from edgepipe.runtime.backends import BACKENDS, RuntimeOptions
+from edgepipe.runtime.backends import BACKENDS, DEFAULT_BACKENDS, RuntimeOptions, model_file
 from edgepipe.runtime.host import host_info, versions
 from edgepipe.runtime.predictor import Predictor
 
@@ -33,7 +33,7 @@ class BenchItem:
 
     @property
     def size_mb(self) -> float:
-        files = [self.path / "model.onnx"] if self.model_format == "onnx" else list(self.path.glob("*.safetensors"))
+        files = [model_file(self.path)] if self.model_format == "onnx" else list(self.path.glob("*.safetensors"))
         return round(sum(f.stat().st_size for f in files if f.exists()) / 1e6, 2)
 
 
@@ -55,6 +55,7 @@ class BenchSettings:
     cv_warn: float
     profile: bool = False
     input_shape: tuple[int, ...] | None = None  # image models: (channels, height, width); None for text
+    engines: list[str] | None = None  # backends to run every artifact on; None: the default per target
 
     def describe_input(self, seq_len: int) -> str:
         if self.input_shape:
@@ -65,31 +66,36 @@ class BenchSettings:
 Inputs = list[str] | np.ndarray  # texts, or float32 images (N, C, H, W)
 
 
-def accuracy(predictor: Predictor, inputs: Inputs, labels: np.ndarray, batch_size: int) -> float:
-    logits = predictor.logits(inputs, batch_size=batch_size)
-    return float((logits.argmax(-1) == labels).mean())
+def predict_logits(predictor: Predictor, inputs: Inputs, batch_size: int) -> np.ndarray:
+    return predictor.logits(inputs, batch_size=batch_size)
 
 
-def _backend_for(item: BenchItem, target: str) -> tuple[str | None, str | None]:
-    """(backend name, None) or (None, reason it cannot run)."""
-    reasons = []
-    for backend in BACKENDS.values():
-        if backend.model_format == item.model_format and backend.target == target:
-            reason = backend.available()
-            if reason is None:
-                return backend.name, None
-            reasons.append(f"{backend.name}: {reason}")
-    return None, "; ".join(reasons) or f"no backend runs {item.model_format} models on {target} yet"
+def _backends_for(item: BenchItem, target: str, engines: list[str] | None) -> list[tuple[str | None, str]]:
+    """[(backend name, label)] to run `item` on, or [(None, reason)] for each that cannot run here.
+
+    A run on the target's default backend keeps the artifact's name; any other engine adds `@engine`."""
+    names = [n for n in engines or [] if n in BACKENDS] if engines is not None else []
+    if engines is None:
+        default = DEFAULT_BACKENDS.get((item.model_format, target))
+        names = [default] if default else []
+    chosen: list[tuple[str | None, str]] = []
+    for name in names:
+        backend = BACKENDS[name]
+        if backend.model_format != item.model_format or backend.target != target:
+            continue
+        reason = backend.available()
+        label = item.name if name == DEFAULT_BACKENDS.get((item.model_format, target)) else f"{item.name}@{name}"
+        chosen.append((None, f"{name}: {reason}") if reason else (name, label))
+    return chosen or [(None, f"no backend runs {item.model_format} models on {target} here")]
 
 
 def _measure_target(
-    usable: dict[str, BenchItem],
+    usable: dict[str, tuple[BenchItem, str]],
     target: str,
     inputs: Inputs,
-    labels: np.ndarray,
     settings: BenchSettings,
-) -> tuple[dict[str, float], dict[tuple[str, Hashable], LatencyStats], dict[str, dict[str, Any]]]:
-    """Accuracy, latency per (artifact, shape) and runtime settings, one artifact alive at a time."""
+) -> tuple[dict[str, np.ndarray], dict[tuple[str, Hashable], LatencyStats], dict[str, dict[str, Any]]]:
+    """Logits on the eval inputs, latency per (label, shape) and runtime settings, one model alive at a time."""
     options = RuntimeOptions(
         threads=settings.threads,
         denormal_as_zero=settings.denormal_as_zero,
@@ -97,15 +103,16 @@ def _measure_target(
     )
     described: dict[str, dict[str, Any]] = {}
 
-    def load(name: str) -> Predictor:
-        predictor = Predictor.load(usable[name].path, options=usable[name].options or options, target=target)
+    def load(label: str) -> Predictor:
+        item, backend = usable[label]
+        predictor = Predictor.load(item.path, options=item.options or options, target=target, backend=backend)
         predictor.max_seq_len = settings.eval_max_seq_len
-        described[name] = predictor.session.describe()
+        described[label] = predictor.session.describe()
         return predictor
 
-    acc = {}
-    for name in usable:
-        acc[name] = accuracy(load(name), inputs, labels, settings.eval_batch_size)
+    logits = {}
+    for label in usable:
+        logits[label] = predict_logits(load(label), inputs, settings.eval_batch_size)
         gc.collect()
 
     @contextmanager
@@ -130,7 +137,51 @@ def _measure_target(
         warmup_runs=settings.warmup_runs,
         warmup_s=settings.warmup_s,
     )
-    return acc, stats, described
+    return logits, stats, described
+
+
+def _device_times(
+    usable: dict[str, tuple[BenchItem, str]], inputs: Inputs, settings: BenchSettings
+) -> dict[tuple[str, Hashable], dict[str, Any]]:
+    """On CUDA: the model alone on inputs already on the GPU (CUDA events), and the host-to-device copy."""
+    times: dict[tuple[str, Hashable], dict[str, Any]] = {}
+    for label, (item, backend) in usable.items():
+        predictor = Predictor.load(item.path, target="cuda", backend=backend)
+        session: Any = predictor.session
+        if not hasattr(session, "run_on_device"):
+            continue
+        for batch in settings.batch_sizes:
+            index = np.arange(batch) % len(inputs)
+            batch_inputs = inputs[index] if isinstance(inputs, np.ndarray) else [inputs[i] for i in index]
+            for seq_len in settings.seq_lens:
+                feeds = predictor.encode(batch_inputs, pad_to=seq_len)
+                tensors = session.to_device(feeds)
+                compute = functools.partial(session.run_on_device, tensors)
+                device = summarize(cuda_event_ms(compute, settings.runs))
+                copy = summarize(
+                    cuda_event_ms(functools.partial(session.to_device, feeds), max(10, settings.runs // 5))
+                )
+                times[(label, (batch, seq_len))] = {"device_ms": device.to_json(), "h2d_ms": copy.to_json()}
+        del predictor
+        gc.collect()
+    return times
+
+
+def _reference_logits(items: list[BenchItem], inputs: Inputs, settings: BenchSettings) -> tuple[str, np.ndarray] | None:
+    """The fp32 ONNX model's logits on ONNX Runtime's CPU provider: what every engine is compared with."""
+    reference = next((i for i in items if i.model_format == "onnx" and i.precision == "fp32"), None)
+    if reference is None or BACKENDS["ort-cpu"].available() is not None:
+        return None
+    predictor = Predictor.load(reference.path, backend="ort-cpu")
+    predictor.max_seq_len = settings.eval_max_seq_len
+    return reference.name, predict_logits(predictor, inputs, settings.eval_batch_size)
+
+
+def agreement(logits: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    return {
+        "max_abs_diff": round(float(np.abs(logits.astype(np.float32) - reference).max()), 6),
+        "argmax_agreement": round(float((logits.argmax(-1) == reference.argmax(-1)).mean()), 5),
+    }
 
 
 def _profile(usable: dict[str, BenchItem], inputs: Inputs, settings: BenchSettings) -> dict[str, Any]:
@@ -168,44 +219,53 @@ def run_bench(
     op_profile: dict[str, Any] | None = None
     skipped: list[dict[str, str]] = []
     warnings: list[str] = []
+    reference_logits = _reference_logits(items, inputs, settings)
+    for name in settings.engines or []:  # named, but for a target this bench does not measure
+        target = BACKENDS[name].target if name in BACKENDS else "?"
+        if name in BACKENDS and target not in settings.targets:
+            reason = f"{name}: runs on {target}, which bench.targets ({', '.join(settings.targets)}) does not list"
+            skipped.append({"artifact": "*", "target": target, "reason": reason})
     for target in settings.targets:
-        usable: dict[str, BenchItem] = {}
-        engines: dict[str, str] = {}
+        usable: dict[str, tuple[BenchItem, str]] = {}
         for item in items:
-            backend, reason = _backend_for(item, target)
-            if backend is None:
-                skipped.append({"artifact": item.name, "target": target, "reason": reason or ""})
-            else:
-                usable[item.name], engines[item.name] = item, backend
+            for backend, label in _backends_for(item, target, settings.engines):
+                if backend is None:
+                    skipped.append({"artifact": item.name, "target": target, "reason": label})
+                else:
+                    usable[label] = (item, backend)
         if not usable:
             continue
-        acc, stats, described = _measure_target(usable, target, inputs, labels, settings)
+        logits, stats, described = _measure_target(usable, target, inputs, settings)
+        device_times = _device_times(usable, inputs, settings) if target == "cuda" else {}
         if settings.profile and target == "cpu":
-            op_profile = _profile(usable, inputs, settings)
+            op_profile = _profile({label: item for label, (item, _) in usable.items()}, inputs, settings)
         order = list(usable)
         for (name, shape), s in sorted(stats.items(), key=lambda kv: (kv[0][1], order.index(kv[0][0]))):
             batch, seq_len = cast(tuple[int, int], shape)
+            item, backend = usable[name]
             if s.cv > settings.cv_warn:
                 warnings.append(
                     f"{name} at batch {batch}, {settings.describe_input(seq_len)}: latency std/mean = {s.cv:.2f} "
                     f"(> {settings.cv_warn}); the machine was noisy, compare with care"
                 )
-            results.append(
-                {
-                    "artifact": name,
-                    "engine": engines[name],
-                    "precision": usable[name].precision,
-                    "target": target,
-                    "size_mb": usable[name].size_mb,
-                    "accuracy": round(acc[name], 5),
-                    "batch": batch,
-                    "seq_len": seq_len,
-                    "input": settings.describe_input(seq_len),
-                    "latency_ms": s.to_json(),
-                    "throughput_per_s": round(batch * 1000.0 / s.mean, 2),
-                    "runtime": described[name],
-                }
-            )
+            row = {
+                "artifact": name,
+                "engine": backend,
+                "precision": item.precision,
+                "target": target,
+                "size_mb": item.size_mb,
+                "accuracy": round(float((logits[name].argmax(-1) == labels).mean()), 5),
+                "batch": batch,
+                "seq_len": seq_len,
+                "input": settings.describe_input(seq_len),
+                "latency_ms": s.to_json(),
+                "throughput_per_s": round(batch * 1000.0 / s.mean, 2),
+                "runtime": described[name],
+            }
+            row.update(device_times.get((name, shape), {}))
+            if reference_logits is not None:
+                row["agreement"] = {"reference": reference_logits[0], **agreement(logits[name], reference_logits[1])}
+            results.append(row)
     if not results:
         raise EdgepipeError(
             "nothing could be benchmarked: "

@@ -90,3 +90,24 @@ def measure_interleaved(
                         fn()
                         taken.append((time.perf_counter_ns() - start) / 1e6)
     return {key: summarize(values) for key, values in samples.items()}
+
+
+def cuda_event_ms(fn: Callable[[], object], runs: int, warmup_runs: int = 5) -> list[float]:
+    """Milliseconds of `fn` on the current CUDA stream, by CUDA events (the GPU's own clock).
+
+    The end event is synchronised per run, so each sample is the device time of one call; host
+    overhead before the kernels are queued is excluded, which is what `run_on_device` wants measured."""
+    import torch
+
+    for _ in range(warmup_runs):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        samples.append(float(start.elapsed_time(end)))
+    return samples

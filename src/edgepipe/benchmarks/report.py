@@ -123,8 +123,8 @@ def render_markdown(report: dict[str, Any], title: str, gate_lines: list[str] | 
     )
     out += ["", f"## Accuracy (test split, {report['eval_examples']} examples)", ""]
     out += [
-        "| artifact | engine | precision | size MB | accuracy | vs reference |",
-        "|---|---|---|---|---|---|",
+        "| artifact | engine | precision | size MB | accuracy | vs reference | vs fp32 ONNX: agree / max diff |",
+        "|---|---|---|---|---|---|---|",
     ]
     seen: dict[tuple[str, str], dict[str, Any]] = {}
     for row in report["results"]:
@@ -132,9 +132,11 @@ def render_markdown(report: dict[str, Any], title: str, gate_lines: list[str] | 
     ref = next((r["accuracy"] for (n, _), r in seen.items() if n == report.get("reference")), None)
     for (name, _), row in seen.items():
         delta = "" if ref is None else f"{100 * (row['accuracy'] - ref):+.2f} pt"
+        found = row.get("agreement")
+        agree = "" if found is None else f"{100 * found['argmax_agreement']:.2f}% / {found['max_abs_diff']:.2g}"
         out.append(
             f"| {name} | {row['engine']} | {row['precision']} | {row['size_mb']:.1f} | "
-            f"{100 * row['accuracy']:.2f}% | {delta} |"
+            f"{100 * row['accuracy']:.2f}% | {delta} | {agree} |"
         )
     groups: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
     for row in report["results"]:

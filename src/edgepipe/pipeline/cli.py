@@ -37,6 +37,7 @@ EXAMPLES = {
         "example:\n  edgepipe search src/edgepipe/recipes/default.yaml --latency-budget-ms 4 "
         "--set 'search.student_layers=[1, 2, 3]' --out runs/search"
     ),
+    "engines": "example:\n  edgepipe engines   # every backend, and why it cannot run here",
 }
 
 
@@ -112,6 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="cpu", help="where latency is measured (cpu)")
     p.add_argument("--out", type=Path, default=None, help="search folder (default: runs/<recipe name>-search)")
     p.add_argument("--set", dest="overrides", **overrides)  # type: ignore[arg-type]
+
+    command("engines", "List the backends (engines) bench.engines can name, with what each needs here.")
     return parser
 
 
@@ -220,6 +223,18 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _engines(args: argparse.Namespace) -> int:
+    from edgepipe.runtime.backends import BACKENDS, DEFAULT_BACKENDS
+
+    defaults = set(DEFAULT_BACKENDS.values())
+    print(f"{'engine':<18}{'target':<8}{'runs':<7}status")
+    for name, backend in BACKENDS.items():
+        reason = backend.available()
+        status = "available" + (" (default)" if name in defaults else "") if reason is None else f"no: {reason}"
+        print(f"{name:<18}{backend.target:<8}{backend.model_format:<7}{status}")
+    return 0
+
+
 def _compare(args: argparse.Namespace) -> int:
     return _gate(args, _read_report(args.baseline), _read_report(args.current), args.baseline)
 
@@ -233,7 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command not in ("validate", "compare"):
         _configure_logging(args.verbose)
     try:
-        commands = {"validate": _validate, "build": _build, "bench": _bench, "compare": _compare, "search": _search}
+        commands = {
+            "validate": _validate,
+            "build": _build,
+            "bench": _bench,
+            "compare": _compare,
+            "search": _search,
+            "engines": _engines,
+        }
         return commands[args.command](args)
     except EdgepipeError as error:
         log.debug("traceback of the error below", exc_info=True)  # shown with -v

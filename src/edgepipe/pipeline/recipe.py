@@ -24,6 +24,7 @@ class ArtifactKind(str, enum.Enum):
     ONNX_FP32 = "onnx-fp32"
     ONNX_FP32_FUSED = "onnx-fp32-fused"
     ONNX_INT8 = "onnx-int8"
+    ORT_MOBILE = "ort-mobile"  # the ORT format (model.ort) of an ONNX artifact, for ONNX Runtime Mobile
 
     @classmethod
     def _missing_(cls, value: object) -> ArtifactKind | None:
@@ -301,8 +302,36 @@ class QuantizeConfig(_Strict):
         return (ArtifactKind.ONNX_INT8,)
 
 
+MOBILE_SOURCES = {
+    "fp32": ArtifactKind.ONNX_FP32,
+    "fp32-fused": ArtifactKind.ONNX_FP32_FUSED,
+    "int8": ArtifactKind.ONNX_INT8,
+}
+
+
+class MobileConfig(_Strict):
+    """Convert an ONNX artifact to the ORT format for ONNX Runtime Mobile, with the reduced-build op config."""
+
+    kind: Literal["mobile"]
+    source: Literal["fp32", "fp32-fused", "int8"] = Field(
+        "int8", description="which ONNX artifact to convert (int8: the last quantize stage's)"
+    )
+    optimization: Literal["basic", "extended"] = Field(
+        "extended", description="graph optimizations baked in (not `all`: its x86 layout kernels do not exist on ARM)"
+    )
+    target_platform: Literal["arm", "amd64"] = Field("arm", description="where the model will run")
+    parity_atol: float = Field(1e-4, gt=0, description="max abs logit difference against the source model")
+
+    def consumes(self) -> tuple[ArtifactKind, ...]:
+        return (MOBILE_SOURCES[self.source],)
+
+    def produces(self) -> tuple[ArtifactKind, ...]:
+        return (ArtifactKind.ORT_MOBILE,)
+
+
 StageConfig = Annotated[
-    FinetuneConfig | DistillConfig | PruneConfig | ExportConfig | QuantizeConfig, Field(discriminator="kind")
+    FinetuneConfig | DistillConfig | PruneConfig | ExportConfig | QuantizeConfig | MobileConfig,
+    Field(discriminator="kind"),
 ]
 
 
@@ -326,6 +355,11 @@ class BenchConfig(_Strict):
     eval_max_examples: int | None = Field(None, ge=1)
     cv_warn: float = Field(0.15, gt=0, description="warn when std/mean of a latency exceeds this")
     include_torch: bool = Field(True, description="also measure the PyTorch fp32 model")
+    engines: list[str] | None = Field(
+        None,
+        description="backends every artifact runs on where its format fits (`edgepipe engines` lists them); "
+        "default: the first available per format and target. Unavailable ones are skipped with the reason",
+    )
     profile: bool = Field(False, description="ORT per-op-type kernel time of each ONNX artifact (first shape)")
 
     _check_len = field_validator("eval_max_seq_len")(_positive_seq_len)
@@ -389,6 +423,12 @@ class GatesConfig(_Strict):
         None, ge=0, le=1, description="largest allowed accuracy drop (0.01 = 1 point) of the gated artifacts"
     )
     artifacts: list[str] | None = Field(None, description="artifacts the gate applies to; default all")
+    min_argmax_agreement: float | None = Field(
+        None, ge=0, le=1, description="every engine's predictions vs the fp32 ONNX reference's, same inputs"
+    )
+    max_abs_diff: float | None = Field(
+        None, gt=0, description="largest logit difference of an fp32 engine from the fp32 ONNX reference"
+    )
 
 
 class Recipe(_Strict):
@@ -427,7 +467,7 @@ class Recipe(_Strict):
         return self
 
 
-STAGE_KINDS = ("finetune", "distill", "prune", "export", "quantize")
+STAGE_KINDS = ("finetune", "distill", "prune", "export", "quantize", "mobile")
 IMAGE_TASK = "image-classification"
 
 

@@ -93,6 +93,11 @@ def check_recipe(recipe: Recipe, out: Path | None = None) -> list[str]:
     model = model_problem(recipe.model, recipe.task)
     problems = [p for p in (model, data_problem(recipe.data, recipe.task)) if p]
     problems += check_chain(recipe) + task_problems(recipe)
+    from edgepipe.runtime.backends import BACKENDS
+
+    unknown = [e for e in recipe.bench.engines or [] if e not in BACKENDS]
+    if unknown:
+        problems.append(f"`bench.engines`: unknown {unknown}; known: {', '.join(BACKENDS)} (`edgepipe engines`)")
     module = module_spec(recipe.model, {}) is not None
     if (recipe.model_args or recipe.model_weights) and model is None and not module:
         problems.append(
@@ -245,11 +250,34 @@ def _settings(recipe: Recipe, data: DataSplits) -> Any:
     return BenchSettings(**cfg, input_shape=shape)
 
 
+def _agreement_gate(recipe: Recipe, report: dict[str, Any]) -> list[str]:
+    """Every engine against the fp32 ONNX reference on the same inputs (argmax agreement; fp32 logits)."""
+    gates, lines, seen = recipe.gates, [], set()
+    for row in report["results"]:
+        found = row.get("agreement")
+        if found is None or (row["artifact"], row["target"]) in seen:
+            continue
+        seen.add((row["artifact"], row["target"]))
+        where = f"`{row['artifact']}` on {row['target']} ({row['engine']}) vs `{found['reference']}`"
+        if gates.min_argmax_agreement is not None:
+            verdict = "FAIL" if found["argmax_agreement"] < gates.min_argmax_agreement else "pass"
+            lines.append(
+                f"{verdict}: {where}: predictions agree on {100 * found['argmax_agreement']:.2f}% "
+                f"(min {100 * gates.min_argmax_agreement:.2f}%)"
+            )
+        if gates.max_abs_diff is not None and row["precision"] == "fp32":
+            verdict = "FAIL" if found["max_abs_diff"] > gates.max_abs_diff else "pass"
+            lines.append(
+                f"{verdict}: {where}: logits differ by {found['max_abs_diff']:.3g} (max {gates.max_abs_diff:g})"
+            )
+    return lines
+
+
 def _gate(recipe: Recipe, report: dict[str, Any]) -> list[str]:
     """Lines describing each gate check; failing lines start with FAIL."""
     limit = recipe.gates.max_accuracy_drop
     if limit is None:
-        return []
+        return _agreement_gate(recipe, report)
     acc = {(r["artifact"], r["target"]): r["accuracy"] for r in report["results"]}
     ref_name = report["reference"]
     lines = []
@@ -265,7 +293,7 @@ def _gate(recipe: Recipe, report: dict[str, Any]) -> list[str]:
             f"{verdict}: `{name}` on {target} accuracy {100 * value:.2f}% vs `{ref_name}` {100 * ref:.2f}% "
             f"(drop {100 * drop:.2f} pt, limit {100 * limit:.2f} pt)"
         )
-    return lines
+    return lines + _agreement_gate(recipe, report)
 
 
 def write_report(paths: RunPaths, recipe: Recipe, report: dict[str, Any]) -> list[str]:

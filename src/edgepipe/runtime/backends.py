@@ -7,8 +7,10 @@ optimization level actually used. Heavy or optional libraries are imported insid
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -52,10 +54,17 @@ class Session(Protocol):
 
 
 class Backend(Protocol):
-    name: str
-    engine: str
-    target: str
-    model_format: str  # "onnx" or "torch" (a transformers folder or an edgepipe module folder)
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def engine(self) -> str: ...
+
+    @property
+    def target(self) -> str: ...  # cpu | cuda
+
+    @property
+    def model_format(self) -> str: ...  # "onnx" or "torch" (a transformers or edgepipe module folder)
 
     def available(self) -> str | None: ...
 
@@ -96,16 +105,29 @@ def set_caller_denormals(flush: bool) -> None:
     torch.set_flush_denormal(flush)
 
 
+def model_file(folder: Path) -> Path:
+    """The ONNX Runtime model of an artifact folder: model.onnx, or model.ort (ORT format)."""
+    if folder.is_file():
+        return folder
+    onnx_file = folder / "model.onnx"
+    return onnx_file if onnx_file.exists() or not (folder / "model.ort").exists() else folder / "model.ort"
+
+
 class _OrtSession:
-    def __init__(self, path: Path, options: RuntimeOptions, provider: str) -> None:
+    def __init__(
+        self, path: Path, options: RuntimeOptions, provider: str, provider_options: dict[str, Any] | None = None
+    ) -> None:
         import onnxruntime as ort
 
         set_caller_denormals(options.denormal_as_zero)
         so = ort_session_options(options)
         if not path.is_file():
             raise InputError(f"ONNX model not found: {path}; rebuild the run with `edgepipe build --force`")
+        providers: list[Any] = [(provider, provider_options or {})]
+        if provider != "CPUExecutionProvider":
+            providers.append("CPUExecutionProvider")  # for the nodes the accelerator does not take
         try:
-            self._session = ort.InferenceSession(str(path), so, providers=[provider])
+            self._session = ort.InferenceSession(str(path), so, providers=providers)
         except Exception as error:  # ORT raises its own pybind exception types
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise InputError(
@@ -114,6 +136,8 @@ class _OrtSession:
         self.input_names = tuple(i.name for i in self._session.get_inputs())
         self._settings = {
             "providers": self._session.get_providers(),
+            "provider_options": self._session.get_provider_options().get(provider, {}),
+            "model_file": path.name,
             "intra_op_threads": options.resolved_threads,
             "graph_optimization": options.optimization,
             "denormal_as_zero": options.denormal_as_zero,
@@ -127,28 +151,48 @@ class _OrtSession:
         return dict(self._settings)
 
 
-class OrtCpuBackend:
-    name = "ort-cpu"
-    engine = "onnxruntime"
-    target = "cpu"
-    model_format = "onnx"
+@dataclass(frozen=True)
+class OrtBackend:
+    """onnxruntime with one execution provider (plus CPU for the nodes an accelerator does not take)."""
+
+    name: str
+    provider: str
+    target: str
+    install: str
+    engine: str = "onnxruntime"
+    model_format: str = "onnx"
 
     def available(self) -> str | None:
         try:
             import onnxruntime as ort
         except ImportError:
             return "onnxruntime is not installed: pip install onnxruntime"
-        if "CPUExecutionProvider" not in ort.get_available_providers():
-            return "this onnxruntime build has no CPUExecutionProvider"
+        if self.provider not in ort.get_available_providers():
+            return f"this onnxruntime build has no {self.provider} ({self.install})"
         return None
 
+    def provider_options(self, folder: Path) -> dict[str, Any]:
+        if self.provider == "TensorrtExecutionProvider":
+            # engines built once and cached beside the model (the first load builds for minutes);
+            # fp16 where TensorRT finds it faster; a QDQ model runs its int8 kernels either way
+            cache = (folder if folder.is_dir() else folder.parent) / "trt-ep-cache"
+            return {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache), "trt_fp16_enable": True}
+        return {}
+
     def load(self, path: Path, options: RuntimeOptions) -> Session:
-        model = path / "model.onnx" if path.is_dir() else path
-        return _OrtSession(model, options, "CPUExecutionProvider")
+        return _OrtSession(model_file(path), options, self.provider, self.provider_options(path))
+
+
+OrtCpuBackend = functools.partial(OrtBackend, "ort-cpu", "CPUExecutionProvider", "cpu", "pip install onnxruntime")
 
 
 class _TorchSession:
-    def __init__(self, path: Path, options: RuntimeOptions) -> None:
+    """A transformers folder or module folder in PyTorch eager (optionally torch.compile), CPU or CUDA.
+
+    `run` takes numpy feeds and returns numpy logits, so on CUDA it includes the host-to-device copy
+    and the synchronising copy back; `run_on_device` times the model alone on inputs already there."""
+
+    def __init__(self, path: Path, options: RuntimeOptions, device: str, dtype: str, compile: bool) -> None:
         import torch
 
         from edgepipe.runtime.modules import is_module_folder, load_module
@@ -156,55 +200,104 @@ class _TorchSession:
         torch.set_num_threads(options.resolved_threads)
         set_caller_denormals(options.denormal_as_zero)  # the same floating-point mode as the ORT sessions
         self._torch = torch
+        self.device, self._dtype = device, getattr(torch, dtype)
         self._settings: dict[str, Any] = {
-            "device": "cpu",
-            "dtype": "float32",
+            "device": device if device == "cpu" else f"{device} ({torch.cuda.get_device_name()})",
+            "dtype": dtype,
+            "compile": compile,
             "threads": options.resolved_threads,
             "torch": torch.__version__,
         }
         self._module = is_module_folder(path)
         if self._module:
-            self._model = load_module(path)
+            model = load_module(path)
             self.input_names: tuple[str, ...] = ("pixel_values",)
-            self._settings["module"] = type(self._model).__name__
-            return
-        from edgepipe.runtime.text import load_text_model
+            self._settings["module"] = type(model).__name__
+        else:
+            from edgepipe.runtime.text import load_text_model
 
-        self._model = load_text_model(path)
-        forward_args = inspect.signature(self._model.forward).parameters
-        self.input_names = tuple(n for n in ("input_ids", "attention_mask", "token_type_ids") if n in forward_args)
-        self._settings["attn_implementation"] = self._model.config._attn_implementation
+            model = load_text_model(path)
+            forward_args = inspect.signature(model.forward).parameters
+            self.input_names = tuple(n for n in ("input_ids", "attention_mask", "token_type_ids") if n in forward_args)
+            self._settings["attn_implementation"] = model.config._attn_implementation
+        model = model.to(device=device, dtype=self._dtype)
+        self._model = torch.compile(model, dynamic=True) if compile else model
+
+    def to_device(self, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+        torch = self._torch
+        tensors = {k: torch.from_numpy(feeds[k]).to(self.device) for k in self.input_names if k in feeds}
+        if self._module:  # pixel values in the model's dtype; token ids stay int64
+            tensors = {k: v.to(self._dtype) for k, v in tensors.items()}
+        return tensors
+
+    def run_on_device(self, tensors: dict[str, Any]) -> Any:
+        with self._torch.inference_mode():
+            if self._module:  # a module takes its one tensor positionally
+                return self._model(tensors[self.input_names[0]])
+            return self._model(**tensors).logits
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        torch = self._torch
-        with torch.inference_mode():
-            if self._module:  # a module takes its one tensor positionally
-                return self._model(torch.from_numpy(feeds[self.input_names[0]])).numpy()
-            inputs = {k: torch.from_numpy(feeds[k]) for k in self.input_names if k in feeds}
-            return self._model(**inputs).logits.numpy()
+        return self.run_on_device(self.to_device(feeds)).float().cpu().numpy()
 
     def describe(self) -> dict[str, Any]:
         return dict(self._settings)
 
 
-class TorchCpuBackend:
-    name = "torch"
-    engine = "pytorch"
-    target = "cpu"
-    model_format = "torch"
+@dataclass(frozen=True)
+class TorchBackend:
+    name: str
+    target: str  # cpu | cuda
+    dtype: str = "float32"
+    compile: bool = False
+    engine: str = "pytorch"
+    model_format: str = "torch"
 
     def available(self) -> str | None:
         try:
-            import torch  # noqa: F401
+            import torch
         except ImportError:
             return "torch is not installed: pip install torch==2.13.0"
+        if self.target == "cuda" and not torch.cuda.is_available():
+            return f"torch {torch.__version__} sees no CUDA GPU (a CUDA build of torch and a GPU are needed)"
+        if self.dtype == "bfloat16" and self.target == "cuda" and not torch.cuda.is_bf16_supported():
+            return "this GPU has no bfloat16 support"
+        if self.compile and not (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")):
+            return "torch.compile (inductor) needs a C compiler on PATH"
         return None
 
     def load(self, path: Path, options: RuntimeOptions) -> Session:
-        return _TorchSession(path, options)
+        return _TorchSession(path, options, self.target, self.dtype, self.compile)
 
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (OrtCpuBackend(), TorchCpuBackend())}
+TorchCpuBackend = functools.partial(TorchBackend, "torch", "cpu")
+
+
+def _registry() -> dict[str, Backend]:
+    from edgepipe.runtime.tensorrt import TensorrtBackend, TorchTensorrtBackend
+
+    backends: list[Backend] = [
+        OrtCpuBackend(),
+        TorchCpuBackend(),
+        OrtBackend("ort-cuda", "CUDAExecutionProvider", "cuda", "pip install .[gpu]: onnxruntime-gpu"),
+        OrtBackend("ort-tensorrt", "TensorrtExecutionProvider", "cuda", "onnxruntime-gpu built with TensorRT"),
+        TensorrtBackend(),
+        TorchTensorrtBackend(),
+        TorchBackend("torch-compile", "cpu", compile=True),
+        TorchBackend("torch-cuda", "cuda"),
+        TorchBackend("torch-cuda-fp16", "cuda", "float16"),
+        TorchBackend("torch-cuda-bf16", "cuda", "bfloat16"),
+    ]
+    return {b.name: b for b in backends}
+
+
+BACKENDS: dict[str, Backend] = _registry()
+# what a target runs by default, per model format (the rest run when `bench.engines` names them)
+DEFAULT_BACKENDS = {
+    ("onnx", "cpu"): "ort-cpu",
+    ("torch", "cpu"): "torch",
+    ("onnx", "cuda"): "ort-cuda",
+    ("torch", "cuda"): "torch-cuda",
+}
 
 
 def get_backend(name: str) -> Backend:
@@ -218,7 +311,7 @@ def get_backend(name: str) -> Backend:
 
 
 def backend_for(model_format: str, target: str) -> Backend:
-    for backend in BACKENDS.values():
-        if backend.model_format == model_format and backend.target == target:
-            return get_backend(backend.name)
-    raise BackendUnavailableError(f"no backend runs {model_format} models on {target}")
+    name = DEFAULT_BACKENDS.get((model_format, target))
+    if name is None:
+        raise BackendUnavailableError(f"no backend runs {model_format} models on {target}")
+    return get_backend(name)

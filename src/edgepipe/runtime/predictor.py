@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from edgepipe.errors import InputError
-from edgepipe.runtime.backends import RuntimeOptions, Session, backend_for
+from edgepipe.runtime.backends import RuntimeOptions, Session, backend_for, get_backend
 
 META_FILE = "edgepipe.json"
 
@@ -73,13 +73,22 @@ class Predictor:
         self.input_shape = input_shape
 
     @classmethod
-    def load(cls, folder: str | Path, *, options: RuntimeOptions | None = None, target: str = "cpu") -> Predictor:
+    def load(
+        cls,
+        folder: str | Path,
+        *,
+        options: RuntimeOptions | None = None,
+        target: str = "cpu",
+        backend: str | None = None,
+    ) -> Predictor:
+        """An artifact folder on `backend` (a registry name), else on the target's default backend."""
         folder = Path(folder)
         if not folder.is_dir():
             raise InputError(f"artifact folder not found: {folder}")
-        fmt = "onnx" if (folder / "model.onnx").exists() else "torch"
+        fmt = "onnx" if (folder / "model.onnx").exists() or (folder / "model.ort").exists() else "torch"
         labels = model_labels(folder)
-        session = backend_for(fmt, target).load(folder, options or RuntimeOptions())
+        chosen = get_backend(backend) if backend is not None else backend_for(fmt, target)
+        session = chosen.load(folder, options or RuntimeOptions())
         shape = image_shape(folder)
         if shape is not None:
             return cls(session, None, labels, input_shape=shape)

@@ -61,6 +61,6 @@ def register(kind: str) -> Callable[[StageFn], StageFn]:
 
 def load_stages() -> dict[str, StageFn]:
     """Import the stage modules (they import torch) and return the registry."""
-    from edgepipe.pipeline.stages import distill, export, finetune, prune, quantize  # noqa: F401
+    from edgepipe.pipeline.stages import distill, export, finetune, mobile, prune, quantize  # noqa: F401
 
     return STAGES

@@ -1,0 +1,48 @@
+"""mobile: an ONNX artifact in the ORT format for ONNX Runtime Mobile (Android, iOS), checked against it.
+
+The folder holds `model.ort`, the `required_operators.config` a minimal mobile build is compiled with
+(README: "What to ship where"), and the source's tokenizer/config; the converted model must give the
+source's logits on real validation inputs within `parity_atol`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+import numpy as np
+
+from edgepipe.errors import ExportParityError
+from edgepipe.pipeline.artifacts import Artifact
+from edgepipe.pipeline.recipe import MOBILE_SOURCES, ArtifactKind, MobileConfig
+from edgepipe.pipeline.stages import StageContext, StageResult, register
+from edgepipe.runtime.mobile import OPS_CONFIG, convert_to_ort, required_operators
+
+
+@register("mobile")
+def run_mobile(inputs: dict[ArtifactKind, Artifact], cfg: MobileConfig, ctx: StageContext) -> StageResult:
+    from edgepipe.runtime.predictor import Predictor
+
+    source = inputs[MOBILE_SOURCES[cfg.source]]
+    out = ctx.stage_dir / f"{source.name}-ort"
+    out.mkdir(parents=True)
+    for item in source.path.iterdir():
+        if item.is_file() and item.name != "model.onnx":
+            shutil.copy2(item, out / item.name)
+    model = convert_to_ort(source.path / "model.onnx", out, level=cfg.optimization, target_platform=cfg.target_platform)
+    original, converted = Predictor.load(source.path), Predictor.load(out)
+    sample: Any = ctx.data.val.inputs[:32]
+    diff = float(np.abs(original.logits(sample) - converted.logits(sample)).max())
+    if diff > cfg.parity_atol:
+        raise ExportParityError(
+            f"{model.name}: logits differ from {source.name}'s by {diff:.3g} (max abs) over parity_atol="
+            f"{cfg.parity_atol:g}; try optimization: basic, or raise parity_atol if expected"
+        )
+    metrics = {
+        "source": source.name,
+        "max_abs_diff": diff,
+        "onnx_mb": round((source.path / "model.onnx").stat().st_size / 1e6, 3),
+        "ort_mb": round(model.stat().st_size / 1e6, 3),
+        "required_operators": required_operators(out / OPS_CONFIG),
+    }
+    return StageResult([Artifact(f"{source.name}-ort", ArtifactKind.ORT_MOBILE, out, source.precision)], metrics)
