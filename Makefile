@@ -10,7 +10,7 @@ RECIPE ?= src/edgepipe/recipes/default.yaml
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-all lint format bench regress clean
+.PHONY: setup demo test test-all test-gpu lint format bench bench-gpu regress clean
 
 setup: $(STAMP)
 
@@ -44,8 +44,15 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_runtime.py --run runs/demo --json runs/bench/runtime.json
 	$(BIN)/python benchmarks/bench_distill.py --json runs/bench/distill.json  # ~15 min: 4 students, 2 CNNs
 	$(BIN)/python benchmarks/bench_int8.py --run runs/demo --json runs/bench/int8.json  # ~4 min: int8 vs peers
-	$(BIN)/python benchmarks/bench_prune.py --json runs/bench/prune.json  # ~5 min: FFN ratios 0.3, 0.5
-	$(BIN)/python benchmarks/bench_search.py --json runs/bench/search.json  # ~5 min: depth x int8 under budget
+	$(BIN)/python benchmarks/bench_prune.py --json runs/bench/prune.json  # ~12 min: text and CNN, 0.3 / 0.5
+	$(BIN)/python benchmarks/bench_search.py --json runs/bench/search.json  # ~30 min: depth x prune x int8
+	$(BIN)/python benchmarks/bench_engines.py --run runs/demo --json runs/bench/engines.json  # ~3 min
+
+test-gpu: $(STAMP)  # on a CUDA machine: the cuda/tensorrt-marked tests (skipped elsewhere, with the reason)
+	$(BIN)/python -m pytest -q -m "cuda or tensorrt" -rs
+
+bench-gpu: demo  # on a CUDA machine: every engine of the demo's student on the GPU (and CPU), one report
+	$(BIN)/python benchmarks/bench_engines.py --run runs/demo --json runs/bench/engines-gpu.json --targets cpu cuda
 
 # Gate the demo run against a saved baseline run, both measured interleaved (A/B); exit 3 on a regression.
 # The first call saves the current demo run as the baseline.
