@@ -145,3 +145,10 @@ def test_cuda_engines_unavailable_here_are_skipped_with_the_reason(run_copy: Pat
     reasons = {s["reason"] for s in report["skipped"] if s["target"] == "cuda"}
     assert any(r.startswith("ort-cuda: this onnxruntime build has no CUDAExecutionProvider") for r in reasons)
     assert "skipped `fp32` on cuda: ort-cuda:" in (run_copy / "report.md").read_text()
+
+
+def test_tensorrt_ep_options_cache_engines_and_cover_the_timed_shapes(built_run: Path) -> None:
+    options = BACKENDS["ort-tensorrt"].provider_options(built_run / "02-export" / "fp32")  # type: ignore[attr-defined]
+    assert options["trt_engine_cache_enable"] and options["trt_engine_cache_path"].endswith("fp32/trt-ep-cache")
+    assert options["trt_profile_min_shapes"].startswith("input_ids:1x1,attention_mask:1x1")
+    assert options["trt_profile_max_shapes"].startswith("input_ids:8x128,attention_mask:8x128")

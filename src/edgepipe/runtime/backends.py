@@ -172,12 +172,32 @@ class OrtBackend:
         return None
 
     def provider_options(self, folder: Path) -> dict[str, Any]:
-        if self.provider == "TensorrtExecutionProvider":
-            # engines built once and cached beside the model (the first load builds for minutes);
-            # fp16 where TensorRT finds it faster; a QDQ model runs its int8 kernels either way
-            cache = (folder if folder.is_dir() else folder.parent) / "trt-ep-cache"
-            return {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache), "trt_fp16_enable": True}
-        return {}
+        if self.provider != "TensorrtExecutionProvider":
+            return {}
+        import onnx
+
+        from edgepipe.runtime.tensorrt import profile_shapes
+
+        # engines built once and cached beside the model (the first load builds for minutes); fp16 where
+        # TensorRT finds it faster (a QDQ model runs its int8 kernels either way); one profile covering
+        # batch 1-8 and sequences up to 128, so changing shapes do not rebuild the engine
+        model = model_file(folder)
+        graph = onnx.load(str(model), load_external_data=False).graph
+        dims = {i.name: tuple(d.dim_value or -1 for d in i.type.tensor_type.shape.dim) for i in graph.input}
+        shapes = profile_shapes(dims, [1, 8], [1, 128])
+
+        def spec(which: int) -> str:
+            return ",".join(f"{name}:{'x'.join(map(str, s[which]))}" for name, s in shapes.items())
+
+        return {
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(model.parent / "trt-ep-cache"),
+            "trt_timing_cache_enable": True,
+            "trt_fp16_enable": True,
+            "trt_profile_min_shapes": spec(0),
+            "trt_profile_opt_shapes": spec(1),
+            "trt_profile_max_shapes": spec(2),
+        }
 
     def load(self, path: Path, options: RuntimeOptions) -> Session:
         return _OrtSession(model_file(path), options, self.provider, self.provider_options(path))
