@@ -3,7 +3,7 @@
     python benchmarks/bench_search.py --json runs/bench/search.json [--teacher-run runs/demo]
 
 Measures the fine-tuned teacher (PyTorch fp32, b1 s128, 30 runs) for the budget, then runs
-`edgepipe search` on the default recipe with student depths 3 and 4, prune ratios 0.4, 0.5 and 0.6
+`edgepipe search` on the default recipe with student depths 3 and 4, prune ratios 0.4 to 0.7
 (400 recovery steps) and fp32 / dynamic / static int8 as candidates. The teacher's completed fine-tune
 stage and cached logits are copied from the demo run, so only the students are trained. Accuracy is on
 the validation split (the search's own measure).
@@ -31,7 +31,7 @@ from edgepipe.runtime import Predictor
 
 # 1- and 2-layer students keep 0.93 and 0.95 of the teacher (RESULTS.md): deeper students, pruned
 DEPTHS = (3, 4)
-RATIOS = (0.4, 0.5, 0.6)
+RATIOS = (0.4, 0.5, 0.6, 0.7)
 RECOVER_STEPS = 400
 
 

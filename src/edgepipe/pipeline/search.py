@@ -316,7 +316,8 @@ def search(recipe: Recipe, budget_ms: float, out: Path, target: str = "cpu") -> 
         except GateFailedError as error:  # a fallback budget not met: its closest model is kept and measured
             log.warning("  %s: %s", prefix, error)
         manifest = json.loads((run / "manifest.json").read_text(encoding="utf-8"))
-        by_precision = {a["precision"]: a["name"] for a in manifest["artifacts"] if a["kind"] != "torch-model"}
+        onnx_kinds = ("onnx-fp32", "onnx-fp32-fused", "onnx-int8")  # not the .ort copy of the same model
+        by_precision = {a["precision"]: a["name"] for a in manifest["artifacts"] if a["kind"] in onnx_kinds}
         names = {label: by_precision[PRECISION_OF[c]] for label, c in todo.items() if PRECISION_OF[c] in by_precision}
         for label in sorted(set(todo) - set(names)):
             log.warning("  %s: not built (a stage before it failed its gate); skipped", label)
