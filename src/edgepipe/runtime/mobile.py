@@ -42,7 +42,9 @@ def convert_to_ort(onnx_path: Path, out_dir: Path, *, level: str = "extended", t
             )
             produced = {p.suffix if p.suffix == ".ort" else "config": p for p in (Path(work) / "out").iterdir()}
             shutil.move(str(produced[".ort"]), out_dir / ORT_MODEL)
-            shutil.move(str(produced["config"]), out_dir / OPS_CONFIG)
+            config = produced["config"].read_text(encoding="utf-8").splitlines()
+            lines = [f"# - {ORT_MODEL}" if line.startswith("# - ") else line for line in config]  # not the tmp path
+            (out_dir / OPS_CONFIG).write_text("\n".join(lines) + "\n", encoding="utf-8")
     finally:
         if previous is None:
             os.environ.pop("ORT_CONVERT_ONNX_MODELS_TO_ORT_OPTIMIZATION_LEVEL", None)
