@@ -314,6 +314,17 @@ def ort_latency(models: dict[str, Any], feeds: Callable[..., Any], spec: Any, wo
     }
 
 
+def accuracy_metrics(before: float, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Val accuracy before, after the last pruning step and after its recovery, and every iteration."""
+    last = history[-1]
+    return {
+        "val_accuracy_before": before,
+        "val_accuracy_pruned": last["val_accuracy_pruned"],
+        "val_accuracy_recovered": last.get("val_accuracy_recovered"),
+        "iterations": history,
+    }
+
+
 def _prune_step(
     model: Any, scores: tuple[list[Any], list[Any]], cfg: PruneConfig, fraction: float, start: dict[str, Any]
 ) -> tuple[list[Any] | None, list[Any] | None]:
@@ -417,10 +428,7 @@ def run_prune(inputs: dict[ArtifactKind, Artifact], cfg: PruneConfig, ctx: Stage
         "encoder_params_after": encoder_params(model),
         "macs_per_seq128_before": before["macs"],
         "macs_per_seq128_after": encoder_macs(model),
-        "val_accuracy_before": before["val_accuracy"],
-        "val_accuracy_pruned": history[-1]["val_accuracy_pruned"],
-        "val_accuracy_recovered": history[-1].get("val_accuracy_recovered"),
-        "iterations": history,
+        **accuracy_metrics(before["val_accuracy"], history),
     }
     if cfg.latency:
         spec = spec_for(model, ctx.task)

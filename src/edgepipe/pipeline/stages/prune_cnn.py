@@ -130,7 +130,7 @@ def run_cnn_prune(source: Artifact, cfg: PruneConfig, ctx: StageContext) -> Stag
     import torch
 
     from edgepipe.export import image_feeds, spec_for
-    from edgepipe.pipeline.stages.prune import ort_latency
+    from edgepipe.pipeline.stages.prune import accuracy_metrics, ort_latency
 
     if cfg.ratio is None:
         raise InputError("`ratio`: an image model is pruned by conv channels; set ratio (fraction of parameters)")
@@ -183,10 +183,7 @@ def run_cnn_prune(source: Artifact, cfg: PruneConfig, ctx: StageContext) -> Stag
         "params_after": _params(model),
         "macs_before": before["macs"],
         "macs_after": _macs(model, example),
-        "val_accuracy_before": before["val_accuracy"],
-        "val_accuracy_pruned": history[-1]["val_accuracy_pruned"],
-        "val_accuracy_recovered": history[-1].get("val_accuracy_recovered"),
-        "iterations": history,
+        **accuracy_metrics(before["val_accuracy"], history),
     }
     if cfg.latency:
         spec = spec_for(model, ctx.task)
