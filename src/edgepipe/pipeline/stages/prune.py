@@ -236,9 +236,18 @@ def encoder_macs(model: Any, seq_len: int = 128) -> int:
 
 
 def recover(
-    model: Any, teacher: Any, tokenizer: Any, cfg: PruneConfig, spec: RecoverConfig, ctx: StageContext, seed: int
+    model: Any,
+    teacher: Any,
+    spec: RecoverConfig,
+    ctx: StageContext,
+    seed: int,
+    batch_of: Callable[[Any], Any],
+    logits_of: Callable[[Any, Any], Any],
 ) -> list[float]:
-    """KD fine-tuning of the pruned model from the unpruned one; returns the loss per step."""
+    """KD fine-tuning of the pruned model from the unpruned one; returns the loss per step.
+
+    `batch_of(index)` makes the model input of train examples `index` (once per step, for both models);
+    `logits_of(model, batch)` runs a model on it. Text and image pruning share this loop."""
     import torch
 
     from edgepipe.pipeline.stages.distill import logit_objective
@@ -249,12 +258,11 @@ def recover(
     losses = []
     model.train()
     for step, index in enumerate(batches(len(train), spec.batch_size, spec.max_steps, seed)):
-        enc = encode(tokenizer, list(train.take(index)), cfg.max_seq_len)
+        batch = batch_of(index)
         with torch.no_grad():
-            t_logits = teacher(**enc).logits
-        loss, _, _, _ = logit_objective(
-            spec, step, model(**enc).logits, t_logits, torch.from_numpy(train.labels[index])
-        )
+            t_logits = logits_of(teacher, batch)
+        labels = torch.from_numpy(train.labels[index])
+        loss, _, _, _ = logit_objective(spec, step, logits_of(model, batch), t_logits, labels)
         optimizer_step(loss, params, optimizer, schedule)
         losses.append(loss.item())
     model.eval()
@@ -404,7 +412,15 @@ def run_prune(inputs: dict[ArtifactKind, Artifact], cfg: PruneConfig, ctx: Stage
             "val_accuracy_pruned": evaluate_val(model),
         }
         if cfg.recover is not None:
-            losses = recover(model, original, tokenizer, cfg, cfg.recover, ctx, ctx.seed + iteration)
+            losses = recover(
+                model,
+                original,
+                cfg.recover,
+                ctx,
+                ctx.seed + iteration,
+                lambda index: encode(tokenizer, list(ctx.data.train.take(index)), cfg.max_seq_len),
+                lambda m, enc: m(**enc).logits,
+            )
             entry["recover_loss_start"], entry["recover_loss_end"] = loss_window(losses)
             entry["val_accuracy_recovered"] = evaluate_val(model)
         history.append(entry)

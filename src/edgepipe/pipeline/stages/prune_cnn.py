@@ -24,10 +24,10 @@ import numpy as np
 
 from edgepipe.errors import InputError
 from edgepipe.pipeline.artifacts import Artifact
-from edgepipe.pipeline.recipe import ArtifactKind, PruneConfig, RecoverConfig
+from edgepipe.pipeline.recipe import ArtifactKind, PruneConfig
 from edgepipe.pipeline.stages import StageContext, StageResult
 from edgepipe.pipeline.stages.image import evaluate_module
-from edgepipe.pipeline.stages.training import batches, loss_window, optimizer_and_schedule, optimizer_step
+from edgepipe.pipeline.stages.training import batches, loss_window
 from edgepipe.runtime.modules import load_module, read_module_meta, save_module
 
 log = logging.getLogger(__name__)
@@ -99,27 +99,6 @@ def _importance(model: Any, cfg: PruneConfig, ctx: StageContext) -> Any:
     return tp.importance.GroupTaylorImportance()
 
 
-def recover_module(model: Any, teacher: Any, spec: RecoverConfig, ctx: StageContext, seed: int) -> list[float]:
-    """KD fine-tuning of the pruned module from the unpruned one; returns the loss per step."""
-    import torch
-
-    from edgepipe.pipeline.stages.distill import logit_objective
-
-    params = list(model.parameters())
-    optimizer, schedule = optimizer_and_schedule(params, spec.lr, spec.weight_decay, spec.warmup_ratio, spec.max_steps)
-    train, losses = ctx.data.train, []
-    model.train()
-    for step, index in enumerate(batches(len(train), spec.batch_size, spec.max_steps, seed)):
-        images = torch.from_numpy(np.asarray(train.take(index)))
-        with torch.no_grad():
-            t_logits = teacher(images)
-        loss, _, _, _ = logit_objective(spec, step, model(images), t_logits, torch.from_numpy(train.labels[index]))
-        optimizer_step(loss, params, optimizer, schedule)
-        losses.append(loss.item())
-    model.eval()
-    return losses
-
-
 def conv_widths(model: Any) -> dict[str, int]:
     import torch
 
@@ -130,7 +109,7 @@ def run_cnn_prune(source: Artifact, cfg: PruneConfig, ctx: StageContext) -> Stag
     import torch
 
     from edgepipe.export import image_feeds, spec_for
-    from edgepipe.pipeline.stages.prune import accuracy_metrics, ort_latency
+    from edgepipe.pipeline.stages.prune import accuracy_metrics, ort_latency, recover
 
     if cfg.ratio is None:
         raise InputError("`ratio`: an image model is pruned by conv channels; set ratio (fraction of parameters)")
@@ -159,7 +138,15 @@ def run_cnn_prune(source: Artifact, cfg: PruneConfig, ctx: StageContext) -> Stag
             "val_accuracy_pruned": evaluate_module(model, ctx.data.val, cfg.eval_batch_size),
         }
         if cfg.recover is not None:
-            losses = recover_module(model, original, cfg.recover, ctx, ctx.seed + iteration)
+            losses = recover(
+                model,
+                original,
+                cfg.recover,
+                ctx,
+                ctx.seed + iteration,
+                lambda index: torch.from_numpy(np.asarray(ctx.data.train.take(index))),
+                lambda m, images: m(images),
+            )
             entry["recover_loss_start"], entry["recover_loss_end"] = loss_window(losses)
             entry["val_accuracy_recovered"] = evaluate_module(model, ctx.data.val, cfg.eval_batch_size)
         history.append(entry)
