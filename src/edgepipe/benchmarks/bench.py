@@ -167,10 +167,18 @@ def _device_times(
     return times
 
 
-def _reference_logits(items: list[BenchItem], inputs: Inputs, settings: BenchSettings) -> tuple[str, np.ndarray] | None:
-    """The fp32 ONNX model's logits on ONNX Runtime's CPU provider: what every engine is compared with."""
+def _reference_logits(
+    items: list[BenchItem], measured: dict[tuple[str, str], np.ndarray], inputs: Inputs, settings: BenchSettings
+) -> tuple[str, np.ndarray] | None:
+    """The fp32 ONNX model's logits on ONNX Runtime's CPU provider: what every engine is compared with.
+
+    Taken from the cpu target's own measurement when it ran there; computed only otherwise."""
     reference = next((i for i in items if i.model_format == "onnx" and i.precision == "fp32"), None)
-    if reference is None or BACKENDS["ort-cpu"].available() is not None:
+    if reference is None:
+        return None
+    if ("cpu", reference.name) in measured:  # the cpu target runs it on its default backend, ort-cpu
+        return reference.name, measured[("cpu", reference.name)]
+    if BACKENDS["ort-cpu"].available() is not None:
         return None
     predictor = Predictor.load(reference.path, backend="ort-cpu")
     predictor.max_seq_len = settings.eval_max_seq_len
@@ -200,7 +208,7 @@ def _profile(usable: dict[str, BenchItem], inputs: Inputs, settings: BenchSettin
             continue
         predictor = Predictor.load(item.path, options=item.options or options)
         feeds = predictor.encode(batch_inputs, pad_to=seq_len)
-        profiles[name] = op_type_profile(item.path / "model.onnx", feeds, min(settings.runs, 30), options)
+        profiles[name] = op_type_profile(model_file(item.path), feeds, min(settings.runs, 30), options)
         gc.collect()
     return {"batch": batch, "seq_len": seq_len, "input": settings.describe_input(seq_len), "artifacts": profiles}
 
@@ -219,7 +227,7 @@ def run_bench(
     op_profile: dict[str, Any] | None = None
     skipped: list[dict[str, str]] = []
     warnings: list[str] = []
-    reference_logits = _reference_logits(items, inputs, settings)
+    measured: dict[tuple[str, str], np.ndarray] = {}  # (target, label) -> logits on the eval inputs
     for name in settings.engines or []:  # named, but for a target this bench does not measure
         target = BACKENDS[name].target if name in BACKENDS else "?"
         if name in BACKENDS and target not in settings.targets:
@@ -236,6 +244,7 @@ def run_bench(
         if not usable:
             continue
         logits, stats, described = _measure_target(usable, target, inputs, settings)
+        measured.update({(target, label): value for label, value in logits.items()})
         device_times = _device_times(usable, inputs, settings) if target == "cuda" else {}
         if settings.profile and target == "cpu":
             op_profile = _profile({label: item for label, (item, _) in usable.items()}, inputs, settings)
@@ -263,9 +272,13 @@ def run_bench(
                 "runtime": described[name],
             }
             row.update(device_times.get((name, shape), {}))
-            if reference_logits is not None:
-                row["agreement"] = {"reference": reference_logits[0], **agreement(logits[name], reference_logits[1])}
             results.append(row)
+    baseline = _reference_logits(items, measured, inputs, settings)
+    if baseline is not None:
+        ref_name, ref_logits = baseline
+        for row in results:
+            found = agreement(measured[(str(row["target"]), str(row["artifact"]))], ref_logits)
+            row["agreement"] = {"reference": ref_name, **found}
     if not results:
         raise EdgepipeError(
             "nothing could be benchmarked: "
