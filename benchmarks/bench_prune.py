@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,7 +30,7 @@ from edgepipe.benchmarks.harness import measure_interleaved
 from edgepipe.pipeline.artifacts import write_json
 from edgepipe.pipeline.data import load_splits
 from edgepipe.pipeline.recipe import default_recipe_path, load_recipe, parse_recipe
-from edgepipe.pipeline.runner import build
+from edgepipe.pipeline.runner import build, copy_completed_stages
 from edgepipe.runtime import Predictor
 
 RATIOS = (0.3, 0.5)
@@ -42,10 +41,8 @@ EXPORT = {"kind": "export", "fuse": False}
 def _build(recipe: Path, stages: list[Any], source: Path | None, run: Path, shared: int = 0) -> Path:
     """Build `recipe` with `stages` into `run`, first copying `source`'s first `shared` completed stages."""
     raw = {**load_recipe(recipe).model_dump(mode="json"), "stages": stages}
-    for part in sorted(source.iterdir()) if source is not None else []:
-        copy = (part.name[:2].isdigit() and int(part.name[:2]) <= shared) or part.name == "cache"
-        if part.is_dir() and copy and not (run / part.name).exists():
-            shutil.copytree(part, run / part.name)
+    if source is not None:
+        copy_completed_stages(source, run, shared)
     build(parse_recipe(raw), run, benchmark=False)
     return run
 

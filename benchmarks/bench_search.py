@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -27,6 +26,7 @@ from edgepipe.pipeline.artifacts import write_json
 from edgepipe.pipeline.cli import main as edgepipe
 from edgepipe.pipeline.data import load_splits
 from edgepipe.pipeline.recipe import default_recipe_path, load_recipe
+from edgepipe.pipeline.runner import copy_completed_stages
 from edgepipe.runtime import Predictor
 
 # 1- and 2-layer students keep 0.93 and 0.95 of the teacher (RESULTS.md): deeper students, pruned
@@ -58,10 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     teacher_acc = float((Predictor.load(teacher).logits(list(data.val.inputs)).argmax(-1) == data.val.labels).mean())
 
     for depth in DEPTHS:  # the teacher is trained once: its stage and logits come from the demo run
-        for part in ("01-finetune", "cache"):
-            target = args.out / f"layers-{depth}-prune-{RATIOS[0]:g}" / part
-            if (args.teacher_run / part).is_dir() and not target.exists():
-                shutil.copytree(args.teacher_run / part, target)
+        copy_completed_stages(args.teacher_run, args.out / f"layers-{depth}-prune-{RATIOS[0]:g}", 1)
     code = edgepipe(
         [
             "search",

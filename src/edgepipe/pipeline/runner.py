@@ -471,6 +471,17 @@ def _build(recipe: Recipe, out: Path, force: bool, world: World, benchmark: bool
     return paths.root / REPORT_MD
 
 
+def copy_completed_stages(source: Path, run: Path, count: int) -> None:
+    """Copy `source`'s first `count` stage folders and its cache into `run`, where not there yet.
+
+    A run that shares those stages then reuses them: the runner still checks each one's inputs and
+    config hash, so a copy that does not fit is rebuilt, never used."""
+    for part in sorted(source.iterdir()) if source.is_dir() else []:
+        stage = part.name[:2].isdigit() and int(part.name[:2]) <= count
+        if part.is_dir() and (stage or part.name == "cache") and not (run / part.name).exists():
+            shutil.copytree(part, run / part.name)
+
+
 def _bench_in_subprocess(paths: RunPaths) -> None:
     """`edgepipe bench RUN` in a new interpreter (outside any torchrun world); gates are applied by the caller."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}

@@ -126,6 +126,8 @@ def _seed_from_siblings(recipe: Recipe, knobs: Variant, built: list[Variant], ou
     another depth; teacher and student for another prune ratio; everything before quantize for another
     preset). The runner reuses a copied stage only if its inputs and config hash match, so a wrong
     copy costs a rebuild, never a wrong artifact."""
+    from edgepipe.pipeline.runner import copy_completed_stages
+
     run = out / variant_name(knobs)
     if run.exists():
         return
@@ -135,11 +137,7 @@ def _seed_from_siblings(recipe: Recipe, knobs: Variant, built: list[Variant], ou
         shared = next(
             (i for i, (a, b) in enumerate(zip(mine, theirs, strict=False)) if a != b), min(len(mine), len(theirs))
         )
-        source = out / variant_name(other)
-        for part in sorted(source.iterdir()) if source.is_dir() else []:
-            stage = part.name[:2].isdigit() and int(part.name[:2]) <= shared
-            if part.is_dir() and (stage or part.name == "cache") and not (run / part.name).exists():
-                shutil.copytree(part, run / part.name)
+        copy_completed_stages(out / variant_name(other), run, shared)
 
 
 def pareto_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
