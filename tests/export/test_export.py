@@ -65,3 +65,29 @@ def test_fusion_produces_attention_ops_with_parity(exported, tmp_path: Path) -> 
     ops = {n.op_type for n in onnx.load(str(fused)).graph.node}
     assert "Attention" in ops and "Softmax" not in ops
     check_parity(model, fused, feeds, [(1, 7), (3, 45)], 1e-4, spec)
+
+
+def test_mha_fusion_keeps_projections_as_matmuls_and_layernorm_unfused(exported, tmp_path: Path) -> None:
+    """MultiHeadAttention for static QDQ: Q/K/V stay MatMuls (quantizable); no SkipLayerNormalization
+    in the file, and a CPU session does not fuse it back (its kernel is the slow one on CPU)."""
+    import onnxruntime as ort
+
+    from edgepipe.runtime.backends import RuntimeOptions, ort_cpu_session, ort_session_options
+
+    model, feeds, path, spec = exported
+    fused = tmp_path / "mha.onnx"
+    stats = fuse_transformer(path, fused, model.config, attention="MultiHeadAttention")
+    assert stats is not None and stats.get("MultiHeadAttention") == 2
+    ops = [n.op_type for n in onnx.load(str(fused)).graph.node]
+    assert ops.count("MatMul") == 2 * 6 and "SkipLayerNormalization" not in ops and "Softmax" not in ops
+    check_parity(model, fused, feeds, [(1, 7), (3, 45)], 1e-4, spec)
+
+    def session_ops(disabled: tuple[str, ...]) -> list[str]:
+        so = ort_session_options(RuntimeOptions())
+        so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # no NCHWc layouts
+        ort_cpu_session(fused, RuntimeOptions(cpu_disabled_optimizers=disabled), so)
+        return [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+
+    assert "SkipLayerNormalization" not in session_ops(RuntimeOptions().cpu_disabled_optimizers)
+    assert "SkipLayerNormalization" in session_ops(())  # what onnxruntime does by default

@@ -5,8 +5,8 @@ Inputs come from a `Feeds` function, (batch, seq_len) -> real inputs of that sha
 sentences for text (`text_feeds`), real images for image models (`image_feeds`, seq_len unused).
 
 The legacy TorchScript exporter is used on purpose: it takes ~2 s instead of ~15 s, needs no
-onnxscript, and its graph is the one onnxruntime's BERT optimizer knows how to fuse (Attention,
-SkipLayerNormalization, BiasGelu). The model is loaded with eager attention for the same reason.
+onnxscript, and its graph is the one onnxruntime's BERT optimizer knows how to fuse (Attention or
+MultiHeadAttention, EmbedLayerNormalization, BiasGelu). The model is loaded with eager attention for the same reason.
 """
 
 from __future__ import annotations
@@ -165,17 +165,28 @@ def check_parity(
     return results
 
 
-def fuse_transformer(onnx_path: Path, out_path: Path, config: Any) -> dict[str, int] | None:
+def fuse_transformer(
+    onnx_path: Path, out_path: Path, config: Any, attention: str = "Attention"
+) -> dict[str, int] | None:
     """Fuse attention/layernorm/gelu with onnxruntime's transformer optimizer.
 
+    `attention`: "Attention" packs Q/K/V and the attention core into one node (what dynamic int8 turns
+    into QAttention); "MultiHeadAttention" leaves the Q/K/V projections as MatMuls, which static QDQ
+    quantizes, and fuses only the attention core. Residual Add + LayerNormalization stay unfused:
+    onnxruntime's CPU SkipLayerNormalization kernel is the slow one (`runtime.backends`), and the CUDA
+    provider fuses the pair itself when a session is created.
     Returns the fused-operator counts, or None when the architecture is not supported.
     """
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     model_type = FUSIBLE_MODEL_TYPES.get(config.model_type)
     if model_type is None:
         log.info("no transformer fusion for model_type %s (supported: %s)", config.model_type, FUSIBLE_MODEL_TYPES)
         return None
+    options = FusionOptions(model_type)
+    options.use_multi_head_attention = attention == "MultiHeadAttention"
+    options.enable_skip_layer_norm = options.enable_bias_skip_layer_norm = False
     # a pruned BERT's layers differ in heads: 0 lets the optimizer read each layer's from its Reshape
     pruned = hasattr(config, "layer_heads")
     optimized = optimize_model(
@@ -183,6 +194,7 @@ def fuse_transformer(onnx_path: Path, out_path: Path, config: Any) -> dict[str, 
         model_type=model_type,
         num_heads=0 if pruned else config.num_attention_heads,
         hidden_size=0 if pruned else config.hidden_size,
+        optimization_options=options,
     )
     optimized.save_model_to_file(str(out_path))
     stats = optimized.get_fused_operator_statistics()

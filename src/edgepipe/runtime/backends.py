@@ -29,6 +29,13 @@ def physical_cores() -> int:
         return os.cpu_count() or 1
 
 
+# onnxruntime 1.32's CPU SkipLayerNormalization kernel ran 6.8x slower here than the Add + LayerNormalization
+# it replaces (295 vs 43 us at 1x128x384, one thread), and ORT fuses that pair itself when a session is
+# created, whatever the file holds. CPU sessions therefore leave the pair unfused: on the demo student
+# fused fp32 went 4.77 -> 4.11 ms and int8-dynamic 3.01 -> 2.32 ms at b1 s128 (benchmarks/RESULTS.md).
+CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
+
+
 @dataclass(frozen=True)
 class RuntimeOptions:
     threads: int | None = None  # intra-op threads; None = physical cores
@@ -37,6 +44,7 @@ class RuntimeOptions:
     # int8 attention path into the denormal range, where x86 arithmetic is ~10x slower: on MiniLM at
     # b1 s128 with a short sentence this took int8-dynamic from 10.6 to 7.9 ms (benchmarks/RESULTS.md).
     denormal_as_zero: bool = True
+    cpu_disabled_optimizers: tuple[str, ...] = CPU_DISABLED_OPTIMIZERS  # ORT graph optimizers off on CPU
 
     @property
     def resolved_threads(self) -> int:
@@ -89,6 +97,19 @@ def ort_session_options(options: RuntimeOptions) -> Any:
     return so
 
 
+def ort_cpu_session(model: Path | bytes, options: RuntimeOptions, so: Any = None) -> Any:
+    """An onnxruntime CPU InferenceSession with `options` (or the given SessionOptions) and their
+    disabled optimizers."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(
+        model if isinstance(model, bytes) else str(model),
+        so or ort_session_options(options),
+        providers=["CPUExecutionProvider"],
+        disabled_optimizers=list(options.cpu_disabled_optimizers),
+    )
+
+
 def set_caller_denormals(flush: bool) -> None:
     """Flush-to-zero / denormals-are-zero on the calling thread, which runs part of every ORT call.
 
@@ -127,7 +148,8 @@ class _OrtSession:
         if provider != "CPUExecutionProvider":
             providers.append("CPUExecutionProvider")  # for the nodes the accelerator does not take
         try:
-            self._session = ort.InferenceSession(str(path), so, providers=providers)
+            disabled = list(options.cpu_disabled_optimizers) if provider == "CPUExecutionProvider" else []
+            self._session = ort.InferenceSession(str(path), so, providers=providers, disabled_optimizers=disabled)
         except Exception as error:  # ORT raises its own pybind exception types
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise InputError(
@@ -141,6 +163,7 @@ class _OrtSession:
             "intra_op_threads": options.resolved_threads,
             "graph_optimization": options.optimization,
             "denormal_as_zero": options.denormal_as_zero,
+            "disabled_optimizers": disabled,
             "onnxruntime": ort.__version__,
         }
 

@@ -14,18 +14,16 @@ from pathlib import Path
 
 import numpy as np
 
-from edgepipe.runtime.backends import RuntimeOptions, ort_session_options
+from edgepipe.runtime.backends import RuntimeOptions, ort_cpu_session, ort_session_options
 
 
 def op_type_profile(model: Path, feeds: dict[str, np.ndarray], runs: int, options: RuntimeOptions) -> dict[str, float]:
     """Milliseconds per run spent in each operator type's kernels (CPU), most expensive first."""
-    import onnxruntime as ort
-
     so = ort_session_options(options)
     with tempfile.TemporaryDirectory(prefix="edgepipe-profile-") as tmp:
         so.enable_profiling = True
         so.profile_file_prefix = str(Path(tmp) / "ort")
-        session = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+        session = ort_cpu_session(model, options, so)
         names = [i.name for i in session.get_inputs()]
         inputs = {n: feeds[n] for n in names}
         for _ in range(3):  # warm-up runs are profiled too: counted below and left out

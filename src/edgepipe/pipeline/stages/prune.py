@@ -293,11 +293,9 @@ def ort_latency(models: dict[str, Any], feeds: Callable[..., Any], spec: Any, wo
     """p50/p90 ms of each model exported to fp32 ONNX, timed with onnxruntime at LATENCY_SHAPES."""
     from contextlib import contextmanager
 
-    import onnxruntime as ort
-
     from edgepipe.benchmarks.harness import measure_interleaved
     from edgepipe.export import export_onnx
-    from edgepipe.runtime.backends import RuntimeOptions, ort_session_options
+    from edgepipe.runtime.backends import RuntimeOptions, ort_cpu_session
 
     work.mkdir(parents=True, exist_ok=True)
     for name, model in models.items():
@@ -305,9 +303,7 @@ def ort_latency(models: dict[str, Any], feeds: Callable[..., Any], spec: Any, wo
 
     @contextmanager
     def open_runners(name: str) -> Any:
-        session = ort.InferenceSession(
-            str(work / f"{name}.onnx"), ort_session_options(RuntimeOptions()), providers=["CPUExecutionProvider"]
-        )
+        session = ort_cpu_session(work / f"{name}.onnx", RuntimeOptions())
         inputs = {shape: feeds(*shape) for shape in LATENCY_SHAPES}
         yield {shape: (lambda f=f: session.run(None, f)) for shape, f in inputs.items()}
 
