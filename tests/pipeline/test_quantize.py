@@ -14,24 +14,54 @@ def _graph(path: Path) -> onnx.GraphProto:
     return onnx.load(str(path)).graph
 
 
-def test_static_qdq_every_weight_matmul_is_fed_by_dequantize(built_run: Path) -> None:
-    graph = _graph(built_run / "04-quantize" / "int8-static" / "model.onnx")
+def _qdq_placement(graph: onnx.GraphProto) -> dict[str, list[str]]:
+    """Weight MatMul/Gemm nodes fed int8 on both inputs, and the violations of our QDQ placement."""
     producers = {out: node for node in graph.node for out in node.output}
     weights = {t.name for t in graph.initializer}
-    matmuls = [n for n in graph.node if n.op_type in ("MatMul", "Gemm")]
-    quantized = [
-        n
-        for n in matmuls
-        if producers.get(n.input[1]) is not None and producers[n.input[1]].op_type == "DequantizeLinear"
-    ]
-    # every MatMul with a constant weight went int8 (its weight arrives through DequantizeLinear)
-    float_weight_matmuls = [n.name for n in matmuls if n.input[1] in weights]
-    assert float_weight_matmuls == []
-    assert len(quantized) >= 2 * 6  # q, k, v, out, ffn1, ffn2 per layer; 2 layers
-    for node in quantized:
-        assert producers[node.input[0]].op_type == "DequantizeLinear"
+
+    def op(name: str) -> str:
+        return producers[name].op_type if name in producers else "initializer" if name in weights else "input"
+
+    gemms = [n for n in graph.node if n.op_type in ("MatMul", "Gemm")]
+    return {
+        "int8": [n.name for n in gemms if op(n.input[0]) == op(n.input[1]) == "DequantizeLinear"],
+        "float_weight": [n.name for n in gemms if n.input[1] in weights],
+        "quantized_output": [
+            n.name for n in graph.node if n.op_type == "QuantizeLinear" and op(n.input[0]) in ("MatMul", "Gemm")
+        ],
+        "dequantized_for_float_op": [
+            n.name
+            for n in graph.node
+            if n.op_type not in ("MatMul", "Gemm", "QuantizeLinear", "DequantizeLinear")
+            and any(op(i) == "DequantizeLinear" and op(producers[i].input[0]) == "QuantizeLinear" for i in n.input)
+        ],
+    }
+
+
+def test_static_qdq_placement_on_the_mha_fused_graph(built_run: Path) -> None:
+    """Every weight MatMul int8 on both inputs, its output float (MatMulIntegerToFloat on CPU), the
+    attention core in MultiHeadAttention, and residual/LayerNorm consumers reading float tensors."""
+    graph = _graph(built_run / "04-quantize" / "int8-static" / "model.onnx")
+    placement = _qdq_placement(graph)
+    assert len(placement["int8"]) == 2 * 6 + 2  # q, k, v, out, ffn1, ffn2 per layer (2), pooler, classifier
+    assert placement["float_weight"] == placement["quantized_output"] == placement["dequantized_for_float_op"] == []
     ops = [n.op_type for n in graph.node]
-    assert ops.count("QuantizeLinear") > 0
+    assert ops.count("MultiHeadAttention") == 2 and "SkipLayerNormalization" not in ops and "Softmax" not in ops
+    settings = json.loads((built_run / "04-quantize" / "quantization.json").read_text())
+    assert settings["graph"] == "fused-mha" and settings["attention_core"] == []
+
+
+def test_static_on_the_source_graph_keeps_the_attention_core_float(run_copy: Path) -> None:
+    """graph: source (the tensorrt preset's): the plain export, Q.K^T and P.V left float."""
+    recipe = run_copy / "recipe.resolved.yaml"
+    assert main(["build", str(recipe), "--out", str(run_copy), "--set", "stages.3.graph=source"]) == 0
+    graph = _graph(run_copy / "04-quantize" / "int8-static" / "model.onnx")
+    placement = _qdq_placement(graph)
+    settings = json.loads((run_copy / "04-quantize" / "quantization.json").read_text())
+    core = settings["attention_core"]
+    assert settings["graph"] == "source" and len(core) == 2 * 2
+    assert not set(core) & set(placement["int8"]) and len(placement["int8"]) == 2 * 6 + 2
+    assert placement["quantized_output"] == placement["dequantized_for_float_op"] == []
 
 
 def test_static_settings_and_calibration_ranges_are_recorded(built_run: Path) -> None:

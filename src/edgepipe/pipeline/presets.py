@@ -17,6 +17,9 @@ class Preset:
     reduce_range: bool
     symmetric_activations: bool
     why: str
+    # how a transformer's static QDQ graph is prepared: "fused-mha" = onnxruntime's fusion with
+    # MultiHeadAttention (the runtime's own contrib ops); "source" = the export as is
+    graph: str = "fused-mha"
 
 
 PRESETS: dict[str, Preset] = {
@@ -29,8 +32,9 @@ PRESETS: dict[str, Preset] = {
     # ARM64 (NEON sdot/udot, i8mm) runs u8 x s8 in full range; per-channel weights keep accuracy.
     "ort-arm64": Preset("uint8", "int8", True, False, False, "ARM64 (phones, Jetson CPU, Graviton)"),
     # TensorRT's explicit quantization takes symmetric int8 only (zero point 0) for activations and
-    # weights, per-channel weights; it fuses the Q/DQ pairs into its int8 kernels.
-    "tensorrt": Preset("int8", "int8", True, False, True, "NVIDIA TensorRT (explicit QDQ)"),
+    # weights, per-channel weights; it fuses the Q/DQ pairs into its int8 kernels. The plain graph:
+    # TensorRT's ONNX parser does not take onnxruntime's com.microsoft fused ops, and fuses attention itself.
+    "tensorrt": Preset("int8", "int8", True, False, True, "NVIDIA TensorRT (explicit QDQ)", graph="source"),
 }
 PRESET_NAMES = ("auto", *PRESETS)
 

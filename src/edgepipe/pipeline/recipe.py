@@ -270,6 +270,11 @@ class QuantizeConfig(_Strict):
     op_types: list[str] | None = Field(None, description="op types to quantize; default per mode")
     nodes_to_exclude: list[str] = Field(default_factory=list)
     preprocess: bool = Field(True, description="onnxruntime quant_pre_process before static quantization")
+    graph: Literal["fused-mha", "source"] | None = Field(
+        None,
+        description="static, transformers: quantize onnxruntime's MultiHeadAttention-fused graph (default; "
+        "tensorrt preset: source) or the source export as is",
+    )
     calibration: CalibrationConfig | None = None
     preset: Literal["auto", "ort-cpu-vnni", "ort-cpu-avx2", "ort-arm64", "tensorrt"] | None = Field(
         None, description="target preset filling the settings left unset (auto: from this CPU's flags)"
@@ -281,9 +286,11 @@ class QuantizeConfig(_Strict):
     eval_examples: int = Field(500, ge=10, description="val examples for sensitivity and fallback")
 
     @model_validator(mode="after")
-    def _calibration_only_for_static(self) -> QuantizeConfig:
+    def _static_only_keys(self) -> QuantizeConfig:
         if self.mode == "dynamic" and self.calibration is not None:
             raise ValueError("calibration applies to mode: static only; remove it or set mode: static")
+        if self.mode == "dynamic" and self.graph is not None:
+            raise ValueError("graph applies to mode: static only; dynamic quantizes its `source` as is")
         return self
 
     @property

@@ -42,6 +42,15 @@ IMAGE_STATIC_OP_TYPES: list[str] = []  # empty: onnxruntime's full list
 
 WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "Attention")  # sensitivity candidates when op_types is "all"
 
+# Static QDQ of a transformer, placed for onnxruntime's CPU kernels (RESULTS.md, issue 6: the demo
+# student went from 1.22x to 1.57x fused fp32, accuracy 0.63 pt down -> unchanged):
+# - MatMul/Gemm outputs stay float: DQ -> MatMul then runs as one MatMulIntegerToFloat kernel, where a
+#   quantized output costs QLinearMatMul + a standalone DequantizeLinear before the float bias/GELU/norm;
+# - MatMuls of two activations (the attention core, Q.K^T and P.V) stay float: quantizing them put Q/DQ
+#   around the softmax for little work, and cost accuracy;
+# - the residual path reads the float tensor, not the quantize-dequantize copy the MatMul reads.
+STATIC_FLOAT_OUTPUTS = ["MatMul", "Gemm"]
+
 
 def _default_op_types(mode: str, task: str) -> list[str]:
     if task == "image-classification":
@@ -135,9 +144,14 @@ def resolve_settings(cfg: QuantizeConfig, task: str, cpu_flags: list[str]) -> di
     def pick(key: str) -> Any:
         return getattr(preset, key) if preset is not None and key not in explicit else getattr(cfg, key)
 
+    text_static = cfg.mode == "static" and task != "image-classification"
+    fusible = text_static and cfg.source_kind == ArtifactKind.ONNX_FP32  # a fused source is taken as is
     return {
         "mode": cfg.mode,
         "preset": preset_name,
+        "graph": (cfg.graph or (preset.graph if preset else "fused-mha")) if fusible else "source",
+        "float_outputs": STATIC_FLOAT_OUTPUTS if text_static else [],
+        "float_residuals": text_static,
         "per_channel": pick("per_channel"),
         "reduce_range": pick("reduce_range"),
         "weight_type": pick("weight_type"),
@@ -159,14 +173,16 @@ def _quantizer(model: Path, settings: dict[str, Any], ranges: Path | None) -> ac
             "per_channel": settings["per_channel"],
             "reduce_range": settings["reduce_range"],
             "weight_type": _qtype(settings["weight_type"]),
-            "nodes_to_exclude": settings["nodes_to_exclude"] + exclude,
+            "nodes_to_exclude": settings["nodes_to_exclude"] + settings.get("attention_core", []) + exclude,
             "nodes_to_quantize": include,
         }
         if settings["mode"] == "dynamic":
             # fused graphs carry tensors without type info; onnxruntime needs a default to proceed
             quantize_dynamic(model, out, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT}, **common)
             return
-        symmetric = {"ActivationSymmetric": True, "WeightSymmetric": True} if settings["symmetric"] else {}
+        extra: dict[str, Any] = {"OpTypesToExcludeOutputQuantization": settings["float_outputs"]}
+        if settings["symmetric"]:
+            extra.update(ActivationSymmetric=True, WeightSymmetric=True)
         quantize_static(
             model,
             out,
@@ -175,11 +191,61 @@ def _quantizer(model: Path, settings: dict[str, Any], ranges: Path | None) -> ac
             quant_format=QuantFormat.QDQ,
             activation_type=_qtype(settings["activation_type"]),
             calibrate_method=_method(settings.get("calibration", {}).get("method", "minmax")),
-            extra_options=symmetric,
+            extra_options=extra,
             **common,
         )
+        if settings["float_residuals"]:
+            float_residuals(out)
 
     return write
+
+
+def attention_core(model: Path) -> list[str]:
+    """MatMuls whose inputs are both activations (no weight initializer): Q.K^T and P.V."""
+    import onnx
+
+    graph = onnx.load(str(model), load_external_data=False).graph
+    weights = {i.name for i in graph.initializer}
+    return [n.name for n in graph.node if n.op_type == "MatMul" and not weights.intersection(n.input)]
+
+
+def float_residuals(path: Path) -> int:
+    """Point every consumer of a Q -> DQ pair that is not a weight op back at the float tensor; returns
+    how many inputs moved. The Q/DQ stays for the MatMul/Gemm that reads it (MatMulIntegerToFloat),
+    while the residual Add / LayerNormalization / Shape no longer pay for a dequantize, or its error."""
+    import onnx
+
+    model = onnx.load(str(path))
+    producer = {out: node for node in model.graph.node for out in node.output}
+    moved = 0
+    for node in model.graph.node:
+        if node.op_type in ("MatMul", "Gemm", "Conv", "QuantizeLinear", "DequantizeLinear"):
+            continue
+        for k, name in enumerate(node.input):
+            dq = producer.get(name)
+            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear":
+                node.input[k] = q.input[0]
+                moved += 1
+    if moved:
+        onnx.save(model, str(path))
+    return moved
+
+
+def _prepare_static_graph(src: Path, source_dir: Path, settings: dict[str, Any], work: Path) -> Path:
+    """The graph to calibrate and quantize: the MultiHeadAttention-fused export, or the source as is."""
+    if settings["graph"] != "fused-mha":
+        return src
+    from transformers import AutoConfig
+
+    from edgepipe.export import fuse_transformer
+
+    fused = work / ".fused-mha.onnx"
+    config = AutoConfig.from_pretrained(source_dir)
+    if fuse_transformer(src, fused, config, attention="MultiHeadAttention") is None:
+        settings["graph"] = f"source (no fusion for model_type {config.model_type})"
+        return src
+    return fused
 
 
 def _eval_feeds(source: Path, cfg: QuantizeConfig, ctx: StageContext, input_names: tuple[str, ...]) -> list[Any]:
@@ -197,11 +263,8 @@ def _candidates(model: Path, settings: dict[str, Any]) -> list[tuple[str, str]]:
 
     kinds = set(settings["op_types"] or WEIGHT_OPS)
     graph = onnx.load(str(model), load_external_data=False).graph
-    return [
-        (n.name, n.op_type)
-        for n in graph.node
-        if n.op_type in kinds and n.name and n.name not in settings["nodes_to_exclude"]
-    ]
+    kept = set(settings["nodes_to_exclude"]) | set(settings.get("attention_core", []))
+    return [(n.name, n.op_type) for n in graph.node if n.op_type in kinds and n.name and n.name not in kept]
 
 
 def _sensitivity_png(rows: list[accuracy_aware.NodeSensitivity], path: Path, limit: int = 40) -> None:
@@ -254,10 +317,14 @@ def run_quantize(inputs: dict[ArtifactKind, Artifact], cfg: QuantizeConfig, ctx:
     model, ranges = src_model, None
     if cfg.mode == "static":
         calibration = cfg.calibration or CalibrationConfig()
+        model = _prepare_static_graph(src_model, source.path, settings, ctx.stage_dir)
         if cfg.preprocess:
-            model = ctx.stage_dir / ".preprocessed.onnx"
+            preprocessed = ctx.stage_dir / ".preprocessed.onnx"
             # auto_merge: symbolic shape inference otherwise stops on the BERT export's dynamic axes
-            quant_pre_process(str(src_model), str(model), auto_merge=True)
+            quant_pre_process(str(model), str(preprocessed), auto_merge=True)
+            model = preprocessed
+        if ctx.task != "image-classification":
+            settings["attention_core"] = attention_core(model)  # kept float
         input_names = tuple(i.name for i in onnx.load(str(model), load_external_data=False).graph.input)
         calib = _calibration_set(source.path, calibration, ctx, input_names)
         ranges, calib_info = _calibrate(model, calibration, settings["op_types"], ctx, calib)
@@ -299,8 +366,8 @@ def run_quantize(inputs: dict[ArtifactKind, Artifact], cfg: QuantizeConfig, ctx:
                 )
     if cfg.max_accuracy_drop is None:
         quantize([], None, out / "model.onnx")
-    if model != src_model:
-        model.unlink(missing_ok=True)
+    for temporary in (".fused-mha.onnx", ".preprocessed.onnx"):
+        (ctx.stage_dir / temporary).unlink(missing_ok=True)
     settings["op_types"] = settings["op_types"] or "all (onnxruntime default)"
     precision = f"int8-{cfg.mode}"
     source_meta = json.loads((source.path / "edgepipe.json").read_text(encoding="utf-8"))
