@@ -334,6 +334,10 @@ def search(recipe: Recipe, budget_ms: float, out: Path, target: str = "cpu") -> 
     if not rows:
         raise InputError("the search measured nothing")
     _write_outputs(out, rows, budget_ms, best)
-    if best is not None and not (out / "best").is_dir():
+    saved = out / "best" / "search.json"
+    saved_label = json.loads(saved.read_text(encoding="utf-8"))["label"] if saved.is_file() else None
+    if best is None:
+        shutil.rmtree(out / "best", ignore_errors=True)  # a resumed search with a tighter budget
+    elif saved_label != best["label"]:
         _save_best(out, best)
     return out / "search.md"
