@@ -1,16 +1,20 @@
 """int8 against its peers on the default recipe's model (the demo's distilled student), b1 s128.
 
-    python benchmarks/bench_int8.py --run runs/demo --json runs/bench/int8.json
+    python benchmarks/bench_int8.py --run runs/demo --json runs/bench/int8.json \
+        [--optimum-python .venv-optimum/bin/python]
 
 Side by side, one process, one artifact alive at a time, interleaved over 5 rounds: the student's ORT
-fp32 and fused fp32, edgepipe's static (QDQ) and dynamic int8 from the run, and the peers built here
-from the same fp32 model and the same 256 calibration sentences:
+fp32 and fused fp32 (also in a session with onnxruntime's default optimizers, which re-fuse the slow
+SkipLayerNormalization), edgepipe's static (QDQ) and dynamic int8 from the run, and the peers built
+here from the same fp32 model and the same 256 calibration sentences:
 
 - `ort-static-defaults`: `quantize_static` with onnxruntime's defaults (QDQ, every op, s8 activations
   and weights, per tensor, MinMax), on the plain fp32 export after `quant_pre_process`;
 - `ort-dynamic-defaults`: `quantize_dynamic` with its defaults (every op it supports, per tensor s8);
 - `torch-dynamic-int8`: PyTorch's `torch.ao.quantization.quantize_dynamic` on the student's nn.Linear layers;
-- Optimum's `ORTQuantizer` is recorded as not installable beside our pins, with the reason (see `peers`).
+- `optimum-static` / `optimum-dynamic`: Optimum's `ORTQuantizer` with its `avx512_vnni` preset, run in
+  its own environment (`make .venv-optimum/.installed`; it requires transformers<4.58) by
+  `benchmarks/peers/optimum_int8.py`; without `--optimum-python` the row says why it is missing.
 
 Accuracy is on the whole test split (1,275 reviews).
 """
@@ -21,6 +25,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -37,12 +42,13 @@ from edgepipe.pipeline.calibration import CalibrationSet, ort_reader
 from edgepipe.pipeline.data import load_splits
 from edgepipe.pipeline.recipe import parse_recipe
 from edgepipe.runtime import Predictor
+from edgepipe.runtime.backends import RuntimeOptions
 
 OPTIMUM_REASON = (
-    "optimum-onnx 0.1.0 (the newest; ORTQuantizer lives there since optimum 2.0) declares transformers<4.58 and "
-    "optimum~=2.1, and with --no-deps its import fails on transformers 5.24.0: `cannot import name "
-    "'is_offline_mode' from 'transformers.utils'`"
+    "not run: pass --optimum-python (make .venv-optimum/.installed); optimum-onnx 0.1.0 requires "
+    "transformers<4.58, so it cannot share edgepipe's environment (transformers 5)"
 )
+OPTIMUM_SCRIPT = Path(__file__).parent / "peers" / "optimum_int8.py"
 
 
 class _TorchInt8Session:
@@ -89,11 +95,20 @@ def _peer_folders(fp32: Path, calibration: list[str], work: Path) -> dict[str, P
     return folders
 
 
+def _optimum_folders(python: Path, fp32: Path, calibration: list[str], work: Path) -> dict[str, Path]:
+    """Optimum's static and dynamic int8 of the same fp32 model, built in Optimum's own environment."""
+    texts = work / "calibration.json"
+    texts.write_text(json.dumps(calibration), encoding="utf-8")
+    subprocess.run([str(python), str(OPTIMUM_SCRIPT), str(fp32), str(texts), str(work)], check=True)
+    return {name: work / name for name in ("optimum-static", "optimum-dynamic")}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, default=Path("runs/demo"))
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--optimum-python", type=Path, help="python of the Optimum environment")
     args = parser.parse_args(argv)
     manifest = json.loads((args.run / "manifest.json").read_text())
     recipe = parse_recipe(manifest["recipe"])
@@ -102,12 +117,17 @@ def main(argv: list[str] | None = None) -> int:
     texts, labels = list(data.test.inputs), data.test.labels
     work = args.run.parent / f"{args.run.name}-int8-peers"
     work.mkdir(exist_ok=True)
-    peers = _peer_folders(paths["fp32"], list(data.calibration.inputs[:256]), work)
+    calibration = list(data.calibration.inputs[:256])
+    peers = _peer_folders(paths["fp32"], calibration, work)
+    if args.optimum_python:
+        peers.update(_optimum_folders(args.optimum_python, paths["fp32"], calibration, work))
 
     loaders: dict[str, Callable[[], Predictor]] = {
         name: (lambda p=paths[name]: Predictor.load(p))
         for name in ("fp32", "fp32-fused", "int8-static", "int8-dynamic")
     }
+    ort_default = RuntimeOptions(cpu_disabled_optimizers=())  # SkipLayerNormFusion on, as in a bare session
+    loaders["fp32-fused-skiplayernorm"] = lambda: Predictor.load(paths["fp32-fused"], options=ort_default)
     loaders.update({name: (lambda p=folder: Predictor.load(p)) for name, folder in peers.items()})
 
     def torch_int8() -> Predictor:
@@ -132,13 +152,15 @@ def main(argv: list[str] | None = None) -> int:
         "fp32_acc": accuracy["fp32"],
         "fp32_p50_ms": row["fp32"]["p50_ms"],
         "fp32_fused_p50_ms": row["fp32-fused"]["p50_ms"],
+        "fp32_fused_skiplayernorm_p50_ms": row["fp32-fused-skiplayernorm"]["p50_ms"],
         "static": {**row["int8-static"], "acc": accuracy["int8-static"]},
         "dynamic": {**row["int8-dynamic"], "acc": accuracy["int8-dynamic"]},
-        "peers": [
-            {"name": n, **row[n], "acc": accuracy[n]}
-            for n in ("ort-static-defaults", "ort-dynamic-defaults", "torch-dynamic-int8")
-        ]
-        + [{"name": "optimum-ortquantizer", "p50_ms": None, "acc": None, "not_run": OPTIMUM_REASON}],
+        "peers": [{"name": n, **row[n], "acc": accuracy[n]} for n in [*peers, "torch-dynamic-int8"]]
+        + (
+            []
+            if args.optimum_python
+            else [{"name": "optimum-ortquantizer", "p50_ms": None, "acc": None, "not_run": OPTIMUM_REASON}]
+        ),
         "runs": args.runs,
     }
     write_json(args.json, result)  # atomic, creates the folder
