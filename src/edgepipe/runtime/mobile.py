@@ -1,9 +1,12 @@
 """The ORT format (.ort) for ONNX Runtime Mobile, and the operator config of a minimal mobile build.
 
-`convert_to_ort` runs onnxruntime's own converter (`onnxruntime.tools.convert_onnx_models_to_ort`):
-the model is optimized, saved as a FlatBuffers `.ort` file, and the operators it needs are written to
-`required_operators.config`, the file a reduced-size ONNX Runtime build takes
-(`build.sh --minimal_build --include_ops_by_config required_operators.config`).
+`convert_to_ort` does what onnxruntime's converter (`onnxruntime.tools.convert_onnx_models_to_ort`)
+does: a CPU session optimizes the model and saves it as a FlatBuffers `.ort` file, and onnxruntime's
+`create_config_from_models` writes the operators it needs to `required_operators.config`, the file a
+reduced-size build takes (`build.sh --minimal_build --include_ops_by_config required_operators.config`).
+The session is ours so that it has the same disabled optimizers as every CPU session edgepipe creates
+(`runtime.backends.CPU_DISABLED_OPTIMIZERS`): the converter cannot leave Add + LayerNormalization
+unfused, and its SkipLayerNormalization both ran slower and flipped int8 roundings against the ONNX model.
 
 Optimization level `extended`, not onnxruntime's default `all`: `all` adds layout transforms to
 x86-only NCHWc kernels when converted on an x86 machine, which an ARM phone's runtime does not have.
@@ -14,42 +17,36 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 ORT_MODEL = "model.ort"
 OPS_CONFIG = "required_operators.config"
+_LEVELS = {"basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED"}
 
 
 def convert_to_ort(onnx_path: Path, out_dir: Path, *, level: str = "extended", target_platform: str = "arm") -> Path:
     """Write `out_dir/model.ort` and `out_dir/required_operators.config`; returns the .ort path."""
-    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+    import onnxruntime as ort
+    from onnxruntime.tools.ort_format_model import create_config_from_models
+
+    from edgepipe.runtime.backends import RuntimeOptions, ort_cpu_session
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    previous = os.environ.get("ORT_CONVERT_ONNX_MODELS_TO_ORT_OPTIMIZATION_LEVEL")
-    os.environ["ORT_CONVERT_ONNX_MODELS_TO_ORT_OPTIMIZATION_LEVEL"] = level
-    try:
-        with tempfile.TemporaryDirectory(dir=out_dir) as work, contextlib.redirect_stdout(io.StringIO()):
-            source = Path(work) / "model.onnx"  # the converter names its outputs after the input file
-            shutil.copyfile(onnx_path, source)
-            convert_onnx_models_to_ort(
-                source,
-                output_dir=Path(work) / "out",
-                optimization_styles=[OptimizationStyle.Fixed],
-                target_platform=target_platform,
-            )
-            produced = {p.suffix if p.suffix == ".ort" else "config": p for p in (Path(work) / "out").iterdir()}
-            shutil.move(str(produced[".ort"]), out_dir / ORT_MODEL)
-            config = produced["config"].read_text(encoding="utf-8").splitlines()
-            lines = [f"# - {ORT_MODEL}" if line.startswith("# - ") else line for line in config]  # not the tmp path
-            (out_dir / OPS_CONFIG).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    finally:
-        if previous is None:
-            os.environ.pop("ORT_CONVERT_ONNX_MODELS_TO_ORT_OPTIMIZATION_LEVEL", None)
-        else:
-            os.environ["ORT_CONVERT_ONNX_MODELS_TO_ORT_OPTIMIZATION_LEVEL"] = previous
+    partial = out_dir / f".{ORT_MODEL}.partial"
+    so = ort.SessionOptions()
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[level])
+    so.optimized_model_filepath = str(partial)
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.save_model_format", "ORT")
+    so.add_session_config_entry("session.qdqisint8allowed", "1" if target_platform == "arm" else "0")
+    ort_cpu_session(onnx_path, RuntimeOptions(), so)
+    partial.replace(out_dir / ORT_MODEL)
+    config = out_dir / f".{OPS_CONFIG}.partial"
+    with contextlib.redirect_stdout(io.StringIO()):
+        create_config_from_models([out_dir / ORT_MODEL], config, False)
+    lines = [f"# - {ORT_MODEL}" if x.startswith("# - ") else x for x in config.read_text(encoding="utf-8").splitlines()]
+    config.write_text("\n".join(lines) + "\n", encoding="utf-8")  # the model's name, not its absolute path
+    config.replace(out_dir / OPS_CONFIG)
     return out_dir / ORT_MODEL
 
 
