@@ -103,6 +103,42 @@ def _optimum_folders(python: Path, fp32: Path, calibration: list[str], work: Pat
     return {name: work / name for name in ("optimum-static", "optimum-dynamic")}
 
 
+def layernorm_kernels_us(threads: int, hidden: int = 384, tokens: int = 128, runs: int = 500) -> dict[str, float]:
+    """One residual + LayerNorm at the student's width, timed as onnxruntime's SkipLayerNormalization
+    (contrib op) and as Add + LayerNormalization (with the session's SkipLayerNormFusion disabled), on the
+    same random inputs: microseconds per call, p50 over interleaved rounds."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgepipe.runtime.backends import ort_cpu_session
+
+    rng = np.random.default_rng(0)
+    feeds = {n: rng.normal(size=(1, tokens, hidden)).astype(np.float32) for n in ("x", "r")}
+    params = [
+        numpy_helper.from_array(v.astype(np.float32), n) for n, v in (("g", np.ones(hidden)), ("b", np.zeros(hidden)))
+    ]
+    graphs = {
+        "skiplayernorm": [
+            helper.make_node("SkipLayerNormalization", ["x", "r", "g", "b"], ["y"], domain="com.microsoft")
+        ],
+        "add+layernorm": [
+            helper.make_node("Add", ["x", "r"], ["s"]),
+            helper.make_node("LayerNormalization", ["s", "g", "b"], ["y"], axis=-1),
+        ],
+    }
+
+    @contextmanager
+    def open_runners(name: str):  # type: ignore[no-untyped-def]
+        io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, tokens, hidden]) for n in ("x", "r", "y")]
+        graph = helper.make_graph(graphs[name], name, io[:2], io[2:], params)
+        opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+        model = helper.make_model(graph, opset_imports=opsets).SerializeToString()
+        session = ort_cpu_session(model, RuntimeOptions(threads=threads))
+        yield {"call": lambda: session.run(None, feeds)}
+
+    stats = measure_interleaved(list(graphs), open_runners, runs=runs, rounds=5, warmup_runs=50, warmup_s=0.2)
+    return {name: round(stats[(name, "call")].p50 * 1000, 1) for name in graphs}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, default=Path("runs/demo"))
@@ -162,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             else [{"name": "optimum-ortquantizer", "p50_ms": None, "acc": None, "not_run": OPTIMUM_REASON}]
         ),
         "runs": args.runs,
+        "layernorm_kernel_us_b1s128": {f"{t}_threads": layernorm_kernels_us(t) for t in (1, 2)},
     }
     write_json(args.json, result)  # atomic, creates the folder
     print(json.dumps(result, indent=2))
