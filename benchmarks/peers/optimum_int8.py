@@ -45,7 +45,9 @@ def main(fp32: Path, calibration: Path, out: Path) -> None:
                 calibration_config=calibration_config,
                 operators_to_quantize=config.operators_to_quantize,
                 batch_size=16,
+                onnx_augmented_model_name=out / "augmented_model.onnx",  # default: the working directory
             )
+            (out / "augmented_model.onnx").unlink(missing_ok=True)
         work = out / f".{name}"
         quantizer.quantize(save_dir=work, quantization_config=config, calibration_tensors_range=ranges)
         produced = next(p for p in work.glob("*.onnx"))
