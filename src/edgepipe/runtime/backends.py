@@ -29,10 +29,11 @@ def physical_cores() -> int:
         return os.cpu_count() or 1
 
 
-# onnxruntime 1.32's CPU SkipLayerNormalization kernel ran 6.8x slower here than the Add + LayerNormalization
-# it replaces (295 vs 43 us at 1x128x384, one thread), and ORT fuses that pair itself when a session is
-# created, whatever the file holds. CPU sessions therefore leave the pair unfused: on the demo student
-# fused fp32 went 4.77 -> 4.11 ms and int8-dynamic 3.01 -> 2.32 ms at b1 s128 (benchmarks/RESULTS.md).
+# onnxruntime 1.32's CPU SkipLayerNormalization kernel ran slower here than the Add + LayerNormalization it
+# replaces (289 vs 42 us at 1x128x384 on one thread, 150 vs 49 on two: benchmarks/bench_int8.py), and ORT
+# fuses that pair itself when a session is created, whatever the file holds. CPU sessions therefore leave
+# the pair unfused: on the demo student fused fp32 went 4.74 -> 4.07 ms and int8-dynamic 3.01 -> 2.30 ms
+# at b1 s128 (benchmarks/RESULTS.md).
 CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 
 

@@ -43,7 +43,7 @@ IMAGE_STATIC_OP_TYPES: list[str] = []  # empty: onnxruntime's full list
 WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "Attention")  # sensitivity candidates when op_types is "all"
 
 # Static QDQ of a transformer, placed for onnxruntime's CPU kernels (RESULTS.md, issue 6: the demo
-# student went from 1.22x to 1.57x fused fp32, accuracy 0.63 pt down -> unchanged):
+# student went from 1.30x to 1.54x fused fp32 in bench_int8, test accuracy -0.63 pt -> unchanged):
 # - MatMul/Gemm outputs stay float: DQ -> MatMul then runs as one MatMulIntegerToFloat kernel, where a
 #   quantized output costs QLinearMatMul + a standalone DequantizeLinear before the float bias/GELU/norm;
 # - MatMuls of two activations (the attention core, Q.K^T and P.V) stay float: quantizing them put Q/DQ
