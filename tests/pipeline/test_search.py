@@ -65,6 +65,9 @@ def test_a_tight_budget_is_respected(searched, capsys) -> None:  # type: ignore[
     assert best["p90_ms"] <= budget and best["accuracy"] == max(r["accuracy"] for r in within)
     assert len(_rows(out)) == len(rows)  # resumed: nothing measured again
     assert "0 candidate(s) to measure" in capsys.readouterr().err
+    tiny = min(r["p90_ms"] for r in rows) / 2  # nothing fits: the previous budget's best does not stay
+    assert main(["search", str(recipe), "--latency-budget-ms", str(tiny), "--out", str(out)]) == 0
+    assert not (out / "best").exists() and "No candidate is within the budget" in (out / "search.md").read_text()
 
 
 def test_prune_ratio_is_a_knob_and_variants_share_the_teacher(
