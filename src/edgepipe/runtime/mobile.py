@@ -21,25 +21,22 @@ from pathlib import Path
 
 ORT_MODEL = "model.ort"
 OPS_CONFIG = "required_operators.config"
-_LEVELS = {"basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED"}
 
 
 def convert_to_ort(onnx_path: Path, out_dir: Path, *, level: str = "extended", target_platform: str = "arm") -> Path:
     """Write `out_dir/model.ort` and `out_dir/required_operators.config`; returns the .ort path."""
-    import onnxruntime as ort
     from onnxruntime.tools.ort_format_model import create_config_from_models
 
-    from edgepipe.runtime.backends import RuntimeOptions, ort_cpu_session
+    from edgepipe.runtime.backends import RuntimeOptions, ort_cpu_session, ort_session_options
 
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = out_dir / f".{ORT_MODEL}.partial"
-    so = ort.SessionOptions()
-    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[level])
+    options = RuntimeOptions(optimization=level)
+    so = ort_session_options(options)
     so.optimized_model_filepath = str(partial)
-    so.log_severity_level = 3
     so.add_session_config_entry("session.save_model_format", "ORT")
     so.add_session_config_entry("session.qdqisint8allowed", "1" if target_platform == "arm" else "0")
-    ort_cpu_session(onnx_path, RuntimeOptions(), so)
+    ort_cpu_session(onnx_path, options, so)
     partial.replace(out_dir / ORT_MODEL)
     config = out_dir / f".{OPS_CONFIG}.partial"
     with contextlib.redirect_stdout(io.StringIO()):
