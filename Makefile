@@ -14,7 +14,7 @@ OPTIMUM := torch==2.13.0 transformers==4.57.6 optimum==2.1.0 optimum-onnx==0.1.0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-all test-gpu lint format bench bench-gpu regress clean
+.PHONY: setup demo demo-ner test test-all test-gpu lint format bench bench-gpu regress clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,9 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	$(BIN)/edgepipe build $(RECIPE) --out runs/demo
+
+demo-ner: $(STAMP)  # token classification: MiniLM teacher, 3-layer student, int8, on Twitter NER (~20 min)
+	$(BIN)/edgepipe build src/edgepipe/recipes/ner.yaml --out runs/ner
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

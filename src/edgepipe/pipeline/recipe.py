@@ -447,7 +447,7 @@ class Recipe(_Strict):
     )
     model_args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of a module factory")
     model_weights: str | None = Field(None, description="safetensors weights for a built-in CNN or a factory")
-    task: Literal["text-classification", "image-classification"] = "text-classification"
+    task: Literal["text-classification", "token-classification", "image-classification"] = "text-classification"
     data: DataConfig = Field(default_factory=DataConfig)
     stages: list[StageConfig] = Field(min_length=1)
     bench: BenchConfig = Field(default_factory=BenchConfig)
@@ -476,6 +476,7 @@ class Recipe(_Strict):
 
 STAGE_KINDS = ("finetune", "distill", "prune", "export", "quantize", "mobile")
 IMAGE_TASK = "image-classification"
+TOKEN_TASK = "token-classification"
 
 
 def task_problems(recipe: Recipe) -> list[str]:
@@ -491,6 +492,18 @@ def task_problems(recipe: Recipe) -> list[str]:
                     problems.append(
                         f"`stages.{i}.{key}`: applies to transformers; an image model is pruned by conv "
                         "channels: use `ratio`"
+                    )
+        if recipe.task == TOKEN_TASK and isinstance(stage, PruneConfig):
+            problems.append(
+                f"`stages.{i}`: structured pruning supports text- and image-classification models; remove the "
+                "prune stage of this token-classification recipe (distill a shallower student instead)"
+            )
+        if recipe.task == TOKEN_TASK and isinstance(stage, QuantizeConfig):
+            for key in ("sensitivity", "max_accuracy_drop"):
+                if getattr(stage, key):
+                    problems.append(
+                        f"`stages.{i}.{key}`: per-node sensitivity and float fallback measure sentence-level "
+                        "accuracy; remove it for token-classification (gate int8 with gates.max_accuracy_drop)"
                     )
         if image and isinstance(stage, FinetuneConfig) and not stage.train_encoder:
             problems.append(f"`stages.{i}.train_encoder`: applies to text models; image models train whole")

@@ -247,7 +247,7 @@ def _settings(recipe: Recipe, data: DataSplits) -> Any:
     cfg.pop("include_torch")
     shape = data.input_shape
     cfg["seq_lens"] = [shape[1]] if shape else (recipe.bench.seq_lens or [128])
-    return BenchSettings(**cfg, input_shape=shape)
+    return BenchSettings(**cfg, input_shape=shape, label_names=tuple(data.label_names))
 
 
 def _agreement_gate(recipe: Recipe, report: dict[str, Any]) -> list[str]:
@@ -290,7 +290,8 @@ def _gate(recipe: Recipe, report: dict[str, Any]) -> list[str]:
         drop = ref - value
         verdict = "FAIL" if drop > limit else "pass"
         lines.append(
-            f"{verdict}: `{name}` on {target} accuracy {100 * value:.2f}% vs `{ref_name}` {100 * ref:.2f}% "
+            f"{verdict}: `{name}` on {target} {report.get('metric', 'accuracy')} {100 * value:.2f}% vs "
+            f"`{ref_name}` {100 * ref:.2f}% "
             f"(drop {100 * drop:.2f} pt, limit {100 * limit:.2f} pt)"
         )
     return lines + _agreement_gate(recipe, report)

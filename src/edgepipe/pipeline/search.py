@@ -152,6 +152,7 @@ def pareto_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _measure(run: Path, recipe: Recipe, names: list[str], data: Any, cfg: Any) -> list[dict[str, Any]]:
     from edgepipe.benchmarks.harness import measure_interleaved
+    from edgepipe.benchmarks.metrics import score
     from edgepipe.runtime.predictor import Predictor
 
     manifest = json.loads((run / "manifest.json").read_text(encoding="utf-8"))
@@ -159,7 +160,7 @@ def _measure(run: Path, recipe: Recipe, names: list[str], data: Any, cfg: Any) -
     inputs, labels = data.val.inputs, data.val.labels
     if cfg.eval_examples is not None:
         inputs, labels = inputs[: cfg.eval_examples], labels[: cfg.eval_examples]
-    accuracy = {n: float((Predictor.load(folders[n]).logits(inputs).argmax(-1) == labels).mean()) for n in names}
+    accuracy = {n: score(Predictor.load(folders[n]).logits(inputs), labels, data.label_names) for n in names}
     index = np.arange(cfg.batch_size) % len(inputs)
     batch = inputs[index] if isinstance(inputs, np.ndarray) else [inputs[i] for i in index]
 

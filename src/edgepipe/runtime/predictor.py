@@ -2,6 +2,9 @@
 
 Predictor.load("runs/demo/05-quantize/int8-dynamic").predict(["great film"])
 Predictor.load("runs/mnist/04-quantize/int8-static").predict(images)  # float32 (N, 1, 28, 28) in [0, 1]
+Predictor.load("runs/ner/04-quantize/int8-dynamic").entities(["Paul Walker lives in New York"])  # NER
+
+A token classifier's `logits` are per word (texts, words, labels): each word's first sub-word token.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import numpy as np
 
 from edgepipe.errors import InputError
 from edgepipe.runtime.backends import RuntimeOptions, Session, backend_for, get_backend
+from edgepipe.runtime.text import TOKEN_TASK, entity_spans, folder_task, gather_words, max_words, word_positions
 
 META_FILE = "edgepipe.json"
 
@@ -25,6 +29,15 @@ class Prediction:
     label: str
     score: float
     probabilities: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Entity:
+    type: str
+    text: str  # the entity's words joined by spaces
+    start: int  # first word
+    end: int  # last word (inclusive)
+    score: float  # mean probability of its words' tags
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -46,6 +59,16 @@ def model_labels(folder: Path) -> list[str]:
     raise InputError(f"{folder} has neither {META_FILE} nor config.json; it is not an artifact folder")
 
 
+def model_task(folder: Path) -> str:
+    """The task recorded in edgepipe's metadata, else read from a transformers config."""
+    meta = folder / META_FILE
+    if meta.is_file():
+        task = json.loads(meta.read_text(encoding="utf-8")).get("task")
+        if task:
+            return str(task)
+    return folder_task(folder)
+
+
 def image_shape(folder: Path) -> tuple[int, ...] | None:
     """(channels, height, width) an image model takes, from its metadata; None for text models."""
     meta = folder / META_FILE
@@ -65,12 +88,14 @@ class Predictor:
         labels: list[str],
         max_seq_len: int = 128,
         input_shape: tuple[int, ...] | None = None,
+        task: str = "text-classification",
     ) -> None:
         self.session = session
         self.tokenizer = tokenizer
         self.labels = labels
         self.max_seq_len = max_seq_len
         self.input_shape = input_shape
+        self.task = task
 
     @classmethod
     def load(
@@ -94,7 +119,7 @@ class Predictor:
             return cls(session, None, labels, input_shape=shape)
         from transformers import AutoTokenizer
 
-        return cls(session, AutoTokenizer.from_pretrained(folder), labels)
+        return cls(session, AutoTokenizer.from_pretrained(folder), labels, task=model_task(folder))
 
     def encode(self, inputs: Sequence[str] | np.ndarray, *, pad_to: int | None = None) -> dict[str, np.ndarray]:
         """Feeds for a batch: tokens padded to the longest text or to exactly `pad_to`; or checked images."""
@@ -122,8 +147,42 @@ class Predictor:
         return np.ascontiguousarray(inputs, dtype=np.float32)
 
     def logits(self, inputs: Sequence[str] | np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """(inputs, labels); a token classifier's per word (texts, most words of a text, labels)."""
+        if self.task == TOKEN_TASK:
+            return self._word_logits(list(inputs), batch_size)
         outputs = [self.session.run(self.encode(inputs[i : i + batch_size])) for i in range(0, len(inputs), batch_size)]
         return np.concatenate(outputs, axis=0)
+
+    def _word_logits(self, texts: list[str], batch_size: int) -> np.ndarray:
+        width = max_words(texts)
+        outputs = []
+        for i in range(0, len(texts), batch_size):
+            chunk = texts[i : i + batch_size]
+            feeds = self.encode(chunk)
+            offsets = self.tokenizer(
+                chunk, padding="longest", truncation=True, max_length=self.max_seq_len, return_offsets_mapping=True
+            )["offset_mapping"]
+            outputs.append(gather_words(self.session.run(feeds), word_positions(chunk, np.asarray(offsets), width)))
+        return np.concatenate(outputs, axis=0)
+
+    def entities(self, texts: Sequence[str]) -> list[list[Entity]]:
+        """Entities of each sentence (words separated by spaces) from its BIO tags (token classifiers)."""
+        if self.task != TOKEN_TASK:
+            raise InputError(f"entities() needs a token-classification model; this one is {self.task}")
+        found = []
+        for text, row in zip(texts, softmax(self.logits(list(texts))), strict=True):
+            words = text.split(" ")
+            best = row[: len(words)].argmax(-1)
+            spans = entity_spans([self.labels[i] for i in best])
+            probability = row[np.arange(len(best)), best]
+            ordered = sorted(spans, key=lambda span: span[1])
+            found.append(
+                [
+                    Entity(k, " ".join(words[a : b + 1]), a, b, float(probability[a : b + 1].mean()))
+                    for k, a, b in ordered
+                ]
+            )
+        return found
 
     def predict(self, inputs: Sequence[str] | np.ndarray) -> list[Prediction]:
         probs = softmax(self.logits(inputs))

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from edgepipe.benchmarks.metrics import IGNORE
 from edgepipe.errors import InputError
 from edgepipe.pipeline.artifacts import Artifact, config_hash
 from edgepipe.pipeline.recipe import ArtifactKind, DistillConfig, RecoverConfig
@@ -22,12 +23,15 @@ from edgepipe.pipeline.stages import StageContext, StageResult, register
 from edgepipe.pipeline.stages.training import (
     batches,
     encode,
+    encode_words,
     evaluate,
     loss_window,
     optimizer_and_schedule,
     optimizer_step,
     predict_logits,
     save_model,
+    word_width,
+    words_of,
 )
 from edgepipe.pipeline.students import build_student, layer_map, student_problems
 
@@ -171,8 +175,13 @@ def run_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx: S
     mapping = layer_map(cfg, teacher.config.to_dict())
     student_ids, teacher_ids = list(mapping), list(mapping.values())
 
+    train = ctx.data.train
+    width = word_width(train)  # NER: logits, labels and KD are per word (each word's first sub-word)
     cached, reused = teacher_logits(
-        lambda texts: predict_logits(teacher, tokenizer, texts, cfg.max_seq_len, cfg.eval_batch_size), source, cfg, ctx
+        lambda texts: predict_logits(teacher, tokenizer, texts, cfg.max_seq_len, cfg.eval_batch_size, width),
+        source,
+        cfg,
+        ctx,
     )
     projections = None
     if cfg.loss.hidden > 0 and student.config.hidden_size != teacher.config.hidden_size:
@@ -183,7 +192,6 @@ def run_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx: S
     params = list(student.parameters()) + (list(projections.parameters()) if projections else [])
     optimizer, schedule = optimizer_and_schedule(params, cfg.lr, cfg.weight_decay, cfg.warmup_ratio, cfg.max_steps)
 
-    train = ctx.data.train
     history: dict[str, list[float]] = {k: [] for k in HISTORY_KEYS}
     need_teacher_pass = cfg.loss.hidden > 0 or need_attention
     torch.manual_seed(ctx.seed)
@@ -193,12 +201,18 @@ def run_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx: S
     plan = batches(len(train), cfg.batch_size, cfg.max_steps, ctx.seed)
     for step, index in enumerate(tqdm(plan, desc="distill", disable=not ctx.progress)):
         index = ctx.world.shard(index)
-        enc = encode(tokenizer, list(train.take(index)), cfg.max_seq_len)
-        labels = torch.from_numpy(train.labels[index])
+        texts = list(train.take(index))
+        labels, t_logits = torch.from_numpy(train.labels[index]), cached[torch.from_numpy(index)]
+        if width is None:
+            enc = encode(tokenizer, texts, cfg.max_seq_len)
+        else:
+            enc, positions = encode_words(tokenizer, texts, cfg.max_seq_len, width)
         out = trained(**enc, output_hidden_states=cfg.loss.hidden > 0, output_attentions=need_attention)
-        loss, terms, weights, temperature = logit_objective(
-            cfg, step, out.logits, cached[torch.from_numpy(index)], labels
-        )
+        logits = out.logits
+        if width is not None:  # every labeled word is one sample of the logit objective
+            words = (labels != IGNORE) & (positions >= 0)  # truncated words have no logits
+            logits, t_logits, labels = words_of(logits, positions)[words], t_logits[words], labels[words]
+        loss, terms, weights, temperature = logit_objective(cfg, step, logits, t_logits, labels)
         if need_teacher_pass:
             with torch.no_grad():
                 t_out = teacher(**enc, output_hidden_states=cfg.loss.hidden > 0, output_attentions=need_attention)

@@ -1,12 +1,14 @@
 """finetune: train a task head (and optionally the encoder) on the train split within a step budget.
 
-The shipped encoders are sentence-embedding models, not classifiers: this stage gives the teacher.
+The shipped encoders are sentence-embedding models, not classifiers: this stage gives the teacher (a
+sequence classifier, or a token classifier trained on each word's first sub-word for NER).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from edgepipe.pipeline.artifacts import Artifact
 from edgepipe.pipeline.recipe import ArtifactKind, FinetuneConfig
@@ -14,11 +16,14 @@ from edgepipe.pipeline.stages import StageContext, StageResult, register
 from edgepipe.pipeline.stages.training import (
     batches,
     encode,
+    encode_words,
     evaluate,
     finetune_result,
     optimizer_and_schedule,
     optimizer_step,
     save_model,
+    token_labels,
+    word_width,
 )
 
 log = logging.getLogger(__name__)
@@ -42,6 +47,7 @@ def run_finetune(inputs: dict[ArtifactKind, Artifact], cfg: FinetuneConfig, ctx:
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = load_text_model(
         source,
+        task=ctx.task,
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id={name: i for i, name in enumerate(labels)},
@@ -54,6 +60,7 @@ def run_finetune(inputs: dict[ArtifactKind, Artifact], cfg: FinetuneConfig, ctx:
     optimizer, schedule = optimizer_and_schedule(params, cfg.lr, cfg.weight_decay, cfg.warmup_ratio, cfg.max_steps)
 
     train = ctx.data.train
+    width = word_width(train)
     losses: list[float] = []
     started = time.perf_counter()
     model.train()
@@ -64,8 +71,14 @@ def run_finetune(inputs: dict[ArtifactKind, Artifact], cfg: FinetuneConfig, ctx:
         disable=not ctx.progress,
     ):
         index = ctx.world.shard(index)
-        enc = encode(tokenizer, list(train.take(index)), cfg.max_seq_len)
-        loss = trained(**enc, labels=torch.from_numpy(train.labels[index])).loss
+        texts = list(train.take(index))
+        if width is None:
+            enc = encode(tokenizer, texts, cfg.max_seq_len)
+            targets: Any = torch.from_numpy(train.labels[index])
+        else:  # NER: each word's label on its first sub-word
+            enc, positions = encode_words(tokenizer, texts, cfg.max_seq_len, width)
+            targets = token_labels(train.labels[index], positions, enc["input_ids"].shape[1])
+        loss = trained(**enc, labels=targets).loss
         optimizer_step(loss, params, optimizer, schedule)
         losses.append(loss.item())
     train_s = time.perf_counter() - started
