@@ -114,6 +114,15 @@ def ner_recipe(model_dir: Path, **changes: object) -> dict[str, object]:
         "stages": [
             {"kind": "finetune", "max_steps": 40, "batch_size": 16, "max_seq_len": 64, "lr": 1e-2},
             {"kind": "distill", "student": {"num_layers": 1}, "max_steps": 10, "batch_size": 16, "max_seq_len": 64},
+            {
+                "kind": "prune",
+                "ratio": 0.5,
+                "samples": 16,
+                "batch_size": 16,
+                "max_seq_len": 64,
+                "recover": {"max_steps": 5, "batch_size": 16},
+                "latency": False,
+            },
             {"kind": "export", "parity_shapes": [[1, 7], [3, 45]]},
             {"kind": "quantize", "mode": "dynamic"},
             {"kind": "quantize", "mode": "static", "calibration": {"samples": 16, "batch_size": 8}},
@@ -127,7 +136,8 @@ def ner_recipe(model_dir: Path, **changes: object) -> dict[str, object]:
 
 
 def test_a_token_classifier_goes_through_every_stage(tmp_path: Path, tiny_model_dir: Path) -> None:
-    """Real tweets, a tiny BERT: per-word logits and entity F1 from the trained model to the .ort file."""
+    """Real tweets, a tiny BERT: per-word logits and entity F1 from the trained model through a head-pruned
+    token classifier to the .ort file."""
     import json
 
     from conftest import write_recipe
@@ -142,7 +152,8 @@ def test_a_token_classifier_goes_through_every_stage(tmp_path: Path, tiny_model_
     report = json.loads((run / "report.json").read_text(encoding="utf-8"))
     assert report["metric"] == "entity F1"
     scores = {r["artifact"]: r["accuracy"] for r in report["results"]}
-    assert set(scores) == {"teacher", "student", "fp32", "fp32-fused", "int8-dynamic", "int8-static", "int8-static-ort"}
+    names = {"teacher", "student", "pruned", "fp32", "fp32-fused", "int8-dynamic", "int8-static", "int8-static-ort"}
+    assert set(scores) == names
     assert all(0.0 <= value <= 1.0 for value in scores.values())  # a tiny BERT in 40 steps still tags all O
     finetune = json.loads((run / "01-finetune" / "metrics.json").read_text(encoding="utf-8"))
     assert finetune["train_loss_end"] < finetune["train_loss_start"] / 2  # the per-word loss is learned
@@ -150,7 +161,9 @@ def test_a_token_classifier_goes_through_every_stage(tmp_path: Path, tiny_model_
     assert agree["fp32-fused"] == 1.0 and agree["int8-dynamic"] > 0.9
     assert "Entity F1 (test split" in (run / "report.md").read_text(encoding="utf-8")
 
-    predictor = Predictor.load(run / "04-quantize" / "int8-dynamic")
+    pruned = json.loads((run / "03-prune" / "model" / "config.json").read_text(encoding="utf-8"))
+    assert pruned["layer_heads"] == [2] and pruned["architectures"] == ["PrunedBertForTokenClassification"]
+    predictor = Predictor.load(run / "05-quantize" / "int8-dynamic")
     text = "Watching Stranger Things with @paulwalk in New York"
     logits = predictor.logits([text, "hi"])
     assert logits.shape == (2, 8, len(predictor.labels)) and not logits[1, 1:].any()  # per word, 0 past the end
@@ -191,8 +204,8 @@ def test_recipe_rejects_what_token_classification_does_not_support(tiny_model_di
     recipe = ner_recipe(tiny_model_dir)
     stages = recipe["stages"]
     assert isinstance(stages, list)
-    stages.insert(2, {"kind": "prune", "ratio": 0.3})
     stages[4] = {"kind": "quantize", "mode": "dynamic", "sensitivity": True}
-    problems = task_problems(parse_recipe(recipe))
-    assert problems[0].startswith("`stages.2`: structured pruning supports text- and image-classification")
-    assert problems[1].startswith("`stages.4.sensitivity`: per-node sensitivity and float fallback")
+    assert task_problems(parse_recipe(recipe)) == [
+        "`stages.4.sensitivity`: per-node sensitivity and float fallback measure sentence-level accuracy; "
+        "remove it for token-classification (gate int8 with gates.max_accuracy_drop)"
+    ]

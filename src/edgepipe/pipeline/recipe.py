@@ -493,11 +493,6 @@ def task_problems(recipe: Recipe) -> list[str]:
                         f"`stages.{i}.{key}`: applies to transformers; an image model is pruned by conv "
                         "channels: use `ratio`"
                     )
-        if recipe.task == TOKEN_TASK and isinstance(stage, PruneConfig):
-            problems.append(
-                f"`stages.{i}`: structured pruning supports text- and image-classification models; remove the "
-                "prune stage of this token-classification recipe (distill a shallower student instead)"
-            )
         if recipe.task == TOKEN_TASK and isinstance(stage, QuantizeConfig):
             for key in ("sensitivity", "max_accuracy_drop"):
                 if getattr(stage, key):

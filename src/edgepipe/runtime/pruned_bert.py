@@ -9,7 +9,7 @@ so `from_pretrained` loads the pruned safetensors as they are.
 The config keeps `model_type: bert` (tokenizers, ONNX Runtime's optimizer and every tool that reads
 config.json see a BERT) and names this class in `auto_map`. The file imports only torch and
 transformers because the prune stage copies it into every head-pruned model folder: there,
-`AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)` loads the model
+`AutoModelFor{Sequence,Token}Classification.from_pretrained(folder, trust_remote_code=True)` loads the model
 without edgepipe installed. edgepipe itself loads such folders with this class directly
 (`edgepipe.runtime.text.load_text_model`), so no code from a model folder ever runs.
 """
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import BertConfig, BertForSequenceClassification, BertForTokenClassification
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bert.modeling_bert import BertSelfAttention, eager_attention_forward
 
@@ -79,11 +79,23 @@ def resize_layer(layer: Any, config: BertConfig, index: int, heads: int, ffn: in
     layer.output.dense = nn.Linear(ffn, hidden)
 
 
+def resize_layers(model: Any, config: PrunedBertConfig) -> None:
+    for index, layer in enumerate(model.bert.encoder.layer):
+        resize_layer(layer, config, index, config.layer_heads[index], config.layer_ffn[index])
+    model.post_init()
+
+
 class PrunedBertForSequenceClassification(BertForSequenceClassification):
     config_class = PrunedBertConfig
 
     def __init__(self, config: PrunedBertConfig) -> None:
         super().__init__(config)
-        for index, layer in enumerate(self.bert.encoder.layer):
-            resize_layer(layer, config, index, config.layer_heads[index], config.layer_ffn[index])
-        self.post_init()
+        resize_layers(self, config)
+
+
+class PrunedBertForTokenClassification(BertForTokenClassification):
+    config_class = PrunedBertConfig
+
+    def __init__(self, config: PrunedBertConfig) -> None:
+        super().__init__(config)
+        resize_layers(self, config)

@@ -44,12 +44,14 @@ def load_text_model(path: Path | str, task: str | None = None, **kwargs: Any) ->
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     config_path = Path(path) / "config.json"
+    token = (task or folder_task(path)) == TOKEN_TASK
     if config_path.is_file() and is_pruned_bert(json.loads(config_path.read_text(encoding="utf-8"))):
-        from edgepipe.runtime.pruned_bert import PrunedBertForSequenceClassification
+        from edgepipe.runtime import pruned_bert
 
-        return PrunedBertForSequenceClassification.from_pretrained(path, **kwargs).eval()
-    auto = AutoModelForTokenClassification if (task or folder_task(path)) == TOKEN_TASK else None
-    return (auto or AutoModelForSequenceClassification).from_pretrained(path, **kwargs).eval()
+        pruned = pruned_bert.PrunedBertForTokenClassification if token else None
+        return (pruned or pruned_bert.PrunedBertForSequenceClassification).from_pretrained(path, **kwargs).eval()
+    auto = AutoModelForTokenClassification if token else AutoModelForSequenceClassification
+    return auto.from_pretrained(path, **kwargs).eval()
 
 
 def word_positions(texts: list[str], offsets: np.ndarray, width: int) -> np.ndarray:

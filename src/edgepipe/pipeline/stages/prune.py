@@ -30,18 +30,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from edgepipe.benchmarks.metrics import IGNORE
 from edgepipe.errors import InputError
 from edgepipe.pipeline.artifacts import Artifact
-from edgepipe.pipeline.recipe import ArtifactKind, PruneConfig, RecoverConfig
+from edgepipe.pipeline.recipe import TOKEN_TASK, ArtifactKind, PruneConfig, RecoverConfig
 from edgepipe.pipeline.stages import StageContext, StageResult, register
 from edgepipe.pipeline.stages.training import (
     batches,
     encode,
+    encode_words,
     evaluate,
     loss_window,
     optimizer_and_schedule,
     optimizer_step,
     save_model,
+    token_labels,
+    word_width,
+    words_of,
 )
 from edgepipe.pipeline.students import SUBSET_MODEL_TYPES
 
@@ -158,9 +163,16 @@ def taylor_scores(model: Any, tokenizer: Any, cfg: PruneConfig, ctx: StageContex
     heads = [torch.zeros(n) for n in layer_heads(model)]
     ffn = [torch.zeros(n) for n in layer_ffn(model)]
     train = ctx.data.train
+    width = word_width(train)
     for index in batches(len(train), cfg.batch_size, max(1, cfg.samples // cfg.batch_size), ctx.seed):
-        enc = encode(tokenizer, list(train.take(index)), cfg.max_seq_len)
-        loss = model(**enc, labels=torch.from_numpy(train.labels[index])).loss
+        texts = list(train.take(index))
+        if width is None:
+            enc = encode(tokenizer, texts, cfg.max_seq_len)
+            targets = torch.from_numpy(train.labels[index])
+        else:  # NER: each word's label on its first sub-word
+            enc, positions = encode_words(tokenizer, texts, cfg.max_seq_len, width)
+            targets = token_labels(train.labels[index], positions, enc["input_ids"].shape[1])
+        loss = model(**enc, labels=targets).loss
         model.zero_grad(set_to_none=True)
         loss.backward()
         for i, layer in enumerate(layers):
@@ -261,8 +273,11 @@ def recover(
         batch = batch_of(index)
         with torch.no_grad():
             t_logits = logits_of(teacher, batch)
-        labels = torch.from_numpy(train.labels[index])
-        loss, _, _, _ = logit_objective(spec, step, logits_of(model, batch), t_logits, labels)
+        logits, labels = logits_of(model, batch), torch.from_numpy(train.labels[index])
+        if labels.ndim == 2:  # NER: per-word logits; every labeled word is one sample
+            words = labels != IGNORE
+            logits, t_logits, labels = logits[words], t_logits[words], labels[words]
+        loss, _, _, _ = logit_objective(spec, step, logits, t_logits, labels)
         optimizer_step(loss, params, optimizer, schedule)
         losses.append(loss.item())
     model.eval()
@@ -279,11 +294,10 @@ def save_pruned(model: Any, tokenizer: Any, out: Path, ctx: StageContext) -> Non
         return
     values = {**model.config.to_dict(), "layer_heads": heads, "layer_ffn": layer_ffn(model)}
     values["num_hidden_layers"] = len(heads)
-    values["auto_map"] = {
-        "AutoModelForSequenceClassification": "modeling_pruned_bert.PrunedBertForSequenceClassification"
-    }
+    head = "TokenClassification" if ctx.task == TOKEN_TASK else "SequenceClassification"
+    values["auto_map"] = {f"AutoModelFor{head}": f"modeling_pruned_bert.PrunedBertFor{head}"}
     values.pop("architectures", None)
-    pruned = pruned_bert.PrunedBertForSequenceClassification(pruned_bert.PrunedBertConfig(**values))
+    pruned = getattr(pruned_bert, f"PrunedBertFor{head}")(pruned_bert.PrunedBertConfig(**values))
     pruned.load_state_dict(model.state_dict())
     save_model(pruned.eval(), tokenizer, out, ctx)
     shutil.copyfile(pruned_bert.__file__, out / "modeling_pruned_bert.py")
@@ -393,6 +407,18 @@ def run_prune(inputs: dict[ArtifactKind, Artifact], cfg: PruneConfig, ctx: Stage
     if cfg.heads:
         kept_heads = [keep[i] for i in kept_layers]
     start = {"heads": sum(layer_heads(model)), "ffn": max(layer_ffn(model))}
+    width = word_width(ctx.data.train)
+
+    def batch_of(index: Any) -> Any:
+        texts = list(ctx.data.train.take(index))
+        if width is None:
+            return encode(tokenizer, texts, cfg.max_seq_len), None
+        return encode_words(tokenizer, texts, cfg.max_seq_len, width)
+
+    def logits_of(m: Any, batch: Any) -> Any:
+        logits = m(**batch[0]).logits
+        return logits if batch[1] is None else words_of(logits, batch[1])
+
     history = []
     for iteration in range(1, cfg.iterations + 1):
         torch.manual_seed(ctx.seed + iteration)
@@ -414,8 +440,8 @@ def run_prune(inputs: dict[ArtifactKind, Artifact], cfg: PruneConfig, ctx: Stage
                 cfg.recover,
                 ctx,
                 ctx.seed + iteration,
-                lambda index: encode(tokenizer, list(ctx.data.train.take(index)), cfg.max_seq_len),
-                lambda m, enc: m(**enc).logits,
+                batch_of,
+                logits_of,
             )
             entry["recover_loss_start"], entry["recover_loss_end"] = loss_window(losses)
             entry["val_accuracy_recovered"] = evaluate_val(model)
