@@ -81,3 +81,50 @@ def feature_loss(
             s = projections[i](s)
         total = total + F.mse_loss(s, t)
     return total / len(student)
+
+
+DIVERGENCE_KINDS = ("forward_kl", "reverse_kl", "jsd")  # the `kind` of distribution_loss
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) over the last axis, from log-probabilities."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def distribution_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    kind: str,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A divergence between teacher and student token distributions, for language-model distillation.
+
+    With p_t = softmax(teacher / T) and p_s = softmax(student / T) over the last axis (the vocabulary):
+    - "forward_kl": KL(p_t || p_s) = sum p_t (log p_t - log p_s), the Hinton term; mode-covering.
+    - "reverse_kl": KL(p_s || p_t) = sum p_s (log p_s - log p_t); mode-seeking, so a small student does
+      not spread mass over tokens the teacher finds unlikely (MiniLLM, Gu et al., ICLR 2024).
+    - "jsd": 0.5 KL(p_t || m) + 0.5 KL(p_s || m) with m = (p_t + p_s) / 2; symmetric, and at most
+      ln 2 before the T^2 (the beta = 0.5 generalized JSD of GKD, Agarwal et al., ICLR 2024).
+    Each is multiplied by T^2 so gradients keep their size across temperatures. `mask` (the logits'
+    shape without the vocabulary axis) marks the positions that count: the result is their mean.
+    """
+    log_s = F.log_softmax(student_logits / temperature, dim=-1)
+    log_t = F.log_softmax(teacher_logits / temperature, dim=-1)
+    if kind == "forward_kl":
+        per_position = _kl(log_t, log_s)
+    elif kind == "reverse_kl":
+        per_position = _kl(log_s, log_t)
+    elif kind == "jsd":
+        # log m through logaddexp: a probability that underflows to 0 in one model must not give log(0)
+        log_m = torch.logaddexp(log_t, log_s) - torch.log(log_t.new_tensor(2.0))
+        per_position = 0.5 * _kl(log_t, log_m) + 0.5 * _kl(log_s, log_m)
+    else:
+        from edgepipe.errors import InputError  # kd.py imports only torch at module level
+
+        raise InputError(f"`kind`: unknown divergence {kind!r}; use one of {', '.join(DIVERGENCE_KINDS)}")
+    per_position = per_position * temperature**2
+    if mask is None:
+        return per_position.mean()
+    weights = mask.to(per_position.dtype)
+    return (per_position * weights).sum() / weights.sum().clamp_min(1.0)

@@ -1,0 +1,242 @@
+"""Token generation with a KV cache: an exported causal LM in onnxruntime (CPU) or a transformers
+model in PyTorch, behind one `generate` so the benchmark compares them on equal terms.
+
+Both run the same loop: prefill the prompt (every position's logits, which perplexity also uses),
+then one token per step with the cache fed back. Greedy or seeded sampling (numpy Generator, with
+temperature and top-k); time to first token and each decode step are timed with `perf_counter`.
+The ONNX model is the one `edgepipe.export.causal_lm` writes: it takes `past_key_values.{i}.key` /
+`.value`, also empty (past_sequence 0) for the first step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgepipe.errors import InputError
+from edgepipe.runtime.backends import RuntimeOptions, model_file, ort_cpu_session
+
+PAST_PREFIX = "past_key_values."
+Batch = tuple[np.ndarray, np.ndarray]  # input_ids, attention_mask: (batch, seq) int64
+LogitsFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (input_ids, attention_mask) -> (batch, seq, vocab)
+
+
+def position_ids(attention_mask: np.ndarray) -> np.ndarray:
+    """Positions that skip left padding, as transformers' generate computes them."""
+    return np.maximum(np.cumsum(attention_mask, axis=-1) - 1, 0).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    tokens: np.ndarray  # (batch, generated) int64; a row that hit eos repeats it to the end
+    ttft_s: float  # prefill and the first token's choice
+    decode_s: tuple[float, ...]  # each later token's step
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Generated tokens per second after the first, over the whole batch."""
+        spent = sum(self.decode_s)
+        return self.tokens.shape[0] * len(self.decode_s) / spent if spent > 0 else 0.0
+
+
+# (input_ids, attention_mask, position_ids, cache) -> (logits (batch, sequence, vocab), cache)
+StepFn = Callable[[np.ndarray, np.ndarray, np.ndarray, Any], tuple[np.ndarray, Any]]
+
+
+def _choose(logits: np.ndarray, do_sample: bool, temperature: float, top_k: int | None, rng: Any) -> np.ndarray:
+    if not do_sample:
+        return np.asarray(logits.argmax(-1), dtype=np.int64)
+    scaled = logits.astype(np.float64) / temperature
+    if top_k is not None and top_k < scaled.shape[-1]:
+        kth = np.partition(scaled, -top_k, axis=-1)[:, -top_k, None]
+        scaled = np.where(scaled < kth, -np.inf, scaled)
+    probs = np.exp(scaled - scaled.max(-1, keepdims=True))
+    cdf = np.cumsum(probs, axis=-1)
+    # inverse-CDF sampling: one uniform draw per row keeps a seed's stream independent of the vocabulary
+    draws = rng.random(len(cdf))[:, None] * cdf[:, -1:]
+    return np.minimum((cdf < draws).sum(-1), cdf.shape[-1] - 1).astype(np.int64)
+
+
+def run_generation(
+    step: StepFn,
+    cache: Any,
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    max_new_tokens: int,
+    *,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int | None = None,
+    eos_token_id: int | None = None,
+) -> GenerationResult:
+    """The decoding loop shared by the ONNX and torch models; prompts are left-padded."""
+    input_ids = np.asarray(input_ids, dtype=np.int64)
+    mask = np.asarray(attention_mask, dtype=np.int64)
+    if input_ids.ndim != 2 or input_ids.shape != mask.shape or input_ids.shape[1] == 0:
+        raise InputError(
+            f"generate: input_ids and attention_mask must both be (batch, prompt_len) with prompt_len >= 1, got "
+            f"{input_ids.shape} and {mask.shape}"
+        )
+    if max_new_tokens < 1 or temperature <= 0 or (top_k is not None and top_k < 1):
+        raise InputError(
+            f"generate: needs max_new_tokens >= 1, temperature > 0 and top_k >= 1 (or None); got "
+            f"{max_new_tokens}, {temperature}, {top_k}"
+        )
+    rng = np.random.default_rng(seed)
+    positions = position_ids(mask)
+    start = time.perf_counter()
+    logits, cache = step(input_ids, mask, positions, cache)
+    token = _choose(logits[:, -1], do_sample, temperature, top_k, rng)
+    ttft = time.perf_counter() - start
+    tokens, decode_s = [token], []
+    finished = token == eos_token_id if eos_token_id is not None else np.zeros(len(token), dtype=bool)
+    for _ in range(max_new_tokens - 1):
+        if finished.all():
+            break
+        start = time.perf_counter()
+        mask = np.concatenate([mask, np.ones((len(mask), 1), dtype=np.int64)], axis=1)
+        positions = positions[:, -1:] + 1
+        logits, cache = step(token[:, None], mask, positions, cache)
+        token = _choose(logits[:, -1], do_sample, temperature, top_k, rng)
+        decode_s.append(time.perf_counter() - start)
+        if eos_token_id is not None:
+            token = np.where(finished, eos_token_id, token)
+            finished |= token == eos_token_id
+        tokens.append(token)
+    return GenerationResult(np.stack(tokens, axis=1), ttft, tuple(decode_s))
+
+
+class _Generation:
+    """`logits` and `generate` on top of a model's `step`."""
+
+    step: StepFn
+
+    def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """Every position's logits (for perplexity), from an empty cache."""
+        ids, mask = np.asarray(input_ids, dtype=np.int64), np.asarray(attention_mask, dtype=np.int64)
+        return self.step(ids, mask, position_ids(mask), None)[0]
+
+    def generate(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        max_new_tokens: int,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        seed: int | None = None,
+        eos_token_id: int | None = None,
+    ) -> GenerationResult:
+        """Greedy (default) or seeded sampled continuations of left-padded prompts."""
+        return run_generation(
+            self.step,
+            None,
+            input_ids,
+            attention_mask,
+            max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            seed=seed,
+            eos_token_id=eos_token_id,
+        )
+
+
+class OnnxCausalLM(_Generation):
+    """An exported causal LM (model.onnx of a folder, or the file) in an onnxruntime CPU session."""
+
+    def __init__(self, path: Path, options: RuntimeOptions | None = None) -> None:
+        self.path = model_file(Path(path))
+        if not self.path.is_file():
+            raise InputError(f"no ONNX model at {self.path}; export one with edgepipe.export.causal_lm")
+        self.options = options or RuntimeOptions()
+        self.session = ort_cpu_session(self.path, self.options)
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.past_names = [name for name in inputs if name.startswith(PAST_PREFIX)]
+        if not self.past_names or not {"input_ids", "attention_mask", "position_ids"} <= set(inputs):
+            raise InputError(
+                f"{self.path}: not a KV-cache causal LM (inputs {sorted(inputs)}); export it with "
+                "edgepipe.export.causal_lm.export_causal_lm"
+            )
+        shape = inputs[self.past_names[0]].shape  # batch, kv_heads, past_sequence, head_dim
+        self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
+        self.output_names = ["logits", *(n.replace(PAST_PREFIX, "present.") for n in self.past_names)]
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=np.float32) for _ in self.past_names]
+
+    def step(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray, past: list[np.ndarray] | None
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Logits of the new tokens and the grown cache; `past` None is an empty cache."""
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": positions}
+        past = self.empty_past(len(input_ids)) if past is None else past
+        feeds.update(zip(self.past_names, past, strict=True))
+        logits, *present = self.session.run(self.output_names, feeds)
+        return logits, present
+
+    def describe(self) -> dict[str, Any]:
+        return {"engine": "onnxruntime", "provider": "CPUExecutionProvider", "threads": self.options.resolved_threads}
+
+
+class TorchCausalLM(_Generation):
+    """A transformers causal LM in PyTorch eager with its DynamicCache, same `generate` as `OnnxCausalLM`."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model.eval()
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray, cache: Any) -> Any:
+        import torch
+
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=torch.from_numpy(np.ascontiguousarray(input_ids)),
+                attention_mask=torch.from_numpy(attention_mask),
+                position_ids=torch.from_numpy(np.ascontiguousarray(positions)),
+                cache=cache,
+                use_cache=True,
+            )
+        return out.logits.float().numpy(), out.cache
+
+    def describe(self) -> dict[str, Any]:
+        import torch
+
+        return {"engine": "torch", "threads": torch.get_num_threads()}
+
+
+def load_causal_lm(folder: Path, fmt: str, options: RuntimeOptions | None = None) -> OnnxCausalLM | TorchCausalLM:
+    """An artifact folder as a generator: `model.onnx` in onnxruntime (fmt "onnx"), else a transformers
+    folder in PyTorch fp32."""
+    if fmt == "onnx":
+        return OnnxCausalLM(folder, options)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads((options or RuntimeOptions()).resolved_threads)  # as many threads as ORT sessions
+    return TorchCausalLM(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32))
+
+
+def perplexity(logits_fn: LogitsFn, batches: Iterable[Batch]) -> float:
+    """exp(mean next-token NLL) over every predicted token whose context and target are real tokens.
+
+    `logits_fn` is any model's `logits` (`OnnxCausalLM`, `TorchCausalLM`, `edgepipe.pipeline.lm.torch_logits`)."""
+    total, count = 0.0, 0
+    for input_ids, attention_mask in batches:
+        counted = (attention_mask[:, 1:] * attention_mask[:, :-1]).astype(bool)
+        # only counted rows: a (batch, seq, 49152) float64 copy would be ~300 MB per batch
+        logits = np.asarray(logits_fn(input_ids, attention_mask))[:, :-1][counted]
+        targets = input_ids[:, 1:][counted]
+        peak = logits.max(-1, keepdims=True)
+        log_z = np.log(np.exp(logits - peak).sum(-1, dtype=np.float64)) + peak[:, 0]
+        total += float((log_z - logits[np.arange(len(targets)), targets]).sum())
+        count += int(counted.sum())
+    if count == 0:
+        raise InputError("perplexity: no predicted tokens (every text is shorter than 2 tokens)")
+    return float(np.exp(total / count))

