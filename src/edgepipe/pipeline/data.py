@@ -7,7 +7,8 @@ joined by single spaces and its labels one id per word (-100 past its end). Imag
 (N, H, W) or (N, C, H, W) and `labels` (N,), loaded without pickle. Pixels become float32 in [0, 1].
 
 Splits are disjoint by example (no text or image is in two splits) and depend only on the data and
-the seed. No torch here; stages receive `DataSplits`, never file handles or dataset objects.
+the seed. A causal LM reads only the text column of a user's file (its labels are then all 0). No
+torch here; stages receive `DataSplits`, never file handles or dataset objects.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 
 from edgepipe.errors import InputError
 from edgepipe.pipeline.models import package_dir
-from edgepipe.pipeline.recipe import IMAGE_TASK, TOKEN_TASK, DataConfig
+from edgepipe.pipeline.recipe import IMAGE_TASK, LM_TASK, TOKEN_TASK, DataConfig
 
 
 @dataclass(frozen=True)
@@ -220,7 +221,8 @@ def data_problem(cfg: DataConfig, task: str = "text-classification") -> str | No
         columns, _ = _read_table(path)
     except InputError as error:
         return str(error)
-    missing = [c for c in (cfg.text_column, cfg.label_column) if c not in columns]
+    needed = (cfg.text_column,) if task == LM_TASK else (cfg.text_column, cfg.label_column)
+    missing = [c for c in needed if c not in columns]
     if missing:
         keys = {cfg.text_column: "data.text_column", cfg.label_column: "data.label_column"}
         which = ", ".join(f"`{keys[c]}` = {c!r}" for c in missing)
@@ -228,13 +230,13 @@ def data_problem(cfg: DataConfig, task: str = "text-classification") -> str | No
     return None
 
 
-def _rows(cfg: DataConfig) -> tuple[list[tuple[str, str]], list[str] | None]:
+def _rows(cfg: DataConfig, task: str) -> tuple[list[tuple[str, str]], list[str] | None]:
     if cfg.source in BUILTIN_DATASETS:
         spec = BUILTIN_DATASETS[cfg.source]
         _, table = _read_table(_builtin_path(cfg.source))
         rows = [(str(r[spec.text_column]), str(r[spec.label_column])) for r in table]
         return [r for r in rows if r[1] in spec.keep_labels], list(spec.keep_labels)
-    problem = data_problem(cfg)
+    problem = data_problem(cfg, task)
     if problem:
         raise InputError(problem)
     _, table = _read_table(Path(cfg.source))
@@ -243,6 +245,8 @@ def _rows(cfg: DataConfig) -> tuple[list[tuple[str, str]], list[str] | None]:
         value = row.get(column)
         return "" if value is None else str(value)
 
+    if task == LM_TASK:  # text only: one label for every row
+        return [(cell(r, cfg.text_column), "text") for r in table], ["text"]
     return [(cell(r, cfg.text_column), cell(r, cfg.label_column)) for r in table], None
 
 
@@ -345,7 +349,7 @@ def load_splits(cfg: DataConfig, seed: int, task: str = "text-classification") -
         inputs, label_strings = _dedupe_images(*_read_images(cfg))
         label_names = None
     else:
-        rows, label_names = _rows(cfg)
+        rows, label_names = _rows(cfg, task)
         rows = _dedupe(rows)
         inputs, label_strings = [t for t, _ in rows], [label for _, label in rows]
     found = label_strings if tagged is not None else _label_order(sorted(set(label_strings)))
@@ -353,7 +357,7 @@ def load_splits(cfg: DataConfig, seed: int, task: str = "text-classification") -
         label_names = found
     if len(found) < 2 and tagged is not None:
         raise InputError(f"`data.source`: {cfg.source} has no B-/I- entity tags; token-classification needs some")
-    if len(found) < 2:
+    if len(found) < 2 and task != LM_TASK:
         raise InputError(
             f"`data.label_column` = {cfg.label_column!r}: found {len(found)} class(es) {found} in "
             f"{cfg.source}; classification needs at least 2"

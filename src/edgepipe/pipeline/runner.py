@@ -36,6 +36,7 @@ from edgepipe.pipeline.distributed import World, join_world
 from edgepipe.pipeline.models import materialize_module, model_problem, module_spec, resolve_model
 from edgepipe.pipeline.recipe import (
     IMAGE_TASK,
+    LM_TASK,
     ArtifactKind,
     DistillConfig,
     PruneConfig,
@@ -88,6 +89,23 @@ def check_students(recipe: Recipe) -> list[str]:
     return problems
 
 
+def check_lm_students(recipe: Recipe) -> list[str]:
+    """Layer-subset specs of a causal-lm recipe against the teacher's config.json (built-ins: once converted)."""
+    from edgepipe.pipeline.models import BUILTIN_LMS
+    from edgepipe.pipeline.stages.lm import lm_student_problems
+
+    if recipe.model in BUILTIN_LMS:
+        config = {"num_hidden_layers": 30}  # SmolLM2-135M; reading it would mean converting the GGUF first
+    else:
+        config = json.loads((Path(recipe.model) / "config.json").read_text(encoding="utf-8"))
+    return [
+        p
+        for i, stage in enumerate(recipe.stages)
+        if isinstance(stage, DistillConfig)
+        for p in lm_student_problems(stage, config, f"stages.{i}")
+    ]
+
+
 def check_recipe(recipe: Recipe, out: Path | None = None) -> list[str]:
     """Everything that needs no computation: files exist, columns exist, chain is complete."""
     model = model_problem(recipe.model, recipe.task)
@@ -106,7 +124,9 @@ def check_recipe(recipe: Recipe, out: Path | None = None) -> list[str]:
         )
     if recipe.model_weights and not Path(recipe.model_weights).is_file():
         problems.append(f"`model_weights`: file not found: {recipe.model_weights}; pass a .safetensors file")
-    if model is None and recipe.task != IMAGE_TASK:
+    if model is None and recipe.task == LM_TASK:
+        problems += check_lm_students(recipe)
+    elif model is None and recipe.task != IMAGE_TASK:
         problems += check_students(recipe)
     if out is not None and out.exists() and not out.is_dir():
         problems.append(f"`--out`: {out} is a file; pass a folder (it is created if missing)")
@@ -114,7 +134,7 @@ def check_recipe(recipe: Recipe, out: Path | None = None) -> list[str]:
 
 
 def _check_labels(model_dir: Path, recipe: Recipe, data: DataSplits) -> None:
-    if recipe.stages[0].kind == "finetune":
+    if recipe.stages[0].kind == "finetune" or recipe.task == LM_TASK:
         return  # the head is re-created for the data's labels
     labels = model_labels(model_dir)
     if len(labels) != len(data.label_names):
@@ -245,6 +265,7 @@ def _settings(recipe: Recipe, data: DataSplits) -> Any:
 
     cfg = recipe.bench.model_dump()
     cfg.pop("include_torch")
+    cfg.pop("new_tokens")
     shape = data.input_shape
     cfg["seq_lens"] = [shape[1]] if shape else (recipe.bench.seq_lens or [128])
     return BenchSettings(**cfg, input_shape=shape, label_names=tuple(data.label_names))
@@ -298,8 +319,16 @@ def _gate(recipe: Recipe, report: dict[str, Any]) -> list[str]:
 
 
 def write_report(paths: RunPaths, recipe: Recipe, report: dict[str, Any]) -> list[str]:
+    from edgepipe.benchmarks.generation import perplexity_gate, render_generation_markdown
     from edgepipe.benchmarks.report import render_markdown
 
+    if recipe.task == LM_TASK:
+        limit = recipe.gates.max_perplexity_increase
+        gate_lines = [] if limit is None else perplexity_gate(report, limit, recipe.gates.artifacts)
+        report["gates"] = gate_lines
+        write_json(paths.root / REPORT_JSON, report)
+        write_atomic(paths.root / REPORT_MD, render_generation_markdown(report, recipe.name, gate_lines))
+        return gate_lines
     gate_lines = _gate(recipe, report)
     report["gates"] = gate_lines
     if paths.manifest.is_file():  # what the prune stages removed, shown beside the measurements
@@ -389,11 +418,8 @@ def _build(recipe: Recipe, out: Path, force: bool, world: World, benchmark: bool
     )
     if world.is_main:
         write_atomic(paths.root / "recipe.resolved.yaml", dump_recipe(recipe))
-    current = {
-        ArtifactKind.TORCH_MODEL: Artifact(
-            "model", ArtifactKind.TORCH_MODEL, model_dir, "fp32", folder_fingerprint(model_dir)
-        )
-    }
+    source = Artifact("model", ArtifactKind.TORCH_MODEL, model_dir, "fp32", folder_fingerprint(model_dir))
+    current = {ArtifactKind.TORCH_MODEL: source}
     produced: list[Artifact] = []
     records = []
     for index, stage in enumerate(recipe.stages):
@@ -438,6 +464,8 @@ def _build(recipe: Recipe, out: Path, force: bool, world: World, benchmark: bool
 
     # every PyTorch model (teacher, students) and every ONNX artifact, teacher first: it is the reference
     hf = [a for a in produced if a.kind == ArtifactKind.TORCH_MODEL] or [current[ArtifactKind.TORCH_MODEL]]
+    if recipe.task == LM_TASK:  # no finetune stage: the given model is the teacher every artifact is compared with
+        hf = [replace(source, name="teacher"), *(a for a in hf if a is not source)]
     artifacts = [*hf, *[a for a in produced if a.kind != ArtifactKind.TORCH_MODEL]]
     manifest["artifacts"] = [a.to_json(paths.root) for a in artifacts]
     if not benchmark:
@@ -498,6 +526,8 @@ def _bench(paths: RunPaths, recipe: Recipe, artifacts: list[Artifact], data: Dat
     items = _bench_items(artifacts, recipe.bench.include_torch)
     reference = items[0].name if items else None
     settings = _settings(recipe, data)
+    if recipe.task == LM_TASK:
+        return _bench_generation(paths, recipe, items, data, settings)
     log.info(
         "benchmark: %d artifacts, batch %s x %s, %d runs each",
         len(items),
@@ -507,6 +537,26 @@ def _bench(paths: RunPaths, recipe: Recipe, artifacts: list[Artifact], data: Dat
     )
     started = time.perf_counter()
     report = run_bench(items, data.test.inputs, data.test.labels, settings, reference)
+    report["bench_seconds"] = round(time.perf_counter() - started, 1)
+    return write_report(paths, recipe, report)
+
+
+def _bench_generation(paths: RunPaths, recipe: Recipe, items: list[Any], data: DataSplits, settings: Any) -> list[str]:
+    from transformers import AutoTokenizer
+
+    from edgepipe.benchmarks.generation import run_generation_bench
+
+    log.info(
+        "benchmark (causal-lm): %d artifacts, batch %s x prompt %s, %d new tokens, %d runs each",
+        len(items),
+        settings.batch_sizes,
+        settings.seq_lens,
+        recipe.bench.new_tokens,
+        settings.runs,
+    )
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(items[0].path)
+    report = run_generation_bench(items, list(data.test.inputs), tokenizer, settings, recipe.bench.new_tokens)
     report["bench_seconds"] = round(time.perf_counter() - started, 1)
     return write_report(paths, recipe, report)
 

@@ -38,6 +38,8 @@ PRECISION_OF = {"none": "fp32", "dynamic": "int8-dynamic", "static": "int8-stati
 
 def search_problems(recipe: Recipe, budget_ms: float) -> list[str]:
     problems = []
+    if recipe.task == "causal-lm":
+        problems.append("`task`: the search ranks classifiers by accuracy; causal-lm is not searchable yet")
     if budget_ms <= 0:
         problems.append(f"`--latency-budget-ms`: must be > 0, got {budget_ms:g}")
     cfg = recipe.search

@@ -3,6 +3,7 @@
 Predictor.load("runs/demo/05-quantize/int8-dynamic").predict(["great film"])
 Predictor.load("runs/mnist/04-quantize/int8-static").predict(images)  # float32 (N, 1, 28, 28) in [0, 1]
 Predictor.load("runs/ner/04-quantize/int8-dynamic").entities(["Paul Walker lives in New York"])  # NER
+Predictor.load("runs/smollm2/03-quantize/int8-dynamic").generate(["The film is"], 32, do_sample=True, seed=0)
 
 A token classifier's `logits` are per word (texts, words, labels): each word's first sub-word token.
 """
@@ -19,7 +20,15 @@ import numpy as np
 
 from edgepipe.errors import InputError
 from edgepipe.runtime.backends import RuntimeOptions, Session, backend_for, get_backend
-from edgepipe.runtime.text import TOKEN_TASK, entity_spans, folder_task, gather_words, max_words, word_positions
+from edgepipe.runtime.text import (
+    LM_TASK,
+    TOKEN_TASK,
+    entity_spans,
+    folder_task,
+    gather_words,
+    max_words,
+    word_positions,
+)
 
 META_FILE = "edgepipe.json"
 
@@ -83,14 +92,16 @@ class Predictor:
 
     def __init__(
         self,
-        session: Session,
+        session: Session | None,
         tokenizer: Any,
         labels: list[str],
         max_seq_len: int = 128,
         input_shape: tuple[int, ...] | None = None,
         task: str = "text-classification",
+        generator: Any = None,
     ) -> None:
-        self.session = session
+        self._session = session
+        self.generator = generator  # causal LMs: OnnxCausalLM or TorchCausalLM (edgepipe.runtime.generate)
         self.tokenizer = tokenizer
         self.labels = labels
         self.max_seq_len = max_seq_len
@@ -111,6 +122,13 @@ class Predictor:
         if not folder.is_dir():
             raise InputError(f"artifact folder not found: {folder}")
         fmt = "onnx" if (folder / "model.onnx").exists() or (folder / "model.ort").exists() else "torch"
+        if model_task(folder) == LM_TASK:
+            from transformers import AutoTokenizer
+
+            from edgepipe.runtime.generate import load_causal_lm
+
+            generator = load_causal_lm(folder, fmt, options or RuntimeOptions())
+            return cls(None, AutoTokenizer.from_pretrained(folder), [], task=LM_TASK, generator=generator)
         labels = model_labels(folder)
         chosen = get_backend(backend) if backend is not None else backend_for(fmt, target)
         session = chosen.load(folder, options or RuntimeOptions())
@@ -120,6 +138,49 @@ class Predictor:
         from transformers import AutoTokenizer
 
         return cls(session, AutoTokenizer.from_pretrained(folder), labels, task=model_task(folder))
+
+    @property
+    def session(self) -> Session:
+        if self._session is None:
+            raise InputError("this artifact is a causal LM: use Predictor.generate(prompts)")
+        return self._session
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int = 32,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        seed: int | None = None,
+    ) -> list[str]:
+        """Continuations of `prompts` (greedy, or sampled with a seed), each up to its end-of-sequence token."""
+        if self.generator is None:
+            raise InputError(f"generate() needs a causal-lm artifact; this one is {self.task}")
+        tokenizer = self.tokenizer
+        tokenizer.padding_side = "left"  # batch rows end together, so each new token continues its row
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        encoded = tokenizer(list(prompts), padding="longest", return_tensors="np")
+        ids = np.asarray(encoded["input_ids"], dtype=np.int64)
+        mask = np.asarray(encoded["attention_mask"], dtype=np.int64)
+        result = self.generator.generate(
+            ids,
+            mask,
+            max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            seed=seed,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        texts = []
+        for row in result.tokens.tolist():
+            if tokenizer.eos_token_id in row:
+                row = row[: row.index(tokenizer.eos_token_id)]
+            texts.append(tokenizer.decode(row, skip_special_tokens=True))
+        return texts
 
     def encode(self, inputs: Sequence[str] | np.ndarray, *, pad_to: int | None = None) -> dict[str, np.ndarray]:
         """Feeds for a batch: tokens padded to the longest text or to exactly `pad_to`; or checked images."""

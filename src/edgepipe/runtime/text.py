@@ -21,6 +21,7 @@ import numpy as np
 
 TEXT_TASK = "text-classification"
 TOKEN_TASK = "token-classification"
+LM_TASK = "causal-lm"
 
 
 def is_pruned_bert(config: dict[str, Any]) -> bool:

@@ -152,6 +152,10 @@ def run_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx: S
         from edgepipe.pipeline.stages.image import run_image_distill
 
         return run_image_distill(source, cfg, ctx)
+    if ctx.task == "causal-lm":
+        from edgepipe.pipeline.stages.lm import run_lm_distill
+
+        return run_lm_distill(source, cfg, ctx)
 
     import torch
     from tqdm.auto import tqdm

@@ -51,6 +51,10 @@ def run_export(inputs: dict[ArtifactKind, Artifact], cfg: ExportConfig, ctx: Sta
     source = inputs[ArtifactKind.TORCH_MODEL].path
     if ctx.task == "image-classification":
         return _export_module(source, cfg, ctx)
+    if ctx.task == "causal-lm":
+        from edgepipe.pipeline.stages.lm import run_lm_export
+
+        return run_lm_export(source, cfg, ctx)
     from transformers import AutoTokenizer
 
     model = load_for_export(source)

@@ -308,6 +308,10 @@ def run_quantize(inputs: dict[ArtifactKind, Artifact], cfg: QuantizeConfig, ctx:
     from edgepipe.runtime.host import host_info
 
     source = inputs[cfg.source_kind]
+    if ctx.task == "causal-lm":
+        from edgepipe.pipeline.stages.lm import run_lm_quantize
+
+        return run_lm_quantize(source, cfg, ctx)
     out = ctx.stage_dir / cfg.artifact_name
     out.mkdir(parents=True)
     _copy_companions(source.path, out)

@@ -1,0 +1,181 @@
+"""Benchmark of causal LMs: perplexity, greedy agreement with the teacher, time to first token and
+decode tokens per second of every artifact (PyTorch models and KV-cache ONNX models) in one run.
+
+Prompts are the first `prompt_len` tokens of real test texts, batch rows side by side (no padding);
+each timed run generates exactly `new_tokens` tokens greedily (no early stop, so every run does the
+same work). Artifacts are all loaded, warmed up, then timed in rotating order over `rounds`, as the
+classification bench does, so machine drift spreads over all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from edgepipe.benchmarks.harness import summarize
+from edgepipe.runtime.backends import RuntimeOptions, model_file
+from edgepipe.runtime.generate import Batch, load_causal_lm, perplexity
+from edgepipe.runtime.host import host_info, versions
+
+log = logging.getLogger(__name__)
+REPORT_SCHEMA_VERSION = 1
+
+
+def tokenize_texts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    return [list(tokenizer(t)["input_ids"]) for t in texts]
+
+
+def prompt_batch(token_lists: list[list[int]], batch: int, length: int) -> np.ndarray:
+    """`batch` prompts of exactly `length` tokens: texts that long, else a text stream cut into windows."""
+    rows = [ids[:length] for ids in token_lists if len(ids) >= length][:batch]
+    if len(rows) < batch:
+        stream = [t for ids in token_lists for t in ids]
+        rows += [stream[i * length : (i + 1) * length] for i in range(batch - len(rows))]
+    return np.asarray(rows, dtype=np.int64)
+
+
+def perplexity_of(model: Any, token_lists: list[list[int]], batch_size: int, max_len: int, pad_id: int) -> float:
+    """Perplexity over the texts in right-padded batches (`edgepipe.runtime.generate.perplexity`)."""
+
+    def batches() -> Iterator[Batch]:
+        for start in range(0, len(token_lists), batch_size):
+            chunk = [ids[:max_len] for ids in token_lists[start : start + batch_size]]
+            ids = np.full((len(chunk), max(len(c) for c in chunk)), pad_id, dtype=np.int64)
+            mask = np.zeros_like(ids)
+            for row, tokens in enumerate(chunk):
+                ids[row, : len(tokens)], mask[row, : len(tokens)] = tokens, 1
+            yield ids, mask
+
+    return perplexity(model.logits, batches())
+
+
+def run_generation_bench(
+    items: list[Any], texts: list[str], tokenizer: Any, settings: Any, new_tokens: int
+) -> dict[str, Any]:
+    """Measure every item (BenchItem: name, path, precision, model_format); the first is the reference."""
+    options = RuntimeOptions(
+        threads=settings.threads, denormal_as_zero=settings.denormal_as_zero, optimization=settings.graph_optimization
+    )
+    if settings.eval_max_examples is not None:
+        texts = texts[: settings.eval_max_examples]
+    token_lists = tokenize_texts(tokenizer, texts)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    models = {item.name: load_causal_lm(item.path, item.model_format, options) for item in items}
+    quality: dict[str, dict[str, float]] = {}
+    greedy: dict[tuple[str, int, int], np.ndarray] = {}
+    shapes = [(b, s) for b in settings.batch_sizes for s in settings.seq_lens]
+    for name, model in models.items():
+        started = time.perf_counter()
+        ppl = perplexity_of(model, token_lists, settings.eval_batch_size, settings.eval_max_seq_len, pad_id)
+        quality[name] = {"perplexity": round(ppl, 4), "perplexity_seconds": round(time.perf_counter() - started, 1)}
+        for batch, length in shapes:
+            ids = prompt_batch(token_lists, batch, length)
+            greedy[(name, batch, length)] = model.generate(ids, np.ones_like(ids), new_tokens).tokens
+        log.info("generation bench: %s perplexity %.3f", name, ppl)
+    samples: dict[tuple[str, int, int], dict[str, list[float]]] = {}
+    per_round = max(1, settings.runs // settings.rounds)
+    for batch, length in shapes:
+        ids = prompt_batch(token_lists, batch, length)
+        mask = np.ones_like(ids)
+        for model in models.values():  # warm-up: allocations, thread pools, first-call graph work
+            for _ in range(max(1, settings.warmup_runs)):
+                model.generate(ids, mask, new_tokens)
+        for round_index in range(settings.rounds):
+            order = list(models)
+            order = order[round_index % len(order) :] + order[: round_index % len(order)]
+            for name in order:
+                for _ in range(per_round):
+                    result = models[name].generate(ids, mask, new_tokens)
+                    got = samples.setdefault((name, batch, length), {"ttft_ms": [], "tok_s": [], "total_ms": []})
+                    got["ttft_ms"].append(1000 * result.ttft_s)
+                    got["tok_s"].append(result.decode_tokens_per_s)
+                    got["total_ms"].append(1000 * (result.ttft_s + sum(result.decode_s)))
+    reference = items[0].name
+    results = []
+    for batch, length in shapes:
+        for item in items:
+            got = samples[(item.name, batch, length)]
+            agree = float((greedy[(item.name, batch, length)] == greedy[(reference, batch, length)]).mean())
+            path = model_file(item.path) if item.model_format == "onnx" else None
+            files = [path] if path is not None else list(item.path.glob("*.safetensors"))
+            results.append(
+                {
+                    "artifact": item.name,
+                    "precision": item.precision,
+                    "engine": "onnxruntime" if item.model_format == "onnx" else "torch",
+                    "size_mb": round(sum(f.stat().st_size for f in files) / 1e6, 2),
+                    "batch": batch,
+                    "prompt_len": length,
+                    "new_tokens": new_tokens,
+                    "perplexity": quality[item.name]["perplexity"],
+                    "greedy_agreement": round(agree, 4),
+                    "ttft_ms": summarize(got["ttft_ms"]).to_json(),
+                    "decode_tokens_per_s": summarize(got["tok_s"]).to_json(),
+                    "generate_ms": summarize(got["total_ms"]).to_json(),
+                }
+            )
+    return {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "task": "causal-lm",
+        "machine": host_info(),
+        "versions": versions(),
+        "settings": {**settings.__dict__, "new_tokens": new_tokens},
+        "threads": options.resolved_threads,
+        "eval_examples": len(texts),
+        "reference": reference,
+        "results": results,
+        "quality_seconds": {name: q["perplexity_seconds"] for name, q in quality.items()},
+    }
+
+
+def perplexity_gate(report: dict[str, Any], limit: float, artifacts: list[str] | None) -> list[str]:
+    """One line per artifact: its perplexity's relative increase over the reference's; FAIL over `limit`."""
+    ppl = {r["artifact"]: r["perplexity"] for r in report["results"]}
+    ref_name = report["reference"]
+    lines = []
+    for name, value in ppl.items():
+        if name == ref_name or (artifacts is not None and name not in artifacts):
+            continue
+        increase = value / ppl[ref_name] - 1
+        verdict = "FAIL" if increase > limit else "pass"
+        lines.append(
+            f"{verdict}: `{name}` perplexity {value:.3f} vs `{ref_name}` {ppl[ref_name]:.3f} "
+            f"({100 * increase:+.1f}%, limit +{100 * limit:.1f}%)"
+        )
+    return lines
+
+
+def render_generation_markdown(report: dict[str, Any], title: str, gate_lines: list[str] | None = None) -> str:
+    machine, vers, settings = report["machine"], report["versions"], report["settings"]
+    out = [f"# edgepipe report: {title}", ""]
+    out.append(f"Machine: {machine['cpu']} ({machine['physical_cores']} physical cores, {machine['memory_gb']} GB).")
+    out.append("Versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()) + ".")
+    out.append(
+        f"Generation: greedy, {settings['new_tokens']} new tokens per run, {settings['runs']} timed runs per "
+        f"artifact and shape interleaved over {settings['rounds']} rounds after warm-up; threads {report['threads']}. "
+        f"Perplexity on {report['eval_examples']} test texts (<= {settings['eval_max_seq_len']} tokens)."
+    )
+    ref = report["reference"]
+    out += [
+        "",
+        f"| artifact | engine | precision | size MB | batch | prompt | perplexity | greedy agreement vs {ref} | "
+        "TTFT p50 ms | decode tok/s p50 (min-max) | x vs reference |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = report["results"]
+    base = {(r["batch"], r["prompt_len"]): r["decode_tokens_per_s"]["p50"] for r in rows if r["artifact"] == ref}
+    for r in report["results"]:
+        tok = r["decode_tokens_per_s"]
+        speed = tok["p50"] / base[(r["batch"], r["prompt_len"])]
+        out.append(
+            f"| {r['artifact']} | {r['engine']} | {r['precision']} | {r['size_mb']:.1f} | {r['batch']} | "
+            f"{r['prompt_len']} | {r['perplexity']:.3f} | {100 * r['greedy_agreement']:.1f}% | "
+            f"{r['ttft_ms']['p50']:.1f} | {tok['p50']:.1f} ({tok['min']:.1f}-{tok['max']:.1f}) | {speed:.2f} |"
+        )
+    if gate_lines:
+        out += ["", "## Gates", "", *[f"- {line}" for line in gate_lines]]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,134 @@
+"""A causal-lm recipe end to end on a tiny Llama built in code: layer-subset distillation, KV-cache
+export, int8 and int4, and the generation benchmark gated on perplexity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import write_recipe
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A seeded 4-layer Llama (hidden 32, 4 heads, 2 KV heads) with the real MiniLM WordPiece tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from edgepipe.pipeline.models import resolve_model
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm-l6"))
+    config = LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def lm_recipe(model_dir: Path, data: Path, **changes: Any) -> dict[str, Any]:
+    recipe: dict[str, Any] = {
+        "schema_version": 1,
+        "name": "tiny-lm",
+        "model": str(model_dir),
+        "task": "causal-lm",
+        "data": {"source": str(data), "max_examples": 300, "calibration_size": 8},
+        "stages": [
+            {
+                "kind": "distill",
+                "student": {"num_layers": 2},
+                "divergence": "jsd",
+                "temperature": 1.0,
+                "max_steps": 8,
+                "batch_size": 8,
+                "max_seq_len": 32,
+                "lr": 1e-3,
+            },
+            {"kind": "export", "parity_atol": 1e-4},
+            {"kind": "quantize", "mode": "dynamic"},
+        ],
+        "bench": {
+            "batch_sizes": [1],
+            "seq_lens": [8],
+            "new_tokens": 4,
+            "runs": 6,
+            "rounds": 2,
+            "warmup_runs": 1,
+            "eval_max_examples": 20,
+            "eval_max_seq_len": 32,
+        },
+        "gates": {"max_perplexity_increase": 10.0},
+    }
+    recipe.update(changes)
+    return recipe
+
+
+def test_a_causal_lm_goes_through_distill_export_int8_and_bench(
+    tmp_path: Path, tiny_llama_dir: Path, rt_csv: Path
+) -> None:
+    from edgepipe.errors import InputError
+    from edgepipe.pipeline.cli import main
+    from edgepipe.runtime.predictor import Predictor
+
+    recipe = write_recipe(tmp_path / "lm.yaml", lm_recipe(tiny_llama_dir, rt_csv))
+    run = tmp_path / "run"
+    assert main(["build", str(recipe), "--out", str(run)]) == 0
+    distill = json.loads((run / "01-distill" / "metrics.json").read_text(encoding="utf-8"))
+    assert distill["layers"] == [0, 3] and distill["divergence"] == "jsd"
+    assert distill["loss_end"] < distill["loss_start"]
+    student = json.loads((run / "01-distill" / "model" / "config.json").read_text(encoding="utf-8"))
+    assert student["num_hidden_layers"] == 2
+    export = json.loads((run / "02-export" / "metrics.json").read_text(encoding="utf-8"))
+    assert all(p["max_abs_diff"] <= 1e-4 for p in export["parity"])
+    counts = json.loads((run / "03-quantize" / "metrics.json").read_text(encoding="utf-8"))["op_counts"]
+    assert counts.get("MatMulInteger", 0) >= 2 * 7  # q, k, v, o, gate, up, down in each of 2 layers
+
+    report = json.loads((run / "report.json").read_text(encoding="utf-8"))
+    rows = {r["artifact"]: r for r in report["results"]}
+    assert set(rows) == {"teacher", "student", "fp32", "int8-dynamic"} and report["reference"] == "teacher"
+    assert rows["fp32"]["perplexity"] == pytest.approx(rows["student"]["perplexity"], rel=1e-4)
+    assert rows["fp32"]["greedy_agreement"] == pytest.approx(rows["student"]["greedy_agreement"])
+    assert all(r["decode_tokens_per_s"]["n"] == 6 and r["ttft_ms"]["p50"] > 0 for r in rows.values())
+    assert report["gates"] and all(line.startswith("pass") for line in report["gates"])
+    markdown = (run / "report.md").read_text(encoding="utf-8")
+    assert "| int8-dynamic | onnxruntime | int8-dynamic |" in markdown
+
+    predictor = Predictor.load(run / "03-quantize" / "int8-dynamic")
+    prompts = ["a gripping and funny", "the worst film of"]
+    sampled = predictor.generate(prompts, 6, do_sample=True, temperature=1.5, seed=3)
+    assert predictor.generate(prompts, 6, do_sample=True, temperature=1.5, seed=3) == sampled
+    assert predictor.generate(prompts, 6, do_sample=True, temperature=1.5, seed=4) != sampled
+    greedy = predictor.generate(prompts, 6)
+    assert greedy == predictor.generate(prompts, 6) and len(greedy) == 2
+    torch_student = Predictor.load(run / "01-distill" / "model")
+    assert torch_student.generate(prompts, 6) == Predictor.load(run / "02-export" / "fp32").generate(prompts, 6)
+    with pytest.raises(InputError, match=r"this artifact is a causal LM: use Predictor\.generate"):
+        predictor.logits(prompts)
+
+
+def test_causal_lm_recipes_reject_what_does_not_apply(tiny_llama_dir: Path, rt_csv: Path) -> None:
+    from edgepipe.pipeline.recipe import parse_recipe
+    from edgepipe.pipeline.runner import check_recipe
+
+    recipe = lm_recipe(tiny_llama_dir, rt_csv, gates={"max_accuracy_drop": 0.1})
+    recipe["stages"][0]["student"] = {"num_layers": 9}
+    recipe["stages"].append({"kind": "quantize", "mode": "static"})
+    recipe["stages"].insert(0, {"kind": "finetune"})
+    problems = check_recipe(parse_recipe(recipe))
+    assert problems == [
+        "`stages.0`: finetune does not apply to causal-lm; its stages are distill, export, quantize",
+        "`stages.4.mode`: causal-lm quantizes `dynamic` (int8) or `int4` (weight-only)",
+        "`gates.max_accuracy_drop`: causal-lm is gated on perplexity: use gates.max_perplexity_increase",
+        "`stages.1.student.num_layers`: 9 is not between 1 and the teacher's 4 layers",
+    ]
