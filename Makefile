@@ -32,8 +32,10 @@ demo: $(STAMP)
 demo-ner: $(STAMP)  # token classification: MiniLM teacher, 3-layer student, int8, on Twitter NER (~20 min)
 	$(BIN)/edgepipe build src/edgepipe/recipes/ner.yaml --out runs/ner
 
-demo-lm: $(STAMP)  # causal LM: SmolLM2-135M teacher, layer-subset student, KV-cache ONNX, int8/int4
-	$(BIN)/edgepipe build src/edgepipe/recipes/smollm2.yaml --out runs/smollm2
+# causal LM: SmolLM2-135M teacher, 10-layer student, KV-cache ONNX, int8/int4 (~20 min). Its student misses the
+# 15% perplexity gate (RESULTS.md): exit 3 (gate failed, artifacts and report written) is reported, not an error.
+demo-lm: $(STAMP)
+	$(BIN)/edgepipe build src/edgepipe/recipes/smollm2.yaml --out runs/smollm2 || test $$? -eq 3
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

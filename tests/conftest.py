@@ -60,6 +60,26 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+def tiny_llama(seed: int = 0, layers: int = 4, vocab: int = 256, tie: bool = False, **changes: Any) -> Any:
+    """A seeded Llama (hidden 64, 4 heads, 2 KV heads: grouped-query attention as in SmolLM2)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    values = {
+        "vocab_size": vocab,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": tie,
+        **changes,
+    }
+    return LlamaForCausalLM(LlamaConfig(**values)).eval()
+
+
 @pytest.fixture(scope="session")
 def rt_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """600 real Rotten Tomatoes reviews (balanced), written as a user CSV with text/label columns."""

@@ -9,7 +9,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import tiny_llama
+from transformers import LlamaForCausalLM
 
 from edgepipe.errors import ExportParityError
 from edgepipe.export.causal_lm import CausalParityCase, check_causal_parity, export_causal_lm
@@ -19,24 +20,9 @@ from edgepipe.runtime.generate import OnnxCausalLM
 LAYERS = 2
 
 
-def tiny_llama(seed: int = 0, tie: bool = False) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=tie,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[LlamaForCausalLM, Path]:
-    model = tiny_llama()
+    model = tiny_llama(layers=LAYERS)
     path = tmp_path_factory.mktemp("causal-lm") / "model.onnx"
     export_causal_lm(model, path)
     return model, path
@@ -69,7 +55,7 @@ def test_kv_cache_decoding_equals_the_full_forward_step_by_step(exported: tuple[
 
 def test_parity_error_names_the_case_when_the_model_differs(exported: tuple[LlamaForCausalLM, Path]) -> None:
     _, path = exported
-    broken = tiny_llama()
+    broken = tiny_llama(layers=LAYERS)
     with torch.no_grad():
         broken.model.layers[1].mlp.down_proj.weight.mul_(1.5)
     with pytest.raises(ExportParityError, match=r"model.onnx: KV-cache decoding differs .* at batch=1, prompt=5"):
@@ -77,7 +63,7 @@ def test_parity_error_names_the_case_when_the_model_differs(exported: tuple[Llam
 
 
 def test_tied_embeddings_export(tmp_path: Path) -> None:
-    model = tiny_llama(seed=1, tie=True)
+    model = tiny_llama(seed=1, layers=LAYERS, tie=True)
     export_causal_lm(model, tmp_path / "model.onnx")
     assert check_causal_parity(model, tmp_path / "model.onnx", atol=1e-4)
 

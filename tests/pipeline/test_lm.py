@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import tiny_llama
 
 from edgepipe.errors import InputError
 from edgepipe.pipeline import lm
@@ -25,21 +25,6 @@ from edgepipe.pipeline.lm import (
     torch_logits,
 )
 from edgepipe.runtime.generate import TorchCausalLM, perplexity
-
-
-def tiny_llama(seed: int = 0, layers: int = 4, vocab: int = 256) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 def _logits(*probs: float) -> torch.Tensor:

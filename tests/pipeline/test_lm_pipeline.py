@@ -8,31 +8,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import write_recipe
+from conftest import tiny_llama, write_recipe
 
 
 @pytest.fixture(scope="module")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A seeded 4-layer Llama (hidden 32, 4 heads, 2 KV heads) with the real MiniLM WordPiece tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """The 4-layer tiny Llama with the real MiniLM WordPiece tokenizer (a real tokenizer for real text)."""
+    from transformers import AutoTokenizer
 
     from edgepipe.pipeline.models import resolve_model
 
-    torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm-l6"))
-    config = LlamaConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id,
-    )
     folder = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).eval().save_pretrained(folder)
+    tiny_llama(vocab=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import tiny_llama
 
 from edgepipe.errors import InputError
 from edgepipe.export.causal_lm import export_causal_lm
@@ -18,19 +18,8 @@ from edgepipe.runtime.generate import OnnxCausalLM, TorchCausalLM, load_causal_l
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[TorchCausalLM, OnnxCausalLM]:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-        initializer_range=0.2,  # sharper logits than the default, so greedy ties do not occur
-    )
-    model = LlamaForCausalLM(config).eval()
+    # sharper logits than the default initialisation, so greedy ties do not occur
+    model = tiny_llama(layers=2, vocab=128, initializer_range=0.2)
     folder = tmp_path_factory.mktemp("gen")
     export_causal_lm(model, folder / "model.onnx")
     return TorchCausalLM(model), OnnxCausalLM(folder)
