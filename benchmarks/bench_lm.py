@@ -42,7 +42,7 @@ from edgepipe.pipeline.lm import (
     text_batches,
 )
 from edgepipe.runtime.backends import RuntimeOptions
-from edgepipe.runtime.generate import OnnxCausalLM, TorchCausalLM, perplexity
+from edgepipe.runtime.generate import OnnxCausalLM, TorchCausalLM, perplexity, prompt_windows
 
 log = logging.getLogger("bench_lm")
 
@@ -55,12 +55,7 @@ ARTIFACTS = ("teacher-torch", "teacher-onnx", "student-onnx", "student-int8", "s
 
 def _prompts(tokenizer: Any, texts: list[str], count: int, length: int) -> np.ndarray:
     """`count` windows of exactly `length` tokens from the held-out text stream (no padding)."""
-    stream: list[int] = []
-    for text in texts:
-        stream += tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
-        if len(stream) >= count * length:
-            break
-    return np.asarray(stream[: count * length], dtype=np.int64).reshape(count, length)
+    return prompt_windows([tokenizer(t)["input_ids"] for t in texts], count, length, tokenizer.eos_token_id)
 
 
 def _student(

@@ -1,7 +1,7 @@
 """Benchmark of causal LMs: perplexity, greedy agreement with the teacher, time to first token and
 decode tokens per second of every artifact (PyTorch models and KV-cache ONNX models) in one run.
 
-Prompts are the first `prompt_len` tokens of real test texts, batch rows side by side (no padding);
+Prompts are windows of `prompt_len` tokens cut from the test texts' token stream (no padding);
 each timed run generates exactly `new_tokens` tokens greedily (no early stop, so every run does the
 same work). Artifacts are all loaded, warmed up, then timed in rotating order over `rounds`, as the
 classification bench does, so machine drift spreads over all of them.
@@ -18,7 +18,7 @@ import numpy as np
 
 from edgepipe.benchmarks.harness import summarize
 from edgepipe.runtime.backends import RuntimeOptions, model_file
-from edgepipe.runtime.generate import Batch, load_causal_lm, perplexity
+from edgepipe.runtime.generate import Batch, load_causal_lm, perplexity, prompt_windows
 from edgepipe.runtime.host import host_info, versions
 
 log = logging.getLogger(__name__)
@@ -27,15 +27,6 @@ REPORT_SCHEMA_VERSION = 1
 
 def tokenize_texts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return [list(tokenizer(t)["input_ids"]) for t in texts]
-
-
-def prompt_batch(token_lists: list[list[int]], batch: int, length: int) -> np.ndarray:
-    """`batch` prompts of exactly `length` tokens: texts that long, else a text stream cut into windows."""
-    rows = [ids[:length] for ids in token_lists if len(ids) >= length][:batch]
-    if len(rows) < batch:
-        stream = [t for ids in token_lists for t in ids]
-        rows += [stream[i * length : (i + 1) * length] for i in range(batch - len(rows))]
-    return np.asarray(rows, dtype=np.int64)
 
 
 def perplexity_of(model: Any, token_lists: list[list[int]], batch_size: int, max_len: int, pad_id: int) -> float:
@@ -73,13 +64,13 @@ def run_generation_bench(
         ppl = perplexity_of(model, token_lists, settings.eval_batch_size, settings.eval_max_seq_len, pad_id)
         quality[name] = {"perplexity": round(ppl, 4), "perplexity_seconds": round(time.perf_counter() - started, 1)}
         for batch, length in shapes:
-            ids = prompt_batch(token_lists, batch, length)
+            ids = prompt_windows(token_lists, batch, length, tokenizer.eos_token_id)
             greedy[(name, batch, length)] = model.generate(ids, np.ones_like(ids), new_tokens).tokens
         log.info("generation bench: %s perplexity %.3f", name, ppl)
     samples: dict[tuple[str, int, int], dict[str, list[float]]] = {}
     per_round = max(1, settings.runs // settings.rounds)
     for batch, length in shapes:
-        ids = prompt_batch(token_lists, batch, length)
+        ids = prompt_windows(token_lists, batch, length, tokenizer.eos_token_id)
         mask = np.ones_like(ids)
         for model in models.values():  # warm-up: allocations, thread pools, first-call graph work
             for _ in range(max(1, settings.warmup_runs)):

@@ -240,3 +240,16 @@ def perplexity(logits_fn: LogitsFn, batches: Iterable[Batch]) -> float:
     if count == 0:
         raise InputError("perplexity: no predicted tokens (every text is shorter than 2 tokens)")
     return float(np.exp(total / count))
+
+
+def prompt_windows(token_lists: list[list[int]], count: int, length: int, separator: int | None = None) -> np.ndarray:
+    """`count` prompts of exactly `length` tokens (no padding): the texts' tokens as one stream, `separator`
+    (e.g. eos) between texts, cut into consecutive windows."""
+    stream: list[int] = []
+    for ids in token_lists:
+        stream += [*ids, *([] if separator is None else [separator])]
+        if len(stream) >= count * length:
+            break
+    if len(stream) < count * length:
+        raise InputError(f"the texts hold {len(stream)} tokens, fewer than {count} prompts of {length}")
+    return np.asarray(stream[: count * length], dtype=np.int64).reshape(count, length)

@@ -62,20 +62,11 @@ def lm_student_problems(cfg: DistillConfig, config: dict[str, Any], key: str) ->
 
 
 def prompts(tokenizer: Any, texts: list[str], count: int, length: int) -> tuple[Any, Any]:
-    """The first `length` tokens of the first `count` texts that have that many (left-aligned, no padding)."""
-    import numpy as np
+    """`count` prompts of `length` tokens cut from the texts' token stream (eos between texts), all ones mask."""
+    from edgepipe.runtime.generate import prompt_windows
 
-    rows = []
-    for text in texts:
-        ids = tokenizer(text)["input_ids"]
-        if len(ids) >= length:
-            rows.append(ids[:length])
-        if len(rows) == count:
-            break
-    if not rows:
-        raise InputError(f"no text has {length} tokens for the generation prompts; use shorter prompts")
-    ids = np.asarray(rows, dtype=np.int64)
-    return ids, np.ones_like(ids)
+    ids = prompt_windows([tokenizer(t)["input_ids"] for t in texts], count, length, tokenizer.eos_token_id)
+    return ids, ids * 0 + 1
 
 
 def run_lm_distill(source: Artifact, cfg: DistillConfig, ctx: StageContext) -> StageResult:
