@@ -83,13 +83,15 @@ ATTENTION_MATMULS = 2 * LAYERS  # Q K^T and P V: activations on both sides
 
 def test_int8_dynamic_quantizes_every_weight_matmul(exported: tuple[LlamaForCausalLM, Path], tmp_path: Path) -> None:
     _, path = exported
-    ops = quantize_int8(path, tmp_path / "int8.onnx")
+    ops = quantize_int8(path, tmp_path / "int8.onnx", keep_float=())
     assert ops["MatMulInteger"] == CONST_MATMULS
     assert ops["MatMul"] == ATTENTION_MATMULS
     assert ops["DynamicQuantizeLinear"] >= 1
     assert np.abs(_logits(tmp_path / "int8.onnx") - _logits(path)).max() < INT8_ATOL
-    kept_head = quantize_int8(path, tmp_path / "int8-head-fp32.onnx", head=False)
+    kept_head = quantize_int8(path, tmp_path / "int8-head-fp32.onnx", head=False, keep_float=())
     assert kept_head["MatMulInteger"] == CONST_MATMULS - 1 and kept_head["MatMul"] == ATTENTION_MATMULS + 1
+    default = quantize_int8(path, tmp_path / "int8-down-fp32.onnx")  # the FFN down projections stay fp32
+    assert default["MatMulInteger"] == CONST_MATMULS - LAYERS and default["MatMul"] == ATTENTION_MATMULS + LAYERS
 
 
 @pytest.mark.skipif(int4_available() is not None, reason=str(int4_available()))
