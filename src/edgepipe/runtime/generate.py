@@ -62,56 +62,6 @@ def _choose(logits: np.ndarray, do_sample: bool, temperature: float, top_k: int 
     return np.minimum((cdf < draws).sum(-1), cdf.shape[-1] - 1).astype(np.int64)
 
 
-def run_generation(
-    step: StepFn,
-    cache: Any,
-    input_ids: np.ndarray,
-    attention_mask: np.ndarray,
-    max_new_tokens: int,
-    *,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    seed: int | None = None,
-    eos_token_id: int | None = None,
-) -> GenerationResult:
-    """The decoding loop shared by the ONNX and torch models; prompts are left-padded."""
-    input_ids = np.asarray(input_ids, dtype=np.int64)
-    mask = np.asarray(attention_mask, dtype=np.int64)
-    if input_ids.ndim != 2 or input_ids.shape != mask.shape or input_ids.shape[1] == 0:
-        raise InputError(
-            f"generate: input_ids and attention_mask must both be (batch, prompt_len) with prompt_len >= 1, got "
-            f"{input_ids.shape} and {mask.shape}"
-        )
-    if max_new_tokens < 1 or temperature <= 0 or (top_k is not None and top_k < 1):
-        raise InputError(
-            f"generate: needs max_new_tokens >= 1, temperature > 0 and top_k >= 1 (or None); got "
-            f"{max_new_tokens}, {temperature}, {top_k}"
-        )
-    rng = np.random.default_rng(seed)
-    positions = position_ids(mask)
-    start = time.perf_counter()
-    logits, cache = step(input_ids, mask, positions, cache)
-    token = _choose(logits[:, -1], do_sample, temperature, top_k, rng)
-    ttft = time.perf_counter() - start
-    tokens, decode_s = [token], []
-    finished = token == eos_token_id if eos_token_id is not None else np.zeros(len(token), dtype=bool)
-    for _ in range(max_new_tokens - 1):
-        if finished.all():
-            break
-        start = time.perf_counter()
-        mask = np.concatenate([mask, np.ones((len(mask), 1), dtype=np.int64)], axis=1)
-        positions = positions[:, -1:] + 1
-        logits, cache = step(token[:, None], mask, positions, cache)
-        token = _choose(logits[:, -1], do_sample, temperature, top_k, rng)
-        decode_s.append(time.perf_counter() - start)
-        if eos_token_id is not None:
-            token = np.where(finished, eos_token_id, token)
-            finished |= token == eos_token_id
-        tokens.append(token)
-    return GenerationResult(np.stack(tokens, axis=1), ttft, tuple(decode_s))
-
-
 class _Generation:
     """`logits` and `generate` on top of a model's `step`."""
 
@@ -134,19 +84,42 @@ class _Generation:
         seed: int | None = None,
         eos_token_id: int | None = None,
     ) -> GenerationResult:
-        """Greedy (default) or seeded sampled continuations of left-padded prompts."""
-        return run_generation(
-            self.step,
-            None,
-            input_ids,
-            attention_mask,
-            max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_k=top_k,
-            seed=seed,
-            eos_token_id=eos_token_id,
-        )
+        """Greedy (default) or seeded sampled continuations of left-padded prompts: the decoding loop shared
+        by the ONNX and torch models (prefill, then one token per step with the cache fed back)."""
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        mask = np.asarray(attention_mask, dtype=np.int64)
+        if input_ids.ndim != 2 or input_ids.shape != mask.shape or input_ids.shape[1] == 0:
+            raise InputError(
+                f"generate: input_ids and attention_mask must both be (batch, prompt_len) with prompt_len >= 1, got "
+                f"{input_ids.shape} and {mask.shape}"
+            )
+        if max_new_tokens < 1 or temperature <= 0 or (top_k is not None and top_k < 1):
+            raise InputError(
+                f"generate: needs max_new_tokens >= 1, temperature > 0 and top_k >= 1 (or None); got "
+                f"{max_new_tokens}, {temperature}, {top_k}"
+            )
+        rng = np.random.default_rng(seed)
+        positions = position_ids(mask)
+        start = time.perf_counter()
+        logits, cache = self.step(input_ids, mask, positions, None)
+        token = _choose(logits[:, -1], do_sample, temperature, top_k, rng)
+        ttft = time.perf_counter() - start
+        tokens, decode_s = [token], []
+        finished = token == eos_token_id if eos_token_id is not None else np.zeros(len(token), dtype=bool)
+        for _ in range(max_new_tokens - 1):
+            if finished.all():
+                break
+            start = time.perf_counter()
+            mask = np.concatenate([mask, np.ones((len(mask), 1), dtype=np.int64)], axis=1)
+            positions = positions[:, -1:] + 1
+            logits, cache = self.step(token[:, None], mask, positions, cache)
+            token = _choose(logits[:, -1], do_sample, temperature, top_k, rng)
+            decode_s.append(time.perf_counter() - start)
+            if eos_token_id is not None:
+                token = np.where(finished, eos_token_id, token)
+                finished |= token == eos_token_id
+            tokens.append(token)
+        return GenerationResult(np.stack(tokens, axis=1), ttft, tuple(decode_s))
 
 
 class OnnxCausalLM(_Generation):
