@@ -22,9 +22,8 @@ from edgepipe.pipeline.lm import (
     lm_texts,
     smollm2_folder,
     text_batches,
-    torch_logits,
 )
-from edgepipe.runtime.generate import TorchCausalLM, perplexity
+from edgepipe.runtime.generate import TorchCausalLM, perplexity, torch_logits
 
 
 def _logits(*probs: float) -> torch.Tensor:

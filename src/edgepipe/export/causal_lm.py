@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from edgepipe.errors import ExportParityError, InputError
-from edgepipe.runtime.generate import OnnxCausalLM, position_ids
+from edgepipe.runtime.generate import OnnxCausalLM, position_ids, torch_logits
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +134,6 @@ def check_causal_parity(
     """Prefill then decode token by token in onnxruntime (present -> past) and compare each step's
     logits with PyTorch's no-cache forward over the whole sequence, on real (unpadded) positions;
     raise `ExportParityError` over `atol`."""
-    import torch
-
     session = OnnxCausalLM(onnx_path)
     rng = np.random.default_rng(seed)
     results = []
@@ -147,13 +145,7 @@ def check_causal_parity(
             mask[row, : row * case.left_pad] = 0
         if not mask[:, : case.prompt_len].any(axis=1).all():
             raise InputError(f"parity case {case} pads a whole prompt away; use a smaller left_pad")
-        with torch.no_grad():
-            expected = model(
-                input_ids=torch.from_numpy(ids),
-                attention_mask=torch.from_numpy(mask),
-                position_ids=torch.from_numpy(position_ids(mask)),
-                use_cache=False,
-            ).logits.numpy()
+        expected = torch_logits(model)(ids, mask)
         positions = position_ids(mask)
         steps = [(0, case.prompt_len)] + [(t, t + 1) for t in range(case.prompt_len, total)]
         past = session.empty_past(case.batch)

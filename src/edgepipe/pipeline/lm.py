@@ -27,7 +27,7 @@ from edgepipe.pipeline.models import (
     package_dir,
     smollm2_problem,
 )
-from edgepipe.runtime.generate import Batch, LogitsFn, position_ids
+from edgepipe.runtime.generate import Batch, position_ids
 
 log = logging.getLogger(__name__)
 
@@ -89,23 +89,6 @@ def encode(tokenizer: Any, texts: list[str], max_len: int, padding_side: str = "
 def text_batches(tokenizer: Any, texts: list[str], batch_size: int, max_len: int) -> Iterator[Batch]:
     for start in range(0, len(texts), batch_size):
         yield encode(tokenizer, texts[start : start + batch_size], max_len)
-
-
-def torch_logits(model: Any) -> LogitsFn:
-    """A `perplexity` logits function for a transformers causal LM (no cache, positions from the mask)."""
-    import torch
-
-    def logits(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            out = model(
-                input_ids=torch.from_numpy(input_ids),
-                attention_mask=torch.from_numpy(attention_mask),
-                position_ids=torch.from_numpy(position_ids(attention_mask)),
-                use_cache=False,
-            )
-        return out.logits.float().numpy()
-
-    return logits
 
 
 def evenly_spaced_layers(total: int, count: int) -> list[int]:

@@ -226,3 +226,20 @@ def prompt_windows(token_lists: list[list[int]], count: int, length: int, separa
     if len(stream) < count * length:
         raise InputError(f"the texts hold {len(stream)} tokens, fewer than {count} prompts of {length}")
     return np.asarray(stream[: count * length], dtype=np.int64).reshape(count, length)
+
+
+def torch_logits(model: Any) -> LogitsFn:
+    """A `perplexity` logits function for a transformers causal LM (no cache, positions from the mask)."""
+    import torch
+
+    def logits(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            out = model(
+                input_ids=torch.from_numpy(input_ids),
+                attention_mask=torch.from_numpy(attention_mask),
+                position_ids=torch.from_numpy(position_ids(attention_mask)),
+                use_cache=False,
+            )
+        return out.logits.float().numpy()
+
+    return logits

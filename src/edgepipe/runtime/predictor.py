@@ -186,15 +186,19 @@ class Predictor:
         """Feeds for a batch: tokens padded to the longest text or to exactly `pad_to`; or checked images."""
         if self.input_shape is not None:
             return {self.session.input_names[0]: self._images(inputs)}
-        texts = list(inputs)
-        length = pad_to or self.max_seq_len
-        encoded = self.tokenizer(
+        return self._feeds(self._tokenize(list(inputs), pad_to))
+
+    def _tokenize(self, texts: list[str], pad_to: int | None = None, offsets: bool = False) -> Any:
+        return self.tokenizer(
             texts,
             padding="max_length" if pad_to else "longest",
             truncation=True,
-            max_length=length,
+            max_length=pad_to or self.max_seq_len,
             return_tensors="np",
+            return_offsets_mapping=offsets,
         )
+
+    def _feeds(self, encoded: Any) -> dict[str, np.ndarray]:
         return {k: np.asarray(encoded[k], dtype=np.int64) for k in self.session.input_names if k in encoded}
 
     def _images(self, inputs: Sequence[str] | np.ndarray) -> np.ndarray:
@@ -219,11 +223,9 @@ class Predictor:
         outputs = []
         for i in range(0, len(texts), batch_size):
             chunk = texts[i : i + batch_size]
-            feeds = self.encode(chunk)
-            offsets = self.tokenizer(
-                chunk, padding="longest", truncation=True, max_length=self.max_seq_len, return_offsets_mapping=True
-            )["offset_mapping"]
-            outputs.append(gather_words(self.session.run(feeds), word_positions(chunk, np.asarray(offsets), width)))
+            encoded = self._tokenize(chunk, offsets=True)  # one tokenization gives the feeds and the offsets
+            positions = word_positions(chunk, encoded["offset_mapping"], width)
+            outputs.append(gather_words(self.session.run(self._feeds(encoded)), positions))
         return np.concatenate(outputs, axis=0)
 
     def entities(self, texts: Sequence[str]) -> list[list[Entity]]:

@@ -70,8 +70,8 @@ def prompts(tokenizer: Any, texts: list[str], count: int, length: int) -> tuple[
 
 
 def run_lm_distill(source: Artifact, cfg: DistillConfig, ctx: StageContext) -> StageResult:
-    from edgepipe.pipeline.lm import distill_lm, greedy_agreement, layer_subset, text_batches, torch_logits
-    from edgepipe.runtime.generate import TorchCausalLM, perplexity
+    from edgepipe.pipeline.lm import distill_lm, greedy_agreement, layer_subset, text_batches
+    from edgepipe.runtime.generate import TorchCausalLM, perplexity, torch_logits
 
     teacher, tokenizer = load_lm(source.path)
     problems = lm_student_problems(cfg, teacher.config.to_dict(), "distill")
