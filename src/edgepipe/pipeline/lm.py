@@ -145,10 +145,14 @@ def distill_lm(
     batch_size: int = 8,
     seq_len: int = 64,
     lr: float = 1e-4,
+    kd_weight: float = 1.0,
+    ce_weight: float = 0.0,
     seed: int = 0,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Train `student` (in place) to match `teacher`'s next-token distributions on `train_texts`.
+    """Train `student` (in place) on `kd_weight` * the divergence from `teacher`'s next-token
+    distributions + `ce_weight` * the cross-entropy of the texts' own next tokens (the classifiers'
+    ce/kd mix: the data's tokens are the hard labels).
 
     Every real position counts, padding is masked out (`kd.distribution_loss`); AdamW with a linear
     warm-up and decay. Returns the loss curve and step times."""
@@ -158,6 +162,8 @@ def distill_lm(
 
     if kind not in DIVERGENCE_KINDS:
         raise InputError(f"`kind`: unknown divergence {kind!r}; use one of {', '.join(DIVERGENCE_KINDS)}")
+    if kd_weight < 0 or ce_weight < 0 or kd_weight + ce_weight == 0:
+        raise InputError(f"distill_lm: kd_weight {kd_weight} and ce_weight {ce_weight} must be >= 0, not both 0")
     if steps < 1 or batch_size < 1 or seq_len < 2 or not train_texts:
         raise InputError(
             f"distill_lm needs steps >= 1, batch_size >= 1, seq_len >= 2 and texts; got steps={steps}, "
@@ -178,7 +184,9 @@ def distill_lm(
         with torch.no_grad():
             target = teacher(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
         logits = student(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
-        loss = distribution_loss(logits, target, kind, temperature, mask)
+        loss = kd_weight * distribution_loss(logits, target, kind, temperature, mask)
+        if ce_weight:
+            loss = loss + ce_weight * next_token_ce(logits, ids, mask)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -191,12 +199,22 @@ def distill_lm(
     return {
         "kind": kind,
         "temperature": temperature,
+        "kd_weight": kd_weight,
+        "ce_weight": ce_weight,
         "steps": steps,
         "loss_first": float(np.mean(losses[:window])),
         "loss_last": float(np.mean(losses[-window:])),
         "losses": losses,
         "step_s_median": float(np.median(step_s)),
     }
+
+
+def next_token_ce(logits: Any, ids: Any, mask: Any) -> Any:
+    """Mean cross-entropy of each real token given the real tokens before it (perplexity's own count)."""
+    import torch.nn.functional as F
+
+    counted = (mask[:, 1:] * mask[:, :-1]).bool()
+    return F.cross_entropy(logits[:, :-1][counted], ids[:, 1:][counted])
 
 
 def greedy_agreement(teacher_tokens: np.ndarray, student_tokens: np.ndarray) -> float:

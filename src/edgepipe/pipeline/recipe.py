@@ -126,6 +126,15 @@ class LossWeights(_Strict):
         return self
 
 
+class TransferConfig(_Strict):
+    """Unlabeled texts on which the student also matches the teacher (a KD transfer set): the teacher's
+    outputs on text it was not trained on carry more than its near one-hot outputs on its own train set."""
+
+    source: str = Field(description="built-in text dataset name or a .csv/.jsonl file; keep your test texts out")
+    text_column: str = "text"
+    weight: float = Field(1.0, gt=0, description="multiplies the transfer batch's kd (and hidden) loss terms")
+
+
 class DistillConfig(_TrainingConfig):
     kind: Literal["distill"]
     name: str = Field("student", pattern=r"^[A-Za-z0-9_.-]+$")
@@ -141,6 +150,9 @@ class DistillConfig(_TrainingConfig):
         description="causal-lm: the next-token divergence distilled (forward KL, reverse KL as in MiniLLM, or JSD)",
     )
     hidden_projection: bool = Field(True, description="learn a linear map when widths differ")
+    transfer: TransferConfig | None = Field(
+        None, description="text tasks: a batch of unlabeled texts per step, KD (and hidden) terms only"
+    )
     lr: float = Field(1e-4, gt=0)
 
 
@@ -515,6 +527,8 @@ def _lm_problems(recipe: Recipe) -> list[str]:
                 )
             if stage.student.init != "subset":
                 problems.append(f"`stages.{i}.student.init`: a causal-lm student is a layer `subset` of the teacher")
+            if stage.transfer is not None:
+                problems.append(f"`stages.{i}.transfer`: causal-lm distills on its own text; remove it")
     if recipe.gates.max_accuracy_drop is not None:
         problems.append(
             "`gates.max_accuracy_drop`: causal-lm is gated on perplexity: use gates.max_perplexity_increase"
@@ -554,6 +568,8 @@ def task_problems(recipe: Recipe) -> list[str]:
         if image and isinstance(stage, FinetuneConfig) and not stage.train_encoder:
             problems.append(f"`stages.{i}.train_encoder`: applies to text models; image models train whole")
         if isinstance(stage, DistillConfig):
+            if image and stage.transfer is not None:
+                problems.append(f"`stages.{i}.transfer`: a transfer set of texts applies to text tasks; remove it")
             if image and stage.loss.attention > 0:
                 problems.append(f"`stages.{i}.loss.attention`: attention maps exist in transformers only; set it to 0")
             if image and stage.student.init == "subset":

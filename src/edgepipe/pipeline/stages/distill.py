@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from edgepipe.benchmarks.metrics import IGNORE
 from edgepipe.errors import InputError
 from edgepipe.pipeline.artifacts import Artifact, config_hash
@@ -60,7 +62,7 @@ def teacher_logits(
     return load_file(path)["logits"], reused
 
 
-HISTORY_KEYS = ("loss_total", "loss_ce", "loss_kd", "loss_hidden", "loss_attention", "kd_weight")
+HISTORY_KEYS = ("loss_total", "loss_ce", "loss_kd", "loss_hidden", "loss_attention", "loss_transfer", "kd_weight")
 
 
 def logit_objective(
@@ -145,6 +147,47 @@ def _selected(states: tuple[Any, ...], layers: list[int]) -> list[Any]:
     return [states[i + 1] for i in layers]
 
 
+def transfer_loss(
+    student: Any,
+    teacher: Any,
+    tokenizer: Any,
+    texts: list[str],
+    cfg: DistillConfig,
+    temperature: float,
+    mapping: dict[int, int],
+    projections: Any,
+    per_word: bool,
+) -> Any:
+    """kd * KD (+ hidden * hidden-state MSE) on unlabeled texts: the teacher's outputs are the only targets.
+    Token classification matches every word's distribution (each word's first sub-word)."""
+    import torch
+
+    from edgepipe.pipeline import kd
+
+    hidden = cfg.loss.hidden > 0
+    if per_word:  # a sentence is its words joined by single spaces, as in the tagged data
+        texts = [" ".join(t.split()) for t in texts]
+        enc, positions = encode_words(tokenizer, texts, cfg.max_seq_len, max(len(t.split()) for t in texts))
+    else:
+        enc = encode(tokenizer, texts, cfg.max_seq_len)
+    with torch.no_grad():
+        t_out = teacher(**enc, output_hidden_states=hidden)
+    out = student(**enc, output_hidden_states=hidden)
+    logits, t_logits = out.logits, t_out.logits
+    if per_word:
+        words = positions >= 0
+        logits, t_logits = words_of(logits, positions)[words], words_of(t_logits, positions)[words]
+    loss = cfg.loss.kd * kd.kd_loss(logits, t_logits, temperature)
+    if hidden:
+        loss = loss + cfg.loss.hidden * kd.hidden_loss(
+            _selected(out.hidden_states, list(mapping)),
+            _selected(t_out.hidden_states, list(mapping.values())),
+            enc["attention_mask"],
+            projections,
+        )
+    return loss
+
+
 @register("distill")
 def run_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx: StageContext) -> StageResult:
     source = inputs[ArtifactKind.TORCH_MODEL]
@@ -196,6 +239,14 @@ def run_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx: S
     params = list(student.parameters()) + (list(projections.parameters()) if projections else [])
     optimizer, schedule = optimizer_and_schedule(params, cfg.lr, cfg.weight_decay, cfg.warmup_ratio, cfg.max_steps)
 
+    transfer: list[str] = []
+    if cfg.transfer is not None:
+        from edgepipe.pipeline.data import transfer_texts
+
+        transfer = transfer_texts(cfg.transfer.source, cfg.transfer.text_column)
+        transfer_order = np.random.default_rng(ctx.seed + 1).permutation(len(transfer))
+        log.info("distill: %d transfer texts from %s", len(transfer), cfg.transfer.source)
+
     history: dict[str, list[float]] = {k: [] for k in HISTORY_KEYS}
     need_teacher_pass = cfg.loss.hidden > 0 or need_attention
     torch.manual_seed(ctx.seed)
@@ -235,6 +286,13 @@ def run_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx: S
                     enc["attention_mask"],
                 )
                 loss = loss + cfg.loss.attention * terms["attention"]
+        if transfer:
+            picked = ctx.world.shard((step * cfg.batch_size + np.arange(cfg.batch_size)) % len(transfer))
+            texts = [transfer[transfer_order[i]] for i in picked]
+            terms["transfer"] = transfer_loss(
+                trained, teacher, tokenizer, texts, cfg, temperature, mapping, projections, width is not None
+            )
+            loss = loss + cfg.transfer.weight * terms["transfer"]
         extra = list(projections.parameters()) if projections is not None else []
         optimizer_step(loss, params, optimizer, schedule, ctx.world, extra)
         record(history, loss, terms, weights)

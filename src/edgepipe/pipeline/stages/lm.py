@@ -93,6 +93,8 @@ def run_lm_distill(source: Artifact, cfg: DistillConfig, ctx: StageContext) -> S
         batch_size=cfg.batch_size,
         seq_len=cfg.max_seq_len,
         lr=cfg.lr,
+        kd_weight=cfg.loss.kd,
+        ce_weight=cfg.loss.ce,
         seed=ctx.seed,
         progress=ctx.progress,
     )
