@@ -29,10 +29,10 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/edgepipe build $(RECIPE) --out runs/demo
 
-demo-ner: $(STAMP)  # token classification: MiniLM teacher, 3-layer student, int8, on Twitter NER (~20 min)
+demo-ner: $(STAMP)  # token classification: MiniLM teacher, 3-layer student, int8, on Twitter NER (~25 min)
 	$(BIN)/edgepipe build src/edgepipe/recipes/ner.yaml --out runs/ner
 
-# causal LM: SmolLM2-135M teacher, 10-layer student, KV-cache ONNX, int8/int4 (~20 min). Its student misses the
+# causal LM: SmolLM2-135M teacher, 12-layer student, KV-cache ONNX, int8/int4 (~20 min). Its student misses the
 # 15% perplexity gate (RESULTS.md): exit 3 (gate failed, artifacts and report written) is reported, not an error.
 demo-lm: $(STAMP)
 	$(BIN)/edgepipe build src/edgepipe/recipes/smollm2.yaml --out runs/smollm2 || test $$? -eq 3

@@ -239,12 +239,15 @@ def run_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx: S
     params = list(student.parameters()) + (list(projections.parameters()) if projections else [])
     optimizer, schedule = optimizer_and_schedule(params, cfg.lr, cfg.weight_decay, cfg.warmup_ratio, cfg.max_steps)
 
-    transfer: list[str] = []
+    transfer: list[str] = []  # shuffled once, then taken in order
+    transfer_weight = cfg.transfer.weight if cfg.transfer is not None else 0.0
     if cfg.transfer is not None:
         from edgepipe.pipeline.data import transfer_texts
 
-        transfer = transfer_texts(cfg.transfer.source, cfg.transfer.text_column)
-        transfer_order = np.random.default_rng(ctx.seed + 1).permutation(len(transfer))
+        texts = transfer_texts(cfg.transfer.source, cfg.transfer.text_column)
+        if not texts:
+            raise InputError(f"`transfer.source`: {cfg.transfer.source} holds no texts")
+        transfer = [texts[i] for i in np.random.default_rng(ctx.seed + 1).permutation(len(texts))]
         log.info("distill: %d transfer texts from %s", len(transfer), cfg.transfer.source)
 
     history: dict[str, list[float]] = {k: [] for k in HISTORY_KEYS}
@@ -288,11 +291,18 @@ def run_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx: S
                 loss = loss + cfg.loss.attention * terms["attention"]
         if transfer:
             picked = ctx.world.shard((step * cfg.batch_size + np.arange(cfg.batch_size)) % len(transfer))
-            texts = [transfer[transfer_order[i]] for i in picked]
             terms["transfer"] = transfer_loss(
-                trained, teacher, tokenizer, texts, cfg, temperature, mapping, projections, width is not None
+                trained,
+                teacher,
+                tokenizer,
+                [transfer[i] for i in picked],
+                cfg,
+                temperature,
+                mapping,
+                projections,
+                width is not None,
             )
-            loss = loss + cfg.transfer.weight * terms["transfer"]
+            loss = loss + transfer_weight * terms["transfer"]
         extra = list(projections.parameters()) if projections is not None else []
         optimizer_step(loss, params, optimizer, schedule, ctx.world, extra)
         record(history, loss, terms, weights)
