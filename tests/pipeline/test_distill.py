@@ -165,3 +165,21 @@ def test_bad_distill_spec_exits_2_from_validate(tmp_path: Path, capsys) -> None:
     path.write_text("schema_version: 1\nmodel: minilm-l6\nstages: [{kind: distill, student: {layers: [9]}}]\n")
     assert main(["validate", str(path)]) == 2
     assert "layer index [9] out of range" in capsys.readouterr().err
+
+
+def test_transfer_loss_is_zero_only_when_the_student_is_the_teacher(tiny_model_dir: Path) -> None:
+    """The transfer term needs no labels: the teacher's own outputs on unlabeled sentences are the targets."""
+    from transformers import AutoTokenizer
+
+    from edgepipe.pipeline.recipe import DistillConfig
+    from edgepipe.pipeline.stages.distill import transfer_loss
+
+    teacher = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    cfg = DistillConfig(kind="distill", student={"num_layers": 1}, loss={"kd": 1.0, "ce": 0.0, "hidden": 1.0})
+    texts = ["an unlabeled   review snippet", "another one"]
+    same = transfer_loss(teacher, teacher, tokenizer, texts, cfg, 2.0, {0: 0, 1: 1}, None, per_word=False)
+    assert same.item() == pytest.approx(0.0, abs=1e-6)
+    student = build_student(teacher, cfg, seed=0)
+    other = transfer_loss(student, teacher, tokenizer, texts, cfg, 2.0, {0: 1}, None, per_word=False)
+    assert other.item() > 1e-4 and other.requires_grad
