@@ -111,10 +111,10 @@ def check_recipe(recipe: Recipe, out: Path | None = None) -> list[str]:
     model = model_problem(recipe.model, recipe.task)
     problems = [p for p in (model, data_problem(recipe.data, recipe.task)) if p]
     problems += check_chain(recipe) + task_problems(recipe)
-    for i, stage in enumerate(recipe.stages):
-        transfer = getattr(stage, "transfer", None)
-        if transfer is not None and recipe.task not in (IMAGE_TASK, LM_TASK):
-            problems += filter(None, [transfer_problem(transfer.source, transfer.text_column, f"stages.{i}.transfer")])
+    for i, stage in enumerate(recipe.stages):  # image and causal-lm reject `transfer` in task_problems
+        if isinstance(stage, DistillConfig) and stage.transfer and recipe.task not in (IMAGE_TASK, LM_TASK):
+            problem = transfer_problem(stage.transfer.source, stage.transfer.text_column, f"stages.{i}.transfer")
+            problems += [problem] if problem else []
     from edgepipe.runtime.backends import BACKENDS
 
     unknown = [e for e in recipe.bench.engines or [] if e not in BACKENDS]

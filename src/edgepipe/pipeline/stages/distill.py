@@ -240,7 +240,6 @@ def run_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx: S
     optimizer, schedule = optimizer_and_schedule(params, cfg.lr, cfg.weight_decay, cfg.warmup_ratio, cfg.max_steps)
 
     transfer: list[str] = []  # shuffled once, then taken in order
-    transfer_weight = cfg.transfer.weight if cfg.transfer is not None else 0.0
     if cfg.transfer is not None:
         from edgepipe.pipeline.data import transfer_texts
 
@@ -289,7 +288,7 @@ def run_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx: S
                     enc["attention_mask"],
                 )
                 loss = loss + cfg.loss.attention * terms["attention"]
-        if transfer:
+        if cfg.transfer is not None:  # `transfer` holds texts: an empty source raised above
             picked = ctx.world.shard((step * cfg.batch_size + np.arange(cfg.batch_size)) % len(transfer))
             terms["transfer"] = transfer_loss(
                 trained,
@@ -302,7 +301,7 @@ def run_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx: S
                 projections,
                 width is not None,
             )
-            loss = loss + transfer_weight * terms["transfer"]
+            loss = loss + cfg.transfer.weight * terms["transfer"]
         extra = list(projections.parameters()) if projections is not None else []
         optimizer_step(loss, params, optimizer, schedule, ctx.world, extra)
         record(history, loss, terms, weights)
