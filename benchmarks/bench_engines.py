@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from edgepipe.benchmarks.bench import run_bench
 from edgepipe.pipeline.artifacts import write_json
-from edgepipe.pipeline.runner import _bench_items, _open_run, _settings
+from edgepipe.pipeline.measure import bench_items, bench_settings, open_run
 from edgepipe.runtime.backends import BACKENDS
 
 
@@ -33,9 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", nargs="+", default=["cpu"], choices=["cpu", "cuda"])
     parser.add_argument("--runs", type=int, default=50)
     args = parser.parse_args(argv)
-    _, recipe, data, artifacts = _open_run(args.run)
-    items = _bench_items(artifacts, include_torch=True)
-    settings = _settings(recipe, data)
+    _, recipe, data, artifacts = open_run(args.run)
+    items = bench_items(artifacts, include_torch=True)
+    settings = bench_settings(recipe, data)
     settings = type(settings)(
         **{
             **settings.__dict__,

@@ -6,8 +6,8 @@ from conftest import tiny_recipe, write_recipe
 
 from edgepipe.errors import GateFailedError
 from edgepipe.pipeline.cli import main
+from edgepipe.pipeline.gates import gate
 from edgepipe.pipeline.recipe import parse_recipe
-from edgepipe.pipeline.runner import _gate
 
 
 @pytest.mark.parametrize("command", ["validate", "build", "bench", "search"])
@@ -88,7 +88,7 @@ def test_accuracy_gate_fails_with_exit_3(tmp_path: Path) -> None:
             {"artifact": "int8-dynamic", "target": "cpu", "accuracy": 0.855},
         ],
     }
-    lines = _gate(recipe, report)
+    lines = gate(recipe, report)
     assert lines[0].startswith("FAIL: `int8-static` on cpu accuracy 84.00% vs `teacher` 86.00% (drop 2.00 pt")
     assert lines[1].startswith("pass: `int8-dynamic`")
     assert GateFailedError.exit_code == 3

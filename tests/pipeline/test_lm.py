@@ -123,7 +123,7 @@ def test_layer_subset_copies_the_chosen_layers_and_its_cache_works() -> None:
 
 
 def test_layer_subset_rejects_bad_indices() -> None:
-    with pytest.raises(InputError, match=r"`layers`: \[0, 4\] must be distinct indices of the teacher's 4 layers"):
+    with pytest.raises(InputError, match=r"`layers`: \[0, 4\] must be distinct indices of the model's 4 layers"):
         layer_subset(tiny_llama(layers=4), [0, 4])
 
 

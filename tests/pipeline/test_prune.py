@@ -16,16 +16,16 @@ import torch
 from conftest import digits_recipe, tiny_recipe, write_recipe
 from transformers import AutoTokenizer
 
+from edgepipe.arch import BY_MODEL_TYPE, Capability, supported
+from edgepipe.arch.ops import keep_layers, prune_ffn
 from edgepipe.errors import RecipeError
 from edgepipe.pipeline.cli import main
 from edgepipe.pipeline.data import load_splits
 from edgepipe.pipeline.recipe import parse_recipe
 from edgepipe.pipeline.runner import check_recipe
 from edgepipe.pipeline.stages.prune import (
-    drop_layers,
     kept_width,
     magnitude_scores,
-    prune_ffn,
     prune_heads,
     prune_problems,
     save_pruned,
@@ -36,6 +36,7 @@ from edgepipe.runtime.text import load_text_model
 
 TEXTS = ["a gripping, beautifully shot film", "dull and far too long", "the cast does what it can"]
 REMOVED = {0: [1, 3], 1: [0]}  # non-uniform: layer 0 keeps 2 heads, layer 1 keeps 3
+BERT = BY_MODEL_TYPE["bert"]
 
 
 def _model(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
@@ -55,7 +56,7 @@ def _logits(model, tiny_model_dir: Path) -> torch.Tensor:  # type: ignore[no-unt
 
 def _head_pruned(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
     original, model = _model(tiny_model_dir), _model(tiny_model_dir)
-    prune_heads(model, [torch.tensor([h for h in range(4) if h not in REMOVED[i]]) for i in range(2)])
+    prune_heads(model, BERT, [torch.tensor([h for h in range(4) if h not in REMOVED[i]]) for i in range(2)])
     return original, model
 
 
@@ -90,8 +91,8 @@ def test_global_head_selection_keeps_one_head_per_layer() -> None:
 def _ffn_pruned(tiny_model_dir: Path, ratio: float = 0.5):  # type: ignore[no-untyped-def]
     original, model = _model(tiny_model_dir), _model(tiny_model_dir)
     count = kept_width(64, ratio, 8)
-    keep = [torch.sort(torch.topk(s, count).indices).values for s in magnitude_scores(model)[1]]
-    prune_ffn(model, keep)
+    keep = [torch.sort(torch.topk(s, count).indices).values for s in magnitude_scores(model, BERT)[1]]
+    prune_ffn(model, BERT, keep)
     return original, model, keep
 
 
@@ -115,7 +116,7 @@ def test_layer_removal_equals_skipping_the_layer(tiny_model_dir: Path) -> None:
     model = _model(tiny_model_dir)
     skipped = _model(tiny_model_dir)
     skipped.base_model.encoder.layer[1].forward = lambda hidden, *args, **kwargs: hidden  # type: ignore[method-assign]
-    drop_layers(model, [1])
+    keep_layers(model, BERT, [0])
     assert model.config.num_hidden_layers == 1 and len(model.base_model.encoder.layer) == 1
     assert torch.allclose(_logits(model, tiny_model_dir), _logits(skipped, tiny_model_dir), atol=1e-5)
 
@@ -135,7 +136,7 @@ def test_pruned_model_reloads_with_plain_from_pretrained_in_a_fresh_process(
 ) -> None:
     model = _head_pruned(tiny_model_dir)[1] if what == "heads" else _ffn_pruned(tiny_model_dir)[1]
     ctx = SimpleNamespace(task="text-classification", data=SimpleNamespace(label_names=["neg", "pos"]))
-    save_pruned(model, AutoTokenizer.from_pretrained(tiny_model_dir), tmp_path / "pruned", ctx)  # type: ignore[arg-type]
+    save_pruned(model, BERT, AutoTokenizer.from_pretrained(tiny_model_dir), tmp_path / "pruned", ctx)  # type: ignore[arg-type]
     config = json.loads((tmp_path / "pruned" / "config.json").read_text())
     assert config["model_type"] == "bert" and (tmp_path / "pruned" / "model.safetensors").is_file()
     if what == "heads":
@@ -275,11 +276,15 @@ def test_every_head_of_a_layer_needs_layer_removal() -> None:
 def test_unsupported_model_types_name_the_supported_ones() -> None:
     cfg = parse_recipe({"schema_version": 1, "model": "minilm-l6", "stages": [{"kind": "prune", "ratio": 0.3}]})
     stage = cfg.stages[0]
-    assert prune_problems(stage, _config(model_type="gpt2"), "stages.0") == [  # type: ignore[arg-type]
-        "`stages.0` (prune): model_type 'gpt2' is not supported; supported: bert, roberta, xlm-roberta, electra"
+    assert prune_problems(stage, _config(model_type="t5"), "stages.0") == [  # type: ignore[arg-type]
+        "`stages.0`: model_type 't5' has no architecture spec (edgepipe.arch); attention head pruning support: "
+        "bert; use ffn_ratio / drop_layers",
+        "`stages.0`: model_type 't5' has no architecture spec (edgepipe.arch); FFN neuron pruning support: "
+        f"{supported(Capability.FFN_PRUNING)}; use drop_layers",
     ]
     assert prune_problems(stage, _config(model_type="roberta"), "stages.0") == [  # type: ignore[arg-type]
-        "`stages.0`: head pruning supports model_type bert, not 'roberta'; use ffn_ratio / drop_layers"
+        "`stages.0`: model_type 'roberta' (roberta) has no attention head pruning; attention head pruning "
+        "support: bert; use ffn_ratio / drop_layers"
     ]
 
 

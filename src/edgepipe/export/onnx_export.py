@@ -21,12 +21,12 @@ from typing import Any
 
 import numpy as np
 
+from edgepipe.arch import Capability, spec_of, supported
 from edgepipe.errors import ExportParityError, InputError
 
-log = logging.getLogger(__name__)
+FUSION = Capability.FUSION
 
-# model_type (transformers config) -> onnxruntime.transformers.optimizer model_type
-FUSIBLE_MODEL_TYPES = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "distilbert": "bert"}
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -180,9 +180,10 @@ def fuse_transformer(
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
-    model_type = FUSIBLE_MODEL_TYPES.get(config.model_type)
+    arch = spec_of(config)
+    model_type = arch.fusion if arch is not None else None
     if model_type is None:
-        log.info("no transformer fusion for model_type %s (supported: %s)", config.model_type, FUSIBLE_MODEL_TYPES)
+        log.info("no transformer fusion for model_type %s (supported: %s)", config.model_type, supported(FUSION))
         return None
     options = FusionOptions(model_type)
     options.use_multi_head_attention = attention == "MultiHeadAttention"

@@ -105,32 +105,17 @@ def evenly_spaced_layers(total: int, count: int) -> list[int]:
 
 
 def layer_subset(teacher: Any, layers: list[int]) -> Any:
-    """A LlamaForCausalLM keeping `layers` of the teacher's decoder, weights copied.
+    """A causal LM keeping `layers` of the teacher's decoder, weights copied (through its architecture spec).
 
-    Built from the config and loaded by name, so each attention gets its own new `layer_idx` (the KV
-    cache is indexed by it) and the result reloads with a plain `from_pretrained`."""
-    from transformers import LlamaForCausalLM
+    Each attention gets its new `layer_idx` (the KV cache is indexed by it), so the result reloads with
+    a plain `from_pretrained`."""
+    from edgepipe.arch import Capability, refusal, spec_of
+    from edgepipe.arch.ops import layer_subset as subset
 
-    total = teacher.config.num_hidden_layers
-    bad = [i for i in layers if not 0 <= i < total]
-    if bad or not layers or len(set(layers)) != len(layers):
-        raise InputError(f"`layers`: {layers} must be distinct indices of the teacher's {total} layers")
-    config = teacher.config.__class__.from_dict(teacher.config.to_dict())
-    config.num_hidden_layers = len(layers)
-    if getattr(config, "layer_types", None) is not None:
-        config.layer_types = [config.layer_types[i] for i in layers]
-    renamed = {f"model.layers.{t}.": f"model.layers.{s}." for s, t in enumerate(layers)}
-    state = {}
-    for key, value in teacher.state_dict().items():
-        if not key.startswith("model.layers."):
-            state[key] = value
-            continue
-        prefix = ".".join(key.split(".")[:3]) + "."
-        if prefix in renamed:
-            state[renamed[prefix] + key[len(prefix) :]] = value
-    student = LlamaForCausalLM(config)
-    student.load_state_dict(state)
-    return student.to(teacher.dtype).eval()
+    arch = spec_of(teacher.config)
+    if arch is None or not arch.can(Capability.LAYER_SUBSET):
+        raise InputError(str(refusal(teacher.config.to_dict(), Capability.LAYER_SUBSET, "student")))
+    return subset(teacher, arch, layers)
 
 
 def distill_lm(

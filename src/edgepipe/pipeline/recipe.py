@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgepipe.errors import RecipeError
+from edgepipe.tasks import Task
 
 SCHEMA_VERSION = 1
 
@@ -503,9 +504,7 @@ class Recipe(_Strict):
 
 
 STAGE_KINDS = ("finetune", "distill", "prune", "export", "quantize", "mobile")
-IMAGE_TASK = "image-classification"
-TOKEN_TASK = "token-classification"
-LM_TASK = "causal-lm"
+IMAGE_TASK, TOKEN_TASK, LM_TASK = Task.IMAGE.value, Task.TOKEN.value, Task.LM.value
 
 
 def _lm_problems(recipe: Recipe) -> list[str]:

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-TEXT_TASK = "text-classification"
-TOKEN_TASK = "token-classification"
-LM_TASK = "causal-lm"
+from edgepipe.tasks import Task
+
+TEXT_TASK, TOKEN_TASK, LM_TASK = Task.TEXT.value, Task.TOKEN.value, Task.LM.value
 
 
 def is_pruned_bert(config: dict[str, Any]) -> bool:

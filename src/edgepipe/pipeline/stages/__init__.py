@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgepipe.errors import InputError
 from edgepipe.pipeline.artifacts import Artifact
 from edgepipe.pipeline.data import DataSplits
 from edgepipe.pipeline.distributed import World
 from edgepipe.pipeline.recipe import ArtifactKind
+from edgepipe.tasks import TASKS
 
 
 @dataclass(frozen=True)
@@ -48,19 +50,41 @@ class StageResult:
 
 TRAINING_STAGES = ("finetune", "distill")  # the stages every torchrun rank runs
 StageFn = Callable[[dict[ArtifactKind, Artifact], Any, StageContext], StageResult]
-STAGES: dict[str, StageFn] = {}
+# (stage kind, task) -> the function that runs it: a task without an entry does not have that stage
+STAGES: dict[tuple[str, str], StageFn] = {}
 
 
-def register(kind: str) -> Callable[[StageFn], StageFn]:
+def register(kind: str, *tasks: str) -> Callable[[StageFn], StageFn]:
+    """Register a stage function for `tasks` (every task when none is named)."""
+
     def decorate(fn: StageFn) -> StageFn:
-        STAGES[kind] = fn
+        for task in tasks or TASKS:
+            STAGES[kind, str(task)] = fn
         return fn
 
     return decorate
 
 
-def load_stages() -> dict[str, StageFn]:
+def load_stages() -> dict[tuple[str, str], StageFn]:
     """Import the stage modules (they import torch) and return the registry."""
-    from edgepipe.pipeline.stages import distill, export, finetune, mobile, prune, quantize  # noqa: F401
+    from edgepipe.pipeline.stages import (  # noqa: F401
+        distill,
+        export,
+        finetune,
+        image,
+        lm,
+        mobile,
+        prune,
+        prune_cnn,
+        quantize,
+    )
 
     return STAGES
+
+
+def stage_fn(kind: str, task: str) -> StageFn:
+    registry = load_stages()
+    if (kind, task) not in registry:
+        done = sorted(t for k, t in registry if k == kind)
+        raise InputError(f"`stages`: {kind} has no implementation for task {task!r} (it has: {', '.join(done)})")
+    return registry[kind, task]

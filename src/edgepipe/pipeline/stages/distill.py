@@ -36,6 +36,7 @@ from edgepipe.pipeline.stages.training import (
     words_of,
 )
 from edgepipe.pipeline.students import build_student, layer_map, student_problems
+from edgepipe.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -188,17 +189,9 @@ def transfer_loss(
     return loss
 
 
-@register("distill")
+@register("distill", Task.TEXT, Task.TOKEN)
 def run_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx: StageContext) -> StageResult:
     source = inputs[ArtifactKind.TORCH_MODEL]
-    if ctx.task == "image-classification":
-        from edgepipe.pipeline.stages.image import run_image_distill
-
-        return run_image_distill(source, cfg, ctx)
-    if ctx.task == "causal-lm":
-        from edgepipe.pipeline.stages.lm import run_lm_distill
-
-        return run_lm_distill(source, cfg, ctx)
 
     import torch
     from tqdm.auto import tqdm

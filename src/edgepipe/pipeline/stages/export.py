@@ -17,6 +17,7 @@ from edgepipe.export.onnx_export import load_for_export
 from edgepipe.pipeline.artifacts import Artifact, write_meta
 from edgepipe.pipeline.recipe import ArtifactKind, ExportConfig
 from edgepipe.pipeline.stages import StageContext, StageResult, register
+from edgepipe.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,9 @@ def _finish(folder: Path, model: Any, tokenizer: Any, ctx: StageContext) -> None
     write_meta(folder, task=ctx.task, labels=ctx.data.label_names, precision="fp32", fmt="onnx")
 
 
-def _export_module(source: Path, cfg: ExportConfig, ctx: StageContext) -> StageResult:
+@register("export", Task.IMAGE)
+def run_module_export(inputs: dict[ArtifactKind, Artifact], cfg: ExportConfig, ctx: StageContext) -> StageResult:
+    source = inputs[ArtifactKind.TORCH_MODEL].path
     from edgepipe.runtime.modules import load_module, read_module_meta
 
     model = load_module(source)
@@ -46,15 +49,9 @@ def _export_module(source: Path, cfg: ExportConfig, ctx: StageContext) -> StageR
     return StageResult([Artifact("fp32", ArtifactKind.ONNX_FP32, out, "fp32")], metrics)
 
 
-@register("export")
+@register("export", Task.TEXT, Task.TOKEN)
 def run_export(inputs: dict[ArtifactKind, Artifact], cfg: ExportConfig, ctx: StageContext) -> StageResult:
     source = inputs[ArtifactKind.TORCH_MODEL].path
-    if ctx.task == "image-classification":
-        return _export_module(source, cfg, ctx)
-    if ctx.task == "causal-lm":
-        from edgepipe.pipeline.stages.lm import run_lm_export
-
-        return run_lm_export(source, cfg, ctx)
     from transformers import AutoTokenizer
 
     model = load_for_export(source)

@@ -25,16 +25,13 @@ from edgepipe.pipeline.stages.training import (
     token_labels,
     word_width,
 )
+from edgepipe.tasks import Task
 
 log = logging.getLogger(__name__)
 
 
-@register("finetune")
+@register("finetune", Task.TEXT, Task.TOKEN)
 def run_finetune(inputs: dict[ArtifactKind, Artifact], cfg: FinetuneConfig, ctx: StageContext) -> StageResult:
-    if ctx.task == "image-classification":
-        from edgepipe.pipeline.stages.image import run_image_finetune
-
-        return run_image_finetune(inputs[ArtifactKind.TORCH_MODEL], cfg, ctx)
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer

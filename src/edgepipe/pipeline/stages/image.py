@@ -18,8 +18,8 @@ from edgepipe.errors import InputError
 from edgepipe.pipeline.artifacts import Artifact
 from edgepipe.pipeline.data import Split
 from edgepipe.pipeline.models import module_spec
-from edgepipe.pipeline.recipe import DistillConfig, FinetuneConfig
-from edgepipe.pipeline.stages import StageContext, StageResult
+from edgepipe.pipeline.recipe import ArtifactKind, DistillConfig, FinetuneConfig
+from edgepipe.pipeline.stages import StageContext, StageResult, register
 from edgepipe.pipeline.stages.distill import (
     HISTORY_KEYS,
     DistillRun,
@@ -30,6 +30,7 @@ from edgepipe.pipeline.stages.distill import (
 )
 from edgepipe.pipeline.stages.training import batches, finetune_result, optimizer_and_schedule, optimizer_step
 from edgepipe.runtime.modules import build_module, load_module, read_module_meta, save_module
+from edgepipe.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,9 @@ def _train(
     return time.perf_counter() - started
 
 
-def run_image_finetune(source: Artifact, cfg: FinetuneConfig, ctx: StageContext) -> StageResult:
+@register("finetune", Task.IMAGE)
+def run_image_finetune(inputs: dict[ArtifactKind, Artifact], cfg: FinetuneConfig, ctx: StageContext) -> StageResult:
+    source = inputs[ArtifactKind.TORCH_MODEL]
     import torch
     import torch.nn.functional as F
 
@@ -209,7 +212,9 @@ def _hidden_setup(
     return mapping, projections
 
 
-def run_image_distill(source: Artifact, cfg: DistillConfig, ctx: StageContext) -> StageResult:
+@register("distill", Task.IMAGE)
+def run_image_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx: StageContext) -> StageResult:
+    source = inputs[ArtifactKind.TORCH_MODEL]
     import torch
 
     from edgepipe.pipeline import kd

@@ -17,7 +17,8 @@ from typing import Any
 from edgepipe.errors import InputError
 from edgepipe.pipeline.artifacts import Artifact, write_meta
 from edgepipe.pipeline.recipe import LM_TASK, ArtifactKind, DistillConfig, ExportConfig, QuantizeConfig
-from edgepipe.pipeline.stages import StageContext, StageResult
+from edgepipe.pipeline.stages import StageContext, StageResult, register
+from edgepipe.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,13 @@ def lm_layers(cfg: DistillConfig, total: int) -> list[int]:
 
 def lm_student_problems(cfg: DistillConfig, config: dict[str, Any], key: str) -> list[str]:
     """A causal-lm student spec against the teacher's config.json, each problem naming its key."""
-    total = int(config.get("num_hidden_layers", 0))
+    from edgepipe.arch import Capability, refusal
+    from edgepipe.pipeline.students import teacher_shape
+
+    refused = refusal(config, Capability.LAYER_SUBSET, f"{key}.student")
+    if refused:
+        return [refused]
+    total = int((teacher_shape(config) or {}).get("layers", config.get("num_hidden_layers", 0)))
     spec = cfg.student
     if spec.num_layers is not None and not 1 <= spec.num_layers <= total:
         return [f"`{key}.student.num_layers`: {spec.num_layers} is not between 1 and the teacher's {total} layers"]
@@ -69,7 +76,9 @@ def prompts(tokenizer: Any, texts: list[str], count: int, length: int) -> tuple[
     return ids, ids * 0 + 1
 
 
-def run_lm_distill(source: Artifact, cfg: DistillConfig, ctx: StageContext) -> StageResult:
+@register("distill", Task.LM)
+def run_lm_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx: StageContext) -> StageResult:
+    source = inputs[ArtifactKind.TORCH_MODEL]
     from edgepipe.pipeline.lm import distill_lm, greedy_agreement, layer_subset, text_batches
     from edgepipe.runtime.generate import TorchCausalLM, perplexity, torch_logits
 
@@ -139,7 +148,9 @@ def run_lm_distill(source: Artifact, cfg: DistillConfig, ctx: StageContext) -> S
     return StageResult([Artifact(cfg.name, ArtifactKind.TORCH_MODEL, out, "fp32")], metrics)
 
 
-def run_lm_export(source: Path, cfg: ExportConfig, ctx: StageContext) -> StageResult:
+@register("export", Task.LM)
+def run_lm_export(inputs: dict[ArtifactKind, Artifact], cfg: ExportConfig, ctx: StageContext) -> StageResult:
+    source = inputs[ArtifactKind.TORCH_MODEL].path
     from edgepipe.export.causal_lm import check_causal_parity, export_causal_lm
 
     model, tokenizer = load_lm(source)
@@ -155,7 +166,9 @@ def run_lm_export(source: Path, cfg: ExportConfig, ctx: StageContext) -> StageRe
     return StageResult([Artifact("fp32", ArtifactKind.ONNX_FP32, out, "fp32")], metrics)
 
 
-def run_lm_quantize(source: Artifact, cfg: QuantizeConfig, ctx: StageContext) -> StageResult:
+@register("quantize", Task.LM)
+def run_lm_quantize(inputs: dict[ArtifactKind, Artifact], cfg: QuantizeConfig, ctx: StageContext) -> StageResult:
+    source = inputs[cfg.source_kind]
     from edgepipe.export.lm_quantize import quantize_int4, quantize_int8
 
     out = ctx.stage_dir / cfg.artifact_name

@@ -17,9 +17,10 @@ from edgepipe.pipeline.artifacts import Artifact
 from edgepipe.pipeline.recipe import MOBILE_SOURCES, ArtifactKind, MobileConfig
 from edgepipe.pipeline.stages import StageContext, StageResult, register
 from edgepipe.runtime.mobile import OPS_CONFIG, convert_to_ort, required_operators
+from edgepipe.tasks import Task
 
 
-@register("mobile")
+@register("mobile", Task.TEXT, Task.TOKEN, Task.IMAGE)
 def run_mobile(inputs: dict[ArtifactKind, Artifact], cfg: MobileConfig, ctx: StageContext) -> StageResult:
     from edgepipe.runtime.predictor import Predictor
 

@@ -26,52 +26,61 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edgepipe.benchmarks.metrics import IGNORE
+from edgepipe.arch import ArchSpec, Capability, refusal, spec_of
+from edgepipe.arch.ops import (
+    blocks,
+    ffn_unit_views,
+    ffn_widths,
+    keep_in,
+    keep_layers,
+    keep_out,
+    layer_list,
+    linear_macs,
+    prune_ffn,
+)
 from edgepipe.errors import InputError
 from edgepipe.pipeline.artifacts import Artifact
-from edgepipe.pipeline.recipe import TOKEN_TASK, ArtifactKind, PruneConfig, RecoverConfig
+from edgepipe.pipeline.recipe import TOKEN_TASK, ArtifactKind, PruneConfig
 from edgepipe.pipeline.stages import StageContext, StageResult, register
+from edgepipe.pipeline.stages.recovery import accuracy_metrics, ort_latency, recover
 from edgepipe.pipeline.stages.training import (
     batches,
     encode,
     encode_words,
     evaluate,
     loss_window,
-    optimizer_and_schedule,
-    optimizer_step,
     save_model,
     token_labels,
     word_width,
     words_of,
 )
-from edgepipe.pipeline.students import SUBSET_MODEL_TYPES
+from edgepipe.tasks import Task
 
 log = logging.getLogger(__name__)
-
-HEAD_MODEL_TYPES = ("bert",)
-LATENCY_SHAPES = ((1, 128), (8, 128))
 
 
 def prune_problems(cfg: PruneConfig, config: dict[str, Any], key: str) -> list[str]:
     """What a prune spec asks that the model (its config.json as a dict) cannot give, naming the key."""
-    model_type = config.get("model_type")
-    if model_type not in SUBSET_MODEL_TYPES:
-        return [
-            f"`{key}` (prune): model_type {model_type!r} is not supported; supported: {', '.join(SUBSET_MODEL_TYPES)}"
-        ]
-    problems = []
-    layers, heads = int(config["num_hidden_layers"]), int(config["num_attention_heads"])
-    layer_heads = list(config.get("layer_heads") or [heads] * layers)
-    if (cfg.head_fraction or cfg.heads) and model_type not in HEAD_MODEL_TYPES:
-        problems.append(
-            f"`{key}`: head pruning supports model_type {', '.join(HEAD_MODEL_TYPES)}, not {model_type!r}; "
-            "use ffn_ratio / drop_layers"
-        )
-    ffn = min(config.get("layer_ffn") or [int(config["intermediate_size"])])
+    arch = spec_of(config)
+    asked = [
+        (Capability.HEAD_PRUNING, bool(cfg.head_fraction or cfg.heads), "use ffn_ratio / drop_layers"),
+        (Capability.FFN_PRUNING, bool(cfg.ffn_fraction), "use drop_layers"),
+        (Capability.LAYER_PRUNING, bool(cfg.drop_layers), "use ffn_ratio"),
+    ]
+    problems = [
+        f"{refusal(config, capability, key)}; {instead}"
+        for capability, wanted, instead in asked
+        if wanted and refusal(config, capability, key)
+    ]
+    keys = arch.keys if arch is not None else None
+    if problems or arch is None or keys is None or config.get(keys.layers) is None:
+        return problems  # config.json leaves the shape out: the stage checks the loaded config
+    layers, heads = int(config[keys.layers]), int(config.get(keys.heads) or 0)
+    per_layer_heads = list(config.get("layer_heads") or [heads] * layers)
+    ffn = min(config.get("layer_ffn") or [int(config.get(keys.ffn) or 4 * int(config.get(keys.hidden) or 0))])
     if cfg.ffn_fraction and cfg.round_to > ffn:
         problems.append(f"`{key}.round_to`: {cfg.round_to} is larger than the FFN width {ffn}; use a smaller multiple")
     bad_layers = [i for i in [*cfg.drop_layers, *(cfg.heads or {})] if i >= layers]
@@ -81,45 +90,21 @@ def prune_problems(cfg: PruneConfig, config: dict[str, Any], key: str) -> list[s
         )
     if len(cfg.drop_layers) >= layers:
         problems.append(f"`{key}.drop_layers`: would remove all {layers} layers; keep at least one")
+    if arch.first_layer_fixed and 0 in cfg.drop_layers:
+        problems.append(f"`{key}.drop_layers`: {arch.family}'s first layer is built unlike the others; keep layer 0")
     for layer, ids in (cfg.heads or {}).items():
         if layer >= layers:
             continue
-        if max(ids) >= layer_heads[layer]:
+        if max(ids) >= per_layer_heads[layer]:
             problems.append(
-                f"`{key}.heads.{layer}`: head {max(ids)} out of range; layer {layer} has {layer_heads[layer]}"
+                f"`{key}.heads.{layer}`: head {max(ids)} out of range; layer {layer} has {per_layer_heads[layer]}"
             )
-        elif len(ids) == layer_heads[layer] and layer not in cfg.drop_layers:
+        elif len(ids) == per_layer_heads[layer] and layer not in cfg.drop_layers:
             problems.append(
                 f"`{key}.heads.{layer}`: removes every head of layer {layer}; to remove the layer, add it to "
                 "`drop_layers` instead"
             )
     return problems
-
-
-def encoder_layers(model: Any) -> Any:
-    return model.base_model.encoder.layer
-
-
-def keep_rows(linear: Any, index: Any) -> Any:
-    """A Linear with only the output units `index` of `linear`."""
-    import torch
-
-    new = torch.nn.Linear(linear.in_features, len(index))
-    with torch.no_grad():
-        new.weight.copy_(linear.weight[index])
-        new.bias.copy_(linear.bias[index])
-    return new
-
-
-def keep_columns(linear: Any, index: Any) -> Any:
-    """A Linear reading only the input units `index` of `linear` (same outputs)."""
-    import torch
-
-    new = torch.nn.Linear(len(index), linear.out_features)
-    with torch.no_grad():
-        new.weight.copy_(linear.weight[:, index])
-        new.bias.copy_(linear.bias)
-    return new
 
 
 def head_units(attention: Any, heads: Any) -> Any:
@@ -130,38 +115,44 @@ def head_units(attention: Any, heads: Any) -> Any:
     return (heads[:, None] * size + torch.arange(size)).flatten()
 
 
-def layer_heads(model: Any) -> list[int]:
-    return [layer.attention.self.num_attention_heads for layer in encoder_layers(model)]
+def layer_heads(model: Any, arch: ArchSpec) -> list[int]:
+    """Each layer's attention heads (per layer only where the family prunes heads)."""
+    if arch.head_pruning:
+        return [layer.attention.self.num_attention_heads for layer in layer_list(model, arch)]
+    return [int(model.config.num_attention_heads)] * int(model.config.num_hidden_layers)
 
 
-def layer_ffn(model: Any) -> list[int]:
-    return [layer.intermediate.dense.out_features for layer in encoder_layers(model)]
+def _norms(views: list[tuple[Any, bool]]) -> Any:
+    """A neuron's weight magnitude: the product of its row norms in every weight it touches."""
+    import math
+
+    return math.prod(rows.norm(dim=1) for rows, is_weight in views if is_weight)
 
 
-def magnitude_scores(model: Any) -> tuple[list[Any], list[Any]]:
-    """(per-layer head scores, per-layer FFN neuron scores) from weight norms."""
+def magnitude_scores(model: Any, arch: ArchSpec) -> tuple[list[Any], list[Any]]:
+    """(per-layer head scores, per-block FFN neuron scores) from weight norms (heads: BERT-style only)."""
     import torch
 
-    heads, ffn = [], []
-    for layer in encoder_layers(model):
+    heads = []
+    for layer in layer_list(model, arch) if arch.head_pruning else []:
         attention, out = layer.attention.self, layer.attention.output.dense
         size = attention.attention_head_size
         rows = torch.cat([p.weight for p in (attention.query, attention.key, attention.value)], dim=1)
         per_unit = rows.pow(2).sum(1) + out.weight.pow(2).sum(0)
         heads.append(per_unit.view(-1, size).sum(1).sqrt().detach())
-        w_in, w_out = layer.intermediate.dense, layer.output.dense
-        ffn.append((w_in.weight.norm(dim=1) * w_out.weight.norm(dim=0)).detach())
+    ffn = [_norms(ffn_unit_views(b, arch)).detach() for b in blocks(model, arch)] if arch.ffn else []
     return heads, ffn
 
 
-def taylor_scores(model: Any, tokenizer: Any, cfg: PruneConfig, ctx: StageContext) -> tuple[list[Any], list[Any]]:
+def taylor_scores(
+    model: Any, arch: ArchSpec, tokenizer: Any, cfg: PruneConfig, ctx: StageContext
+) -> tuple[list[Any], list[Any]]:
     """|sum_w w * dL/dw| per head and per FFN neuron over `samples` labelled train examples (CE loss)."""
     import torch
 
     model.train()
-    layers = list(encoder_layers(model))
-    heads = [torch.zeros(n) for n in layer_heads(model)]
-    ffn = [torch.zeros(n) for n in layer_ffn(model)]
+    heads = [torch.zeros(n) for n in layer_heads(model, arch)] if arch.head_pruning else []
+    ffn = [torch.zeros(n) for n in ffn_widths(model, arch)] if arch.ffn else []
     train = ctx.data.train
     width = word_width(train)
     for index in batches(len(train), cfg.batch_size, max(1, cfg.samples // cfg.batch_size), ctx.seed):
@@ -175,13 +166,13 @@ def taylor_scores(model: Any, tokenizer: Any, cfg: PruneConfig, ctx: StageContex
         loss = model(**enc, labels=targets).loss
         model.zero_grad(set_to_none=True)
         loss.backward()
-        for i, layer in enumerate(layers):
+        for i, layer in enumerate(layer_list(model, arch) if heads else []):
             out = layer.attention.output.dense
             per_column = (out.weight * out.weight.grad).sum(0)
             heads[i] += per_column.view(heads[i].numel(), -1).sum(1).detach().abs()
-            w_in, w_out = layer.intermediate.dense, layer.output.dense
-            neuron = (w_in.weight * w_in.weight.grad).sum(1) + w_in.bias * w_in.bias.grad
-            ffn[i] += (neuron + (w_out.weight * w_out.weight.grad).sum(0)).detach().abs()
+        for i, block in enumerate(blocks(model, arch) if ffn else []):
+            pairs = zip(ffn_unit_views(block, arch), ffn_unit_views(block, arch, grad=True), strict=True)
+            ffn[i] += sum((w * g).sum(1) for (w, _), (g, _) in pairs if g is not None).abs()
     model.zero_grad(set_to_none=True)
     model.eval()
     return heads, ffn
@@ -201,32 +192,16 @@ def select_heads(scores: list[Any], keep: int) -> list[Any]:
     return [torch.tensor(sorted(c)) for c in chosen]
 
 
-def prune_heads(model: Any, keep: list[Any]) -> None:
-    """Keep only heads `keep[i]` (indices into layer i's current heads) of every layer."""
-    for layer, heads in zip(encoder_layers(model), keep, strict=True):
+def prune_heads(model: Any, arch: ArchSpec, keep: list[Any]) -> None:
+    """Keep only heads `keep[i]` (indices into layer i's current heads) of every layer (BERT-style attention)."""
+    for layer, heads in zip(layer_list(model, arch), keep, strict=True):
         attention = layer.attention.self
         units = head_units(attention, heads)
         attention.query, attention.key, attention.value = (
-            keep_rows(p, units) for p in (attention.query, attention.key, attention.value)
+            keep_out(p, units) for p in (attention.query, attention.key, attention.value)
         )
         attention.num_attention_heads, attention.all_head_size = len(heads), len(units)
-        layer.attention.output.dense = keep_columns(layer.attention.output.dense, units)
-
-
-def prune_ffn(model: Any, keep: list[Any]) -> None:
-    """Keep only FFN neurons `keep[i]` of every layer (same order)."""
-    for layer, index in zip(encoder_layers(model), keep, strict=True):
-        layer.intermediate.dense = keep_rows(layer.intermediate.dense, index)
-        layer.output.dense = keep_columns(layer.output.dense, index)
-    model.config.intermediate_size = max(len(k) for k in keep)
-
-
-def drop_layers(model: Any, drop: list[int]) -> None:
-    import torch
-
-    kept = [layer for i, layer in enumerate(encoder_layers(model)) if i not in drop]
-    model.base_model.encoder.layer = torch.nn.ModuleList(kept)
-    model.config.num_hidden_layers = len(kept)
+        layer.attention.output.dense = keep_in(layer.attention.output.dense, units)
 
 
 def kept_width(width: int, ratio: float, round_to: int) -> int:
@@ -234,65 +209,27 @@ def kept_width(width: int, ratio: float, round_to: int) -> int:
     return max(keep, round_to)
 
 
-def encoder_params(model: Any) -> int:
-    return sum(p.numel() for p in encoder_layers(model).parameters())
+def encoder_params(model: Any, arch: ArchSpec) -> int:
+    return sum(p.numel() for block in blocks(model, arch) for p in block.parameters())
 
 
-def encoder_macs(model: Any, seq_len: int = 128) -> int:
-    """Multiply-accumulates of the encoder layers for one sequence of `seq_len` tokens."""
-    hidden, total = model.config.hidden_size, 0
-    for heads, ffn, layer in zip(layer_heads(model), layer_ffn(model), encoder_layers(model), strict=True):
-        width = heads * layer.attention.self.attention_head_size
-        total += seq_len * (4 * hidden * width + 2 * hidden * ffn) + 2 * seq_len * seq_len * width
-    return total
+def encoder_macs(model: Any, arch: ArchSpec, seq_len: int = 128) -> int:
+    """Multiply-accumulates of the layers for one sequence: their weight matmuls plus the attention
+    scores and weighted sum (2 * seq_len^2 per unit of attention width)."""
+    head_size = int(model.config.hidden_size) // int(model.config.num_attention_heads)
+    attention = sum(2 * seq_len * seq_len * heads * head_size for heads in layer_heads(model, arch))
+    return linear_macs(model, arch, seq_len) + attention
 
 
-def recover(
-    model: Any,
-    teacher: Any,
-    spec: RecoverConfig,
-    ctx: StageContext,
-    seed: int,
-    batch_of: Callable[[Any], Any],
-    logits_of: Callable[[Any, Any], Any],
-) -> list[float]:
-    """KD fine-tuning of the pruned model from the unpruned one; returns the loss per step.
-
-    `batch_of(index)` makes the model input of train examples `index` (once per step, for both models);
-    `logits_of(model, batch)` runs a model on it. Text and image pruning share this loop."""
-    import torch
-
-    from edgepipe.pipeline.stages.distill import logit_objective
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, schedule = optimizer_and_schedule(params, spec.lr, spec.weight_decay, spec.warmup_ratio, spec.max_steps)
-    train = ctx.data.train
-    losses = []
-    model.train()
-    for step, index in enumerate(batches(len(train), spec.batch_size, spec.max_steps, seed)):
-        batch = batch_of(index)
-        with torch.no_grad():
-            t_logits = logits_of(teacher, batch)
-        logits, labels = logits_of(model, batch), torch.from_numpy(train.labels[index])
-        if labels.ndim == 2:  # NER: per-word logits; every labeled word is one sample
-            words = labels != IGNORE
-            logits, t_logits, labels = logits[words], t_logits[words], labels[words]
-        loss, _, _, _ = logit_objective(spec, step, logits, t_logits, labels)
-        optimizer_step(loss, params, optimizer, schedule)
-        losses.append(loss.item())
-    model.eval()
-    return losses
-
-
-def save_pruned(model: Any, tokenizer: Any, out: Path, ctx: StageContext) -> None:
+def save_pruned(model: Any, arch: ArchSpec, tokenizer: Any, out: Path, ctx: StageContext) -> None:
     """Save as a plain config when every layer keeps all heads, else as `pruned_bert` (see module doc)."""
     from edgepipe.runtime import pruned_bert
 
-    heads = layer_heads(model)
+    heads = layer_heads(model, arch)
     if not hasattr(model.config, "layer_heads") and set(heads) == {model.config.num_attention_heads}:
         save_model(model, tokenizer, out, ctx)
         return
-    values = {**model.config.to_dict(), "layer_heads": heads, "layer_ffn": layer_ffn(model)}
+    values = {**model.config.to_dict(), "layer_heads": heads, "layer_ffn": ffn_widths(model, arch)}
     values["num_hidden_layers"] = len(heads)
     head = "TokenClassification" if ctx.task == TOKEN_TASK else "SequenceClassification"
     values["auto_map"] = {f"AutoModelFor{head}": f"modeling_pruned_bert.PrunedBertFor{head}"}
@@ -303,48 +240,13 @@ def save_pruned(model: Any, tokenizer: Any, out: Path, ctx: StageContext) -> Non
     shutil.copyfile(pruned_bert.__file__, out / "modeling_pruned_bert.py")
 
 
-def ort_latency(models: dict[str, Any], feeds: Callable[..., Any], spec: Any, work: Path) -> dict[str, Any]:
-    """p50/p90 ms of each model exported to fp32 ONNX, timed with onnxruntime at LATENCY_SHAPES."""
-    from contextlib import contextmanager
-
-    from edgepipe.benchmarks.harness import measure_interleaved
-    from edgepipe.export import export_onnx
-    from edgepipe.runtime.backends import RuntimeOptions, ort_cpu_session
-
-    work.mkdir(parents=True, exist_ok=True)
-    for name, model in models.items():
-        export_onnx(model, feeds, work / f"{name}.onnx", opset=17, shape=(2, 16), spec=spec)
-
-    @contextmanager
-    def open_runners(name: str) -> Any:
-        session = ort_cpu_session(work / f"{name}.onnx", RuntimeOptions())
-        inputs = {shape: feeds(*shape) for shape in LATENCY_SHAPES}
-        yield {shape: (lambda f=f: session.run(None, f)) for shape, f in inputs.items()}
-
-    stats = measure_interleaved(list(models), open_runners, runs=30, rounds=3, warmup_runs=5, warmup_s=0.5)
-    shutil.rmtree(work)
-    return {
-        name: {
-            f"b{b}_s{s}": {"p50": round(stats[name, (b, s)].p50, 3), "p90": round(stats[name, (b, s)].p90, 3)}
-            for b, s in LATENCY_SHAPES
-        }
-        for name in models
-    }
-
-
-def accuracy_metrics(before: float, history: list[dict[str, Any]]) -> dict[str, Any]:
-    """Val accuracy before, after the last pruning step and after its recovery, and every iteration."""
-    last = history[-1]
-    return {
-        "val_accuracy_before": before,
-        "val_accuracy_pruned": last["val_accuracy_pruned"],
-        "val_accuracy_recovered": last.get("val_accuracy_recovered"),
-        "iterations": history,
-    }
-
-
 def _prune_step(
-    model: Any, scores: tuple[list[Any], list[Any]], cfg: PruneConfig, fraction: float, start: dict[str, Any]
+    model: Any,
+    arch: ArchSpec,
+    scores: tuple[list[Any], list[Any]],
+    cfg: PruneConfig,
+    fraction: float,
+    start: dict[str, Any],
 ) -> tuple[list[Any] | None, list[Any] | None]:
     """Prune heads and FFN neurons to `fraction` of the way; the kept indices per layer (None: not pruned)."""
     import torch
@@ -353,20 +255,16 @@ def _prune_step(
     if cfg.head_fraction:
         total = round(start["heads"] * (1 - cfg.head_fraction * fraction))
         kept_heads = select_heads(scores[0], max(total, len(scores[0])))
-        prune_heads(model, kept_heads)
+        prune_heads(model, arch, kept_heads)
     if cfg.ffn_fraction:
         count = kept_width(start["ffn"], cfg.ffn_fraction * fraction, cfg.round_to)
         kept_ffn = [torch.sort(torch.topk(s, min(count, len(s))).indices).values for s in scores[1]]
-        prune_ffn(model, kept_ffn)
+        prune_ffn(model, arch, kept_ffn)
     return kept_heads, kept_ffn
 
 
-@register("prune")
+@register("prune", Task.TEXT, Task.TOKEN)
 def run_prune(inputs: dict[ArtifactKind, Artifact], cfg: PruneConfig, ctx: StageContext) -> StageResult:
-    if ctx.task == "image-classification":
-        from edgepipe.pipeline.stages.prune_cnn import run_cnn_prune
-
-        return run_cnn_prune(inputs[ArtifactKind.TORCH_MODEL], cfg, ctx)
     import torch
     from transformers import AutoTokenizer
 
@@ -376,8 +274,9 @@ def run_prune(inputs: dict[ArtifactKind, Artifact], cfg: PruneConfig, ctx: Stage
     source = inputs[ArtifactKind.TORCH_MODEL].path
     model = load_text_model(source, attn_implementation="eager")
     problems = prune_problems(cfg, model.config.to_dict(), "prune")
-    if problems:
-        raise InputError("; ".join(problems))
+    arch = spec_of(model.config)
+    if problems or arch is None:
+        raise InputError("; ".join(problems) or f"no architecture spec for {model.config.model_type!r}")
     tokenizer = AutoTokenizer.from_pretrained(source)
     original = load_text_model(source, attn_implementation="eager")
 
@@ -385,28 +284,29 @@ def run_prune(inputs: dict[ArtifactKind, Artifact], cfg: PruneConfig, ctx: Stage
         return evaluate(m, tokenizer, ctx.data.val, cfg.max_seq_len, cfg.eval_batch_size)
 
     before = {
-        "layers": len(encoder_layers(model)),
-        "heads": layer_heads(model),
-        "ffn": layer_ffn(model),
+        "layers": int(model.config.num_hidden_layers),
+        "heads": layer_heads(model, arch),
+        "ffn": ffn_widths(model, arch) if arch.ffn else [],
         "params": sum(p.numel() for p in model.parameters()),
-        "encoder_params": encoder_params(model),
-        "macs": encoder_macs(model),
+        "encoder_params": encoder_params(model, arch),
+        "macs": encoder_macs(model, arch),
         "val_accuracy": evaluate_val(model),
     }
     # original indices of what each layer keeps, updated by every step
     kept_layers = [i for i in range(before["layers"]) if i not in cfg.drop_layers]
     kept_heads = [torch.arange(before["heads"][i]) for i in kept_layers]
-    kept_ffn = [torch.arange(before["ffn"][i]) for i in kept_layers]
     if cfg.heads:
         removed = {i: ids for i, ids in cfg.heads.items() if i not in cfg.drop_layers}
         keep = [
             torch.tensor([h for h in range(n) if h not in removed.get(i, [])]) for i, n in enumerate(before["heads"])
         ]
-        prune_heads(model, keep)
-    drop_layers(model, cfg.drop_layers)
+        prune_heads(model, arch, keep)
+    if cfg.drop_layers:
+        keep_layers(model, arch, kept_layers)
     if cfg.heads:
         kept_heads = [keep[i] for i in kept_layers]
-    start = {"heads": sum(layer_heads(model)), "ffn": max(layer_ffn(model))}
+    kept_ffn = [torch.arange(w) for w in ffn_widths(model, arch)] if arch.ffn else []
+    start = {"heads": sum(layer_heads(model, arch)), "ffn": max(kept.numel() for kept in kept_ffn or [torch.zeros(0)])}
     width = word_width(ctx.data.train)
 
     def batch_of(index: Any) -> Any:
@@ -422,15 +322,18 @@ def run_prune(inputs: dict[ArtifactKind, Artifact], cfg: PruneConfig, ctx: Stage
     history = []
     for iteration in range(1, cfg.iterations + 1):
         torch.manual_seed(ctx.seed + iteration)
-        scores = magnitude_scores(model) if cfg.importance == "magnitude" else taylor_scores(model, tokenizer, cfg, ctx)
-        heads_step, ffn_step = _prune_step(model, scores, cfg, iteration / cfg.iterations, start)
+        if cfg.importance == "magnitude":
+            scores = magnitude_scores(model, arch)
+        else:
+            scores = taylor_scores(model, arch, tokenizer, cfg, ctx)
+        heads_step, ffn_step = _prune_step(model, arch, scores, cfg, iteration / cfg.iterations, start)
         if heads_step is not None:
             kept_heads = [previous[k] for previous, k in zip(kept_heads, heads_step, strict=True)]
         if ffn_step is not None:
             kept_ffn = [previous[k] for previous, k in zip(kept_ffn, ffn_step, strict=True)]
         entry: dict[str, Any] = {
-            "heads": layer_heads(model),
-            "ffn": max(layer_ffn(model)),
+            "heads": layer_heads(model, arch),
+            "ffn": max(ffn_widths(model, arch), default=None),
             "val_accuracy_pruned": evaluate_val(model),
         }
         if cfg.recover is not None:
@@ -448,24 +351,24 @@ def run_prune(inputs: dict[ArtifactKind, Artifact], cfg: PruneConfig, ctx: Stage
         history.append(entry)
         log.info("prune: iteration %d: %s", iteration, entry)
     out = ctx.stage_dir / "model"
-    save_pruned(model, tokenizer, out, ctx)
+    save_pruned(model, arch, tokenizer, out, ctx)
     metrics: dict[str, Any] = {
         "importance": cfg.importance,
         "layers_before": before["layers"],
-        "layers_after": len(encoder_layers(model)),
+        "layers_after": int(model.config.num_hidden_layers),
         "dropped_layers": sorted(cfg.drop_layers),
         "heads_before": before["heads"],
-        "heads_after": layer_heads(model),
+        "heads_after": layer_heads(model, arch),
         "kept_heads": {str(layer): k.tolist() for layer, k in zip(kept_layers, kept_heads, strict=True)},
-        "ffn_before": max(before["ffn"]),
-        "ffn_after": max(layer_ffn(model)),
+        "ffn_before": max(before["ffn"], default=None),
+        "ffn_after": max(ffn_widths(model, arch), default=None),
         "kept_neurons": [k.tolist() for k in kept_ffn],
         "params_before": before["params"],
         "params_after": sum(p.numel() for p in model.parameters()),
         "encoder_params_before": before["encoder_params"],
-        "encoder_params_after": encoder_params(model),
+        "encoder_params_after": encoder_params(model, arch),
         "macs_per_seq128_before": before["macs"],
-        "macs_per_seq128_after": encoder_macs(model),
+        "macs_per_seq128_after": encoder_macs(model, arch),
         **accuracy_metrics(before["val_accuracy"], history),
     }
     if cfg.latency:

@@ -25,10 +25,11 @@ import numpy as np
 from edgepipe.errors import InputError
 from edgepipe.pipeline.artifacts import Artifact
 from edgepipe.pipeline.recipe import ArtifactKind, PruneConfig
-from edgepipe.pipeline.stages import StageContext, StageResult
+from edgepipe.pipeline.stages import StageContext, StageResult, register
 from edgepipe.pipeline.stages.image import evaluate_module
 from edgepipe.pipeline.stages.training import batches, loss_window
 from edgepipe.runtime.modules import load_module, read_module_meta, save_module
+from edgepipe.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +106,13 @@ def conv_widths(model: Any) -> dict[str, int]:
     return {name: m.out_channels for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
 
 
-def run_cnn_prune(source: Artifact, cfg: PruneConfig, ctx: StageContext) -> StageResult:
+@register("prune", Task.IMAGE)
+def run_cnn_prune(inputs: dict[ArtifactKind, Artifact], cfg: PruneConfig, ctx: StageContext) -> StageResult:
+    source = inputs[ArtifactKind.TORCH_MODEL]
     import torch
 
     from edgepipe.export import image_feeds, spec_for
-    from edgepipe.pipeline.stages.prune import accuracy_metrics, ort_latency, recover
+    from edgepipe.pipeline.stages.recovery import accuracy_metrics, ort_latency, recover
 
     if cfg.ratio is None:
         raise InputError("`ratio`: an image model is pruned by conv channels; set ratio (fraction of parameters)")

@@ -25,6 +25,7 @@ from edgepipe.pipeline.calibration import CalibrationSet, ImageCalibrationSet, o
 from edgepipe.pipeline.presets import PRESETS, select_preset
 from edgepipe.pipeline.recipe import ArtifactKind, CalibrationConfig, QuantizeConfig
 from edgepipe.pipeline.stages import StageContext, StageResult, register
+from edgepipe.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +301,7 @@ def _sensitivity_markdown(rows: list[accuracy_aware.NodeSensitivity], fp32_accur
     return "\n".join(lines) + "\n"
 
 
-@register("quantize")
+@register("quantize", Task.TEXT, Task.TOKEN, Task.IMAGE)
 def run_quantize(inputs: dict[ArtifactKind, Artifact], cfg: QuantizeConfig, ctx: StageContext) -> StageResult:
     import onnx
     from onnxruntime.quantization import quant_pre_process
@@ -308,10 +309,6 @@ def run_quantize(inputs: dict[ArtifactKind, Artifact], cfg: QuantizeConfig, ctx:
     from edgepipe.runtime.host import host_info
 
     source = inputs[cfg.source_kind]
-    if ctx.task == "causal-lm":
-        from edgepipe.pipeline.stages.lm import run_lm_quantize
-
-        return run_lm_quantize(source, cfg, ctx)
     out = ctx.stage_dir / cfg.artifact_name
     out.mkdir(parents=True)
     _copy_companions(source.path, out)

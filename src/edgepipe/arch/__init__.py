@@ -1,0 +1,179 @@
+"""Architecture specs: where each transformers family keeps what the structural stages change.
+
+One `ArchSpec` per family (like Optimum's per-model export configs) says where the decoder/encoder
+layers live, which projections make up attention and the FFN, the config.json keys of the shape, and
+which onnxruntime fusion applies. Stages ask `spec_of(config)` and the helpers below; nothing else
+in edgepipe compares `model_type`. A model without a spec still goes through every stage that needs
+no structure (finetune, fresh-student KD, export, quantize, bench); structural stages name
+`supported(capability)` when they refuse it.
+
+This module imports no torch: `edgepipe validate` reads specs from config.json alone. The functions
+that touch modules (`edgepipe.arch.ops`) import torch themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class Kind(str, Enum):
+    ENCODER = "encoder"
+    DECODER = "decoder"
+
+
+class Capability(str, Enum):
+    """What a structural stage needs of a family."""
+
+    LAYER_SUBSET = "layer subset students"
+    FFN_PRUNING = "FFN neuron pruning"
+    LAYER_PRUNING = "layer pruning"
+    HEAD_PRUNING = "attention head pruning"
+    FUSION = "onnxruntime transformer fusion"
+
+
+@dataclass(frozen=True)
+class ConfigKeys:
+    """config.json names of the shape (DistilBERT and GPT-2 use their own)."""
+
+    layers: str = "num_hidden_layers"
+    hidden: str = "hidden_size"
+    heads: str = "num_attention_heads"
+    ffn: str = "intermediate_size"
+
+
+@dataclass(frozen=True)
+class Ffn:
+    """An FFN's neurons: output units of `up` (and `gate`), input units of `down` (paths inside a layer).
+
+    `fused_glu`: `up` holds both halves of a gated unit, [up; gate] stacked (ModernBERT's Wi, Phi-3's
+    gate_up_proj), so neuron j is rows j and j + width. `conv1d`: GPT-2's Conv1D, weight (in, out)."""
+
+    up: str
+    down: str
+    gate: str | None = None
+    fused_glu: bool = False
+    conv1d: bool = False
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    family: str
+    model_types: tuple[str, ...]
+    kind: Kind
+    # the layer list, relative to `model.base_model` (None: ALBERT shares one layer's weights)
+    layers: str | None
+    ffn: Ffn | None = None
+    keys: ConfigKeys = field(default_factory=ConfigKeys)
+    # onnxruntime.transformers.optimizer model_type whose fusions match this family's exported graph
+    fusion: str | None = None
+    # per-layer head counts are saved through edgepipe.runtime.pruned_bert (BERT classes only)
+    head_pruning: bool = False
+    # the family's layers repeat one shared set of weights: a shallower student keeps it, with fewer repeats
+    shared_layers: bool = False
+    # where the FFN weights live when not in `layers` (a pattern, `*` for every index)
+    blocks: str | None = None
+    # layer 0 is built differently (ModernBERT: no attention norm): a subset or a layer drop must keep it first
+    first_layer_fixed: bool = False
+
+    def can(self, capability: Capability) -> bool:
+        if capability is Capability.LAYER_SUBSET:
+            return self.layers is not None or self.shared_layers
+        if capability is Capability.FFN_PRUNING:
+            return self.ffn is not None
+        if capability is Capability.LAYER_PRUNING:
+            return self.layers is not None
+        if capability is Capability.HEAD_PRUNING:
+            return self.head_pruning
+        return self.fusion is not None
+
+    def shape(self, config: dict[str, Any]) -> dict[str, int] | None:
+        """(layers, hidden, heads, ffn) from config.json; None when it leaves any out (defaults apply)."""
+        k = self.keys
+        values = {name: config.get(key) for name, key in zip(SHAPE, (k.layers, k.hidden, k.heads, k.ffn), strict=True)}
+        if values["ffn"] is None and self.family == "gpt2" and values["hidden"] is not None:
+            values["ffn"] = 4 * int(values["hidden"])  # n_inner: null means 4 x n_embd
+        if any(v is None for v in values.values()):
+            return None
+        return {name: int(v) for name, v in values.items() if v is not None}
+
+
+SHAPE = ("layers", "hidden", "heads", "ffn")
+_BERT_FFN = Ffn(up="intermediate.dense", down="output.dense")
+_LLAMA_FFN = Ffn(up="mlp.up_proj", gate="mlp.gate_proj", down="mlp.down_proj")
+
+SPECS: tuple[ArchSpec, ...] = (
+    # encoders
+    ArchSpec("bert", ("bert",), Kind.ENCODER, "encoder.layer", _BERT_FFN, fusion="bert", head_pruning=True),
+    ArchSpec(
+        "roberta", ("roberta", "xlm-roberta", "camembert"), Kind.ENCODER, "encoder.layer", _BERT_FFN, fusion="bert"
+    ),
+    ArchSpec("electra", ("electra",), Kind.ENCODER, "encoder.layer", _BERT_FFN, fusion="bert"),
+    ArchSpec(
+        "distilbert",
+        ("distilbert",),
+        Kind.ENCODER,
+        "transformer.layer",
+        Ffn(up="ffn.lin1", down="ffn.lin2"),
+        keys=ConfigKeys(layers="n_layers", hidden="dim", heads="n_heads", ffn="hidden_dim"),
+        fusion="bert",
+    ),
+    ArchSpec(
+        "albert",
+        ("albert",),
+        Kind.ENCODER,
+        None,
+        Ffn(up="ffn", down="ffn_output"),
+        fusion="bert",
+        shared_layers=True,
+        blocks="encoder.albert_layer_groups.*.albert_layers.*",
+    ),
+    ArchSpec("mpnet", ("mpnet",), Kind.ENCODER, "encoder.layer", _BERT_FFN),
+    ArchSpec("deberta-v2", ("deberta-v2",), Kind.ENCODER, "encoder.layer", _BERT_FFN),
+    ArchSpec(
+        "modernbert",
+        ("modernbert",),
+        Kind.ENCODER,
+        "layers",
+        Ffn(up="mlp.Wi", down="mlp.Wo", fused_glu=True),
+        first_layer_fixed=True,
+    ),
+    # decoders
+    ArchSpec("llama", ("llama", "mistral"), Kind.DECODER, "layers", _LLAMA_FFN),
+    ArchSpec("qwen2", ("qwen2", "qwen3"), Kind.DECODER, "layers", _LLAMA_FFN),
+    ArchSpec("gemma", ("gemma",), Kind.DECODER, "layers", _LLAMA_FFN),
+    ArchSpec(
+        "phi3", ("phi3",), Kind.DECODER, "layers", Ffn(up="mlp.gate_up_proj", down="mlp.down_proj", fused_glu=True)
+    ),
+    ArchSpec(
+        "gpt2",
+        ("gpt2",),
+        Kind.DECODER,
+        "h",
+        Ffn(up="mlp.c_fc", down="mlp.c_proj", conv1d=True),
+        keys=ConfigKeys(layers="n_layer", hidden="n_embd", heads="n_head", ffn="n_inner"),
+    ),
+)
+BY_MODEL_TYPE = {model_type: spec for spec in SPECS for model_type in spec.model_types}
+
+
+def spec_of(config: Any) -> ArchSpec | None:
+    """The spec of a config (a transformers config object or config.json as a dict), or None."""
+    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+    return BY_MODEL_TYPE.get(str(model_type))
+
+
+def supported(capability: Capability, kind: Kind | None = None) -> str:
+    """The model_types that have `capability`, for error messages."""
+    return ", ".join(t for s in SPECS if s.can(capability) and kind in (None, s.kind) for t in s.model_types)
+
+
+def refusal(config: dict[str, Any], capability: Capability, key: str) -> str | None:
+    """Why the model of `config` cannot do `capability` (naming the recipe key), or None."""
+    spec = spec_of(config)
+    if spec is not None and spec.can(capability):
+        return None
+    model_type = config.get("model_type")
+    why = "has no architecture spec (edgepipe.arch)" if spec is None else f"({spec.family}) has no {capability.value}"
+    return f"`{key}`: model_type {model_type!r} {why}; {capability.value} support: {supported(capability)}"

@@ -1,0 +1,194 @@
+"""What the structural stages do to a model, through its `ArchSpec`: keep layers, read and shrink FFNs.
+
+Every change copies the kept weights as they are (pruning a unit equals masking it) and updates the
+config with it, so the result saves with `save_pretrained` and reloads with a plain `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from edgepipe.arch import ArchSpec
+from edgepipe.errors import InputError
+
+
+def _walk(root: Any, pattern: str) -> list[Any]:
+    """The modules at a dotted path, where `*` stands for every child."""
+    found = [root]
+    for part in pattern.split("."):
+        found = [c for m in found for c in (m.children() if part == "*" else [getattr(m, part)])]
+    return found
+
+
+def layer_list(model: Any, spec: ArchSpec) -> Any:
+    if spec.layers is None:
+        raise InputError(f"{spec.family} has no per-layer weights to select")
+    return model.base_model.get_submodule(spec.layers)
+
+
+def blocks(model: Any, spec: ArchSpec) -> list[Any]:
+    """The modules that hold each layer's weights (ALBERT: its shared layers)."""
+    if spec.blocks is not None:
+        return _walk(model.base_model, spec.blocks)
+    return list(layer_list(model, spec))
+
+
+def keep_layers(model: Any, spec: ArchSpec, keep: list[int]) -> None:
+    """Keep layers `keep`, in that order, in place; config (layer count, per-layer types) follows.
+
+    Each kept attention gets its new index (`layer_idx`: the KV cache and per-layer types are indexed
+    by it). A shared-weight family (ALBERT) keeps its weights and repeats them `len(keep)` times."""
+    import torch
+
+    config = model.config
+    total = int(config.num_hidden_layers)
+    if not keep or len(set(keep)) != len(keep) or any(not 0 <= i < total for i in keep):
+        raise InputError(f"`layers`: {keep} must be distinct indices of the model's {total} layers (0-{total - 1})")
+    if spec.first_layer_fixed and keep[0] != 0:
+        raise InputError(f"`layers`: {spec.family}'s first layer is built unlike the others; keep layer 0 first")
+    if not spec.shared_layers:
+        old = layer_list(model, spec)
+        kept = [old[i] for i in keep]
+        for position, layer in enumerate(kept):
+            for module in layer.modules():
+                for name in ("layer_idx", "layer_id"):
+                    if isinstance(getattr(module, name, None), int):
+                        setattr(module, name, position)
+        parent, _, attr = spec.layers.rpartition(".") if spec.layers else ("", "", "")
+        holder = model.base_model.get_submodule(parent) if parent else model.base_model
+        setattr(holder, attr, torch.nn.ModuleList(kept))
+    config.num_hidden_layers = len(keep)
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = [config.layer_types[i] for i in keep]
+
+
+def layer_subset(model: Any, spec: ArchSpec, keep: list[int]) -> Any:
+    """A new model keeping `keep` of `model`'s layers, weights copied; `model` is left as it is."""
+    student = copy.deepcopy(model)
+    keep_layers(student, spec, keep)
+    for param in student.parameters():  # a frozen teacher gives a trainable student
+        param.requires_grad_(True)
+    return student.eval()
+
+
+# FFN neurons ----------------------------------------------------------------------------------------
+
+
+def _conv1d() -> Any:
+    from transformers.pytorch_utils import Conv1D
+
+    return Conv1D
+
+
+def keep_out(module: Any, index: Any) -> Any:
+    """A copy of a Linear (or GPT-2 Conv1D) with only its output units `index`."""
+    import torch
+
+    with torch.no_grad():
+        if isinstance(module, _conv1d()):
+            new = _conv1d()(len(index), module.weight.shape[0])
+            new.weight.copy_(module.weight[:, index])
+            new.bias.copy_(module.bias[index])
+        else:
+            new = torch.nn.Linear(module.in_features, len(index), bias=module.bias is not None)
+            new.weight.copy_(module.weight[index])
+            if module.bias is not None:
+                new.bias.copy_(module.bias[index])
+    return new.to(module.weight.dtype)
+
+
+def keep_in(module: Any, index: Any) -> Any:
+    """A copy of a Linear (or GPT-2 Conv1D) reading only its input units `index` (same outputs)."""
+    import torch
+
+    with torch.no_grad():
+        if isinstance(module, _conv1d()):
+            new = _conv1d()(module.weight.shape[1], len(index))
+            new.weight.copy_(module.weight[index])
+            new.bias.copy_(module.bias)
+        else:
+            new = torch.nn.Linear(len(index), module.out_features, bias=module.bias is not None)
+            new.weight.copy_(module.weight[:, index])
+            if module.bias is not None:
+                new.bias.copy_(module.bias)
+    return new.to(module.weight.dtype)
+
+
+def ffn_width(block: Any, spec: ArchSpec) -> int:
+    assert spec.ffn is not None  # callers check spec.can(FFN_PRUNING)
+    down = block.get_submodule(spec.ffn.down)
+    return int(down.weight.shape[0] if spec.ffn.conv1d else down.in_features)
+
+
+def ffn_widths(model: Any, spec: ArchSpec) -> list[int]:
+    return [ffn_width(b, spec) for b in blocks(model, spec)]
+
+
+def _unit_rows(tensor: Any, width: int, spec: ArchSpec, role: str) -> Any:
+    """`tensor` (a weight, bias or gradient) as (width, -1): one row per FFN neuron."""
+    ffn = spec.ffn
+    assert ffn is not None
+    if tensor.ndim == 1:  # bias of an input-side projection
+        rows = tensor.view(2, width).T if ffn.fused_glu and role == "up" else tensor.view(width, 1)
+        return rows.reshape(width, -1)
+    if ffn.conv1d:  # Conv1D weight is (in, out)
+        tensor = tensor.T
+    if role == "down":
+        return tensor.T  # (hidden, width) -> (width, hidden)
+    if ffn.fused_glu:
+        return tensor.view(2, width, -1).permute(1, 0, 2).reshape(width, -1)
+    return tensor
+
+
+def ffn_unit_views(block: Any, spec: ArchSpec, grad: bool = False) -> list[tuple[Any, bool]]:
+    """(rows, is_weight) for every tensor touching the FFN neurons, one row per neuron.
+
+    With `grad` the rows hold the gradients instead (None where a tensor has none)."""
+    ffn = spec.ffn
+    assert ffn is not None
+    width = ffn_width(block, spec)
+    views = []
+    for path, role in ((ffn.up, "up"), (ffn.gate, "up"), (ffn.down, "down")):
+        if path is None:
+            continue
+        module = block.get_submodule(path)
+        tensors = [(module.weight, True)]
+        if module.bias is not None and role == "up":
+            tensors.append((module.bias, False))
+        for param, is_weight in tensors:
+            value = param.grad if grad else param
+            views.append((None if value is None else _unit_rows(value.detach(), width, spec, role), is_weight))
+    return views
+
+
+def prune_ffn(model: Any, spec: ArchSpec, keep: list[Any]) -> None:
+    """Keep FFN neurons `keep[i]` (same count in every block, so the config stays plain) of block i."""
+    import torch
+
+    ffn = spec.ffn
+    assert ffn is not None
+    for block, index in zip(blocks(model, spec), keep, strict=True):
+        width = ffn_width(block, spec)
+        rows = torch.cat([index, index + width]) if ffn.fused_glu else index
+        for path in (ffn.up, ffn.gate):
+            if path is not None:
+                _replace(block, path, keep_out(block.get_submodule(path), rows))
+        _replace(block, ffn.down, keep_in(block.get_submodule(ffn.down), index))
+    setattr(model.config, spec.keys.ffn, max(len(k) for k in keep))
+
+
+def _replace(root: Any, path: str, module: Any) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def linear_macs(model: Any, spec: ArchSpec, seq_len: int) -> int:
+    """Multiply-accumulates of the weight matmuls in the layers for one sequence (attention scores aside)."""
+    total = 0
+    for block in blocks(model, spec) if spec.blocks or spec.layers else []:
+        for module in block.modules():
+            if isinstance(module, (_conv1d(),)) or type(module).__name__ == "Linear":
+                total += module.weight.numel()
+    repeats = int(model.config.num_hidden_layers) if spec.shared_layers else 1
+    return seq_len * total * repeats

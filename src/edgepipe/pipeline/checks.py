@@ -1,0 +1,119 @@
+"""What `edgepipe validate` and every build check before anything runs: files, columns, the stage chain,
+the students and prune specs against the model's architecture, the labels against the data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from edgepipe.arch import spec_of
+from edgepipe.errors import InputError
+from edgepipe.pipeline.data import DataSplits, data_problem, transfer_problem
+from edgepipe.pipeline.models import model_problem, module_spec, resolve_model
+from edgepipe.pipeline.recipe import (
+    IMAGE_TASK,
+    LM_TASK,
+    ArtifactKind,
+    DistillConfig,
+    PruneConfig,
+    Recipe,
+    task_problems,
+)
+from edgepipe.pipeline.stages.prune import prune_problems
+from edgepipe.pipeline.students import config_changes, student_problems, student_shape, teacher_shape
+from edgepipe.runtime.predictor import model_labels
+
+
+def check_chain(recipe: Recipe) -> list[str]:
+    """Every stage's inputs must be produced by the model or an earlier stage."""
+    available = {ArtifactKind.TORCH_MODEL}
+    problems = []
+    for i, stage in enumerate(recipe.stages):
+        missing = [k.value for k in stage.consumes() if k not in available]
+        if missing:
+            problems.append(
+                f"`stages.{i}` ({stage.kind}) needs {', '.join(missing)}, which no earlier stage produces; "
+                f"add or reorder stages (e.g. export before quantize, with fuse: true for a fused source)"
+            )
+        available.update(stage.produces())
+    return problems
+
+
+def check_students(recipe: Recipe) -> list[str]:
+    """Distill and prune specs against the model's architecture (finetune keeps it), read from config.json."""
+    config = json.loads((resolve_model(recipe.model) / "config.json").read_text(encoding="utf-8"))
+    problems = []
+    for i, stage in enumerate(recipe.stages):
+        if isinstance(stage, DistillConfig):
+            problems += student_problems(stage, config, f"stages.{i}")
+            if teacher_shape(config) is not None:  # a later stage starts from this student
+                config = {**config, **config_changes(student_shape(stage, config), config)}
+        elif isinstance(stage, PruneConfig):
+            problems += prune_problems(stage, config, f"stages.{i}")
+            keys = arch.keys if (arch := spec_of(config)) else None
+            if keys is not None and keys.layers in config:
+                config = {**config, keys.layers: int(config[keys.layers]) - len(stage.drop_layers)}
+    return problems
+
+
+def check_lm_students(recipe: Recipe) -> list[str]:
+    """Layer-subset specs of a causal-lm recipe against the teacher's config.json (built-ins: once converted)."""
+    from edgepipe.pipeline.models import BUILTIN_LMS
+    from edgepipe.pipeline.stages.lm import lm_student_problems
+
+    if recipe.model in BUILTIN_LMS:
+        config = {
+            "model_type": "llama",
+            "num_hidden_layers": 30,
+        }  # SmolLM2-135M; reading it would mean converting the GGUF first
+    else:
+        config = json.loads((Path(recipe.model) / "config.json").read_text(encoding="utf-8"))
+    return [
+        p
+        for i, stage in enumerate(recipe.stages)
+        if isinstance(stage, DistillConfig)
+        for p in lm_student_problems(stage, config, f"stages.{i}")
+    ]
+
+
+def check_recipe(recipe: Recipe, out: Path | None = None) -> list[str]:
+    """Everything that needs no computation: files exist, columns exist, chain is complete."""
+    model = model_problem(recipe.model, recipe.task)
+    problems = [p for p in (model, data_problem(recipe.data, recipe.task)) if p]
+    problems += check_chain(recipe) + task_problems(recipe)
+    for i, stage in enumerate(recipe.stages):  # image and causal-lm reject `transfer` in task_problems
+        if isinstance(stage, DistillConfig) and stage.transfer and recipe.task not in (IMAGE_TASK, LM_TASK):
+            problem = transfer_problem(stage.transfer.source, stage.transfer.text_column, f"stages.{i}.transfer")
+            problems += [problem] if problem else []
+    from edgepipe.runtime.backends import BACKENDS
+
+    unknown = [e for e in recipe.bench.engines or [] if e not in BACKENDS]
+    if unknown:
+        problems.append(f"`bench.engines`: unknown {unknown}; known: {', '.join(BACKENDS)} (`edgepipe engines`)")
+    module = module_spec(recipe.model, {}) is not None
+    if (recipe.model_args or recipe.model_weights) and model is None and not module:
+        problems.append(
+            "`model_args`/`model_weights`: apply to a built-in CNN or a package.module:factory model, "
+            f"not to the folder {recipe.model!r}; remove them"
+        )
+    if recipe.model_weights and not Path(recipe.model_weights).is_file():
+        problems.append(f"`model_weights`: file not found: {recipe.model_weights}; pass a .safetensors file")
+    if model is None and recipe.task == LM_TASK:
+        problems += check_lm_students(recipe)
+    elif model is None and recipe.task != IMAGE_TASK:
+        problems += check_students(recipe)
+    if out is not None and out.exists() and not out.is_dir():
+        problems.append(f"`--out`: {out} is a file; pass a folder (it is created if missing)")
+    return problems
+
+
+def check_labels(model_dir: Path, recipe: Recipe, data: DataSplits) -> None:
+    if recipe.stages[0].kind == "finetune" or recipe.task == LM_TASK:
+        return  # the head is re-created for the data's labels
+    labels = model_labels(model_dir)
+    if len(labels) != len(data.label_names):
+        raise InputError(
+            f"`model`: {recipe.model} predicts {len(labels)} labels {labels} but the data has "
+            f"{len(data.label_names)} {data.label_names}; add a finetune stage first or fix "
+            "`data.label_column`"
+        )

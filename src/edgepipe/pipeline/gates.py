@@ -1,0 +1,87 @@
+"""The recipe's gates on a benchmark report (accuracy drop, agreement, perplexity) and the report files."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edgepipe.errors import GateFailedError
+from edgepipe.pipeline.artifacts import write_atomic, write_json
+from edgepipe.pipeline.manifest import RunPaths, load_manifest
+from edgepipe.pipeline.recipe import LM_TASK, Recipe
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+
+
+def agreement_gate(recipe: Recipe, report: dict[str, Any]) -> list[str]:
+    """Every engine against the fp32 ONNX reference on the same inputs (argmax agreement; fp32 logits)."""
+    gates, lines, seen = recipe.gates, [], set()
+    for row in report["results"]:
+        found = row.get("agreement")
+        if found is None or (row["artifact"], row["target"]) in seen:
+            continue
+        seen.add((row["artifact"], row["target"]))
+        where = f"`{row['artifact']}` on {row['target']} ({row['engine']}) vs `{found['reference']}`"
+        if gates.min_argmax_agreement is not None:
+            verdict = "FAIL" if found["argmax_agreement"] < gates.min_argmax_agreement else "pass"
+            lines.append(
+                f"{verdict}: {where}: predictions agree on {100 * found['argmax_agreement']:.2f}% "
+                f"(min {100 * gates.min_argmax_agreement:.2f}%)"
+            )
+        if gates.max_abs_diff is not None and row["precision"] == "fp32":
+            verdict = "FAIL" if found["max_abs_diff"] > gates.max_abs_diff else "pass"
+            lines.append(
+                f"{verdict}: {where}: logits differ by {found['max_abs_diff']:.3g} (max {gates.max_abs_diff:g})"
+            )
+    return lines
+
+
+def gate(recipe: Recipe, report: dict[str, Any]) -> list[str]:
+    """Lines describing each gate check; failing lines start with FAIL."""
+    limit = recipe.gates.max_accuracy_drop
+    if limit is None:
+        return agreement_gate(recipe, report)
+    acc = {(r["artifact"], r["target"]): r["accuracy"] for r in report["results"]}
+    ref_name = report["reference"]
+    lines = []
+    for (name, target), value in acc.items():
+        ref = acc.get((ref_name, target))
+        if name == ref_name or ref is None:
+            continue
+        if recipe.gates.artifacts is not None and name not in recipe.gates.artifacts:
+            continue
+        drop = ref - value
+        verdict = "FAIL" if drop > limit else "pass"
+        lines.append(
+            f"{verdict}: `{name}` on {target} {report.get('metric', 'accuracy')} {100 * value:.2f}% vs "
+            f"`{ref_name}` {100 * ref:.2f}% "
+            f"(drop {100 * drop:.2f} pt, limit {100 * limit:.2f} pt)"
+        )
+    return lines + agreement_gate(recipe, report)
+
+
+def write_report(paths: RunPaths, recipe: Recipe, report: dict[str, Any]) -> list[str]:
+    from edgepipe.benchmarks.generation import perplexity_gate, render_generation_markdown
+    from edgepipe.benchmarks.report import render_markdown
+
+    if recipe.task == LM_TASK:
+        limit = recipe.gates.max_perplexity_increase
+        gate_lines = [] if limit is None else perplexity_gate(report, limit, recipe.gates.artifacts)
+        report["gates"] = gate_lines
+        write_json(paths.root / REPORT_JSON, report)
+        write_atomic(paths.root / REPORT_MD, render_generation_markdown(report, recipe.name, gate_lines))
+        return gate_lines
+    gate_lines = gate(recipe, report)
+    report["gates"] = gate_lines
+    if paths.manifest.is_file():  # what the prune stages removed, shown beside the measurements
+        stages = load_manifest(paths).get("stages", [])
+        report["pruning"] = [{"stage": r["dir"], **r["metrics"]} for r in stages if r["kind"] == "prune"]
+    write_json(paths.root / REPORT_JSON, report)
+    write_atomic(paths.root / REPORT_MD, render_markdown(report, recipe.name, gate_lines))
+    return gate_lines
+
+
+def raise_on_gates(gate_lines: list[str], paths: RunPaths) -> None:
+    failed = [line for line in gate_lines if line.startswith("FAIL")]
+    if failed:
+        raise GateFailedError("gate failed:\n  " + "\n  ".join(failed) + f"\nreport: {paths.root / REPORT_MD}")
