@@ -55,7 +55,8 @@ def family_config(model_type: str, tokenizer: Any, **changes: Any) -> Any:
     if model_type == "modernbert":
         ids |= {"cls_token_id": tokenizer.cls_token_id, "sep_token_id": tokenizer.sep_token_id}
     values = {k: v for k, v in values.items() if v is not None}
-    return getattr(transformers, name)(vocab_size=tokenizer.vocab_size, **ids, **values, **changes)
+    # room above the WordPiece vocabulary: a family's tokenizer class may add its own special tokens
+    return getattr(transformers, name)(vocab_size=tokenizer.vocab_size + 64, **ids, **values, **changes)
 
 
 def save_family(model_type: str, task: str, folder: Path, tokenizer: Any, labels: list[str], seed: int = 0) -> Path:

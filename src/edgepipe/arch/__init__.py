@@ -78,12 +78,10 @@ class ArchSpec:
     first_layer_fixed: bool = False
 
     def can(self, capability: Capability) -> bool:
-        if capability is Capability.LAYER_SUBSET:
-            return self.layers is not None or self.shared_layers
+        if capability in (Capability.LAYER_SUBSET, Capability.LAYER_PRUNING):
+            return self.layers is not None or self.shared_layers  # ALBERT: fewer repeats of its shared layer
         if capability is Capability.FFN_PRUNING:
             return self.ffn is not None
-        if capability is Capability.LAYER_PRUNING:
-            return self.layers is not None
         if capability is Capability.HEAD_PRUNING:
             return self.head_pruning
         return self.fusion is not None

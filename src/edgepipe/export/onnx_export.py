@@ -60,7 +60,11 @@ def spec_for(model: Any, task: str) -> ExportSpec:
     if task not in ("text-classification", "token-classification"):
         raise InputError(f"`task`: export supports text-, token- and image-classification, got {task!r}")
     forward_args = inspect.signature(model.forward).parameters
-    inputs = tuple(n for n in ("input_ids", "attention_mask", "token_type_ids") if n in forward_args)
+    # a model without token types (DeBERTa-v2/v3: type_vocab_size 0) ignores them: the export drops the input
+    names = ("input_ids", "attention_mask", "token_type_ids")
+    if getattr(model.config, "type_vocab_size", None) == 0:
+        names = names[:2]
+    inputs = tuple(n for n in names if n in forward_args)
     axes = {name: {0: "batch", 1: "sequence"} for name in inputs}
     axes["logits"] = {0: "batch", 1: "sequence"} if task == "token-classification" else {0: "batch"}
     return ExportSpec(input_names=inputs, dynamic_axes=axes)
@@ -69,7 +73,9 @@ def spec_for(model: Any, task: str) -> ExportSpec:
 def load_for_export(model_dir: Path) -> Any:
     from edgepipe.runtime.text import load_text_model
 
-    return load_text_model(model_dir, attn_implementation="eager")
+    model = load_text_model(model_dir, attn_implementation="eager")
+    model.config.use_cache = False  # a decoder's classifier would otherwise return its KV cache as well
+    return model
 
 
 def text_feeds(tokenizer: Any, texts: list[str], names: tuple[str, ...]) -> Feeds:

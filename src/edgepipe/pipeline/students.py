@@ -73,16 +73,15 @@ def layer_map(cfg: DistillConfig, teacher_config: dict[str, Any]) -> dict[int, i
 
 def student_problems(cfg: DistillConfig, teacher_config: dict[str, Any], key: str) -> list[str]:
     """Problems with a distill spec given the teacher's config, each naming its recipe key."""
+    spec = cfg.student
+    refused = refusal(teacher_config, Capability.LAYER_SUBSET, f"{key}.student.init")
+    problems = [f"{refused}; use init: fresh"] if refused and spec.init == "subset" else []
     teacher = teacher_shape(teacher_config)
     if teacher is None:
-        return []  # config.json leaves defaults out: the distill stage checks against the loaded config
-    problems = []
+        return problems  # config.json leaves defaults out: the distill stage checks against the loaded config
     total = teacher["layers"]
-    spec = cfg.student
     shape = student_shape(cfg, teacher_config)
     if spec.init == "subset":
-        refused = refusal(teacher_config, Capability.LAYER_SUBSET, f"{key}.student.init")
-        problems += [f"{refused}; use init: fresh"] if refused else []
         ids = student_layer_ids(cfg, teacher_config)
         bad = [i for i in ids if not 0 <= i < total]
         if bad:

@@ -166,6 +166,21 @@ def run_lm_export(inputs: dict[ArtifactKind, Artifact], cfg: ExportConfig, ctx: 
     return StageResult([Artifact("fp32", ArtifactKind.ONNX_FP32, out, "fp32")], metrics)
 
 
+def float_matmuls(folder: Path) -> tuple[str, ...]:
+    """The ONNX name scope of the family's FFN down projection (`/mlp/down_proj/`, GPT-2's `/mlp/c_proj/`),
+    which int8 keeps fp32 (export.lm_quantize); the default for a family without a spec."""
+    import json
+
+    from edgepipe.arch import spec_of
+    from edgepipe.export.lm_quantize import FLOAT_MATMULS
+
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    arch = spec_of(config)
+    if arch is None or arch.ffn is None:
+        return FLOAT_MATMULS
+    return ("/" + arch.ffn.down.replace(".", "/") + "/",)
+
+
 @register("quantize", Task.LM)
 def run_lm_quantize(inputs: dict[ArtifactKind, Artifact], cfg: QuantizeConfig, ctx: StageContext) -> StageResult:
     source = inputs[cfg.source_kind]
@@ -181,7 +196,7 @@ def run_lm_quantize(inputs: dict[ArtifactKind, Artifact], cfg: QuantizeConfig, c
         counts = quantize_int4(src, out / "model.onnx")
         precision = "int4-weights"
     else:
-        counts = quantize_int8(src, out / "model.onnx")
+        counts = quantize_int8(src, out / "model.onnx", keep_float=float_matmuls(source.path))
         precision = "int8-dynamic"
     write_meta(out, task=LM_TASK, labels=[], precision=precision, fmt="onnx")
     metrics = {
