@@ -110,10 +110,7 @@ def _quantized_matmuls(model_dir: Path) -> tuple[int, int]:
 
 def _cells(run: Path, model_type: str, task: str) -> tuple[dict[str, str], Path | None]:
     """Each stage's cell from the run's manifest and artifacts, and the folder to reload."""
-    stages = {
-        r["kind"] + ("" if r["kind"] != "quantize" else ""): r
-        for r in json.loads((run / "manifest.json").read_text())["stages"]
-    }
+    stages = {r["kind"]: r for r in json.loads((run / "manifest.json").read_text())["stages"]}
     cells: dict[str, str] = {}
     distill = stages.get("distill")
     if distill is not None:
