@@ -61,7 +61,7 @@ def spec_for(model: Any, task: str) -> ExportSpec:
         raise InputError(f"`task`: export supports text-, token- and image-classification, got {task!r}")
     forward_args = inspect.signature(model.forward).parameters
     # a model without token types (DeBERTa-v2/v3: type_vocab_size 0) ignores them: the export drops the input
-    names = ("input_ids", "attention_mask", "token_type_ids")
+    names: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids")
     if getattr(model.config, "type_vocab_size", None) == 0:
         names = names[:2]
     inputs = tuple(n for n in names if n in forward_args)
