@@ -40,9 +40,9 @@ from edgepipe.pipeline.lm import (
     greedy_agreement,
     layer_subset,
     lm_texts,
-    smollm2_folder,
     text_batches,
 )
+from edgepipe.pipeline.models import smollm2_folder
 from edgepipe.pipeline.recipe import DistillConfig, default_recipe_path, load_recipe
 from edgepipe.runtime.backends import RuntimeOptions
 from edgepipe.runtime.generate import OnnxCausalLM, TorchCausalLM, perplexity, prompt_windows

@@ -21,9 +21,9 @@ from edgepipe.pipeline.lm import (
     layer_subset,
     lm_texts,
     next_token_ce,
-    smollm2_folder,
     text_batches,
 )
+from edgepipe.pipeline.models import smollm2_folder
 from edgepipe.runtime.generate import TorchCausalLM, perplexity, torch_logits
 
 

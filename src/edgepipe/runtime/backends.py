@@ -316,8 +316,47 @@ class TorchBackend:
 TorchCpuBackend = functools.partial(TorchBackend, "torch", "cpu")
 
 
+@dataclass(frozen=True)
+class TorchTensorrtBackend:
+    """torch-tensorrt: the PyTorch model compiled by TensorRT (dynamo), fp16 enabled, from the torch folder."""
+
+    name: str = "torch-tensorrt"
+    engine: str = "torch-tensorrt"
+    target: str = "cuda"
+    model_format: str = "torch"
+
+    def available(self) -> str | None:
+        try:
+            import torch_tensorrt  # noqa: F401
+        except ImportError:
+            return "torch-tensorrt is not installed (pip install torch-tensorrt matching torch 2.13)"
+        from edgepipe.runtime.tensorrt import _cuda_reason
+
+        return _cuda_reason()
+
+    def load(self, path: Path, options: Any) -> Any:
+        import torch
+        import torch_tensorrt
+
+        from edgepipe.runtime.modules import is_module_folder, read_module_meta
+
+        session = _TorchSession(path, options, "cuda", "float32", compile=False)
+        if is_module_folder(path):
+            shape = tuple(read_module_meta(path)["input"]["shape"])
+            inputs = [torch_tensorrt.Input(min_shape=(1, *shape), opt_shape=(8, *shape), max_shape=(8, *shape))]
+        else:  # token ids, attention mask (and token types): (batch, sequence) int64, up to 8 x 128
+            inputs = [
+                torch_tensorrt.Input(min_shape=(1, 1), opt_shape=(8, 128), max_shape=(8, 128), dtype=torch.int64)
+                for _ in session.input_names
+            ]
+        session._model = torch_tensorrt.compile(
+            session._model, ir="dynamo", inputs=inputs, enabled_precisions={torch.float16, torch.float32}
+        )
+        return session
+
+
 def _registry() -> dict[str, Backend]:
-    from edgepipe.runtime.tensorrt import TensorrtBackend, TorchTensorrtBackend
+    from edgepipe.runtime.tensorrt import TensorrtBackend
 
     backends: list[Backend] = [
         OrtCpuBackend(),
