@@ -122,3 +122,37 @@ def test_causal_lm_recipes_reject_what_does_not_apply(tiny_llama_dir: Path, rt_c
         "`gates.max_accuracy_drop`: causal-lm is gated on perplexity: use gates.max_perplexity_increase",
         "`stages.1.student.num_layers`: 9 is not between 1 and the teacher's 4 layers",
     ]
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("adaptive", "anneal"), ("layer_map", {0: 3}), ("hidden_projection", False)]
+)
+def test_causal_lm_distill_refuses_the_keys_it_has_no_use_for(
+    tiny_llama_dir: Path, rt_csv: Path, key: str, value: Any
+) -> None:
+    from edgepipe.pipeline.recipe import parse_recipe
+    from edgepipe.pipeline.runner import check_recipe
+
+    raw = lm_recipe(tiny_llama_dir, rt_csv)
+    raw["stages"][0][key] = value
+    problems = check_recipe(parse_recipe(raw))
+    assert [p for p in problems if p.startswith(f"`stages.0.{key}`: causal-lm")] and len(problems) == 1
+
+
+def test_causal_lm_distill_honours_weight_decay_and_warmup(tiny_llama_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from edgepipe.pipeline.lm import distill_lm, layer_subset, lm_texts
+
+    teacher = tiny_llama(layers=4, vocab=30522 + 64)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    texts = lm_texts("train")[:64]
+
+    def first_weight(**options: Any) -> Any:
+        student = layer_subset(teacher, [0, 3])
+        distill_lm(teacher, student, texts, tokenizer, steps=3, batch_size=4, seq_len=16, lr=1e-2, **options)
+        return student.model.layers[0].mlp.up_proj.weight.detach().clone()
+
+    plain = first_weight()
+    assert not first_weight(weight_decay=0.5).allclose(plain)
+    assert not first_weight(warmup_ratio=0.5).allclose(plain)

@@ -86,6 +86,8 @@ def distill_lm(
     batch_size: int = 8,
     seq_len: int = 64,
     lr: float = 1e-4,
+    weight_decay: float = 0.0,
+    warmup_ratio: float = 0.1,
     kd_weight: float = 1.0,
     ce_weight: float = 0.0,
     seed: int = 0,
@@ -114,8 +116,8 @@ def distill_lm(
     order = np.random.default_rng(seed).permutation(len(train_texts))
     teacher.eval()
     student.train()
-    optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
-    schedule = get_linear_schedule_with_warmup(optimizer, max(1, steps // 10), steps)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=weight_decay)
+    schedule = get_linear_schedule_with_warmup(optimizer, int(warmup_ratio * steps), steps)
     losses, step_s = [], []
     for step in tqdm(range(steps), desc="distill-lm", disable=not progress):
         picked = [train_texts[order[(step * batch_size + i) % len(order)]] for i in range(batch_size)]

@@ -102,6 +102,8 @@ def run_lm_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx
         batch_size=cfg.batch_size,
         seq_len=cfg.max_seq_len,
         lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        warmup_ratio=cfg.warmup_ratio,
         kd_weight=cfg.loss.kd,
         ce_weight=cfg.loss.ce,
         seed=ctx.seed,
