@@ -39,6 +39,13 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "phi3": ("Phi3Config", {**_DECODER, "head_dim": None}),
     "gpt2": ("GPT2Config", {"n_embd": HIDDEN, "n_layer": LAYERS, "n_head": HEADS, "n_inner": FFN, "n_positions": 128}),
 }
+# image classifiers over 1-channel 8x8 digits
+VISION: dict[str, tuple[str, dict[str, Any]]] = {
+    "vit": ("ViTConfig", {**_STANDARD, "image_size": 8, "patch_size": 2}),
+    "resnet": ("ResNetConfig", {"embedding_size": 16, "hidden_sizes": [16, 32], "depths": [1, 1]}),
+    "mobilenet_v2": ("MobileNetV2Config", {"image_size": 8, "depth_multiplier": 0.25}),
+    "convnext": ("ConvNextConfig", {"hidden_sizes": [8, 16], "depths": [1, 1], "num_stages": 2, "patch_size": 2}),
+}
 ENCODERS = ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "albert", "mpnet", "deberta-v2", "modernbert")
 DECODERS = ("llama", "qwen2", "qwen3", "gemma", "phi3", "gpt2")
 
@@ -82,4 +89,16 @@ def save_family(model_type: str, task: str, folder: Path, tokenizer: Any, labels
                 param.mul_(3)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    return folder
+
+
+def save_vision(model_type: str, folder: Path, labels: list[str], seed: int = 0) -> Path:
+    """A seeded transformers image classifier of the family for 1-channel 8x8 images."""
+    import torch
+    import transformers
+
+    name, values = VISION[model_type]
+    config = getattr(transformers, name)(num_channels=1, num_labels=len(labels), **values)
+    torch.manual_seed(seed)
+    transformers.AutoModelForImageClassification.from_config(config).eval().save_pretrained(folder)
     return folder

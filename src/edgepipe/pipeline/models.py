@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepipe.errors import InputError
+from edgepipe.runtime import hf_vision
 from edgepipe.runtime.modules import is_factory_spec, is_module_folder
 
 log = logging.getLogger(__name__)
@@ -75,12 +76,16 @@ BUILTIN_MODULES: dict[str, BuiltinModule] = {
 
 
 def module_spec(name: str, model_args: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
-    """(factory, kwargs) of a built-in CNN name or a `package.module:factory`; None for other names."""
+    """(factory, kwargs) of a built-in CNN name, a `package.module:factory` or a transformers
+    image-classification folder (`runtime.hf_vision`); None for other names."""
     if name in BUILTIN_MODULES:
         builtin = BUILTIN_MODULES[name]
         return builtin.factory, {**builtin.kwargs, **model_args}
     if is_factory_spec(name):
         return name, dict(model_args)
+    config = hf_vision.read_config(Path(name)) if Path(name).is_dir() else None
+    if config is not None:
+        return hf_vision.FACTORY, {**hf_vision.factory_kwargs(config), **model_args}
     return None
 
 
@@ -130,7 +135,7 @@ def model_problem(name: str, task: str = "text-classification") -> str | None:
         cnns = ", ".join(sorted(BUILTIN_MODULES))
         return (
             f"`model`: {name!r} is not an image model; name a built-in CNN ({cnns}), an edgepipe module "
-            "folder or a package.module:factory"
+            "folder, a transformers *ForImageClassification folder or a package.module:factory"
         )
     if name in BUILTIN_MODELS:
         builtin = BUILTIN_MODELS[name]
@@ -189,14 +194,20 @@ def materialize_module(
         raise InputError(f"`model`: {name!r} is not a module model")
     factory, kwargs = spec
     kwargs = {"num_classes": len(labels), "in_channels": int(input_shape[0]), **kwargs}
-    weights_hash = sha256_file(Path(weights)) if weights else None
+    pretrained = Path(name) if factory == hf_vision.FACTORY and weights is None else None
+    if pretrained is not None:
+        _check_image_config(name, kwargs["config"], input_shape)
+        weights = str(pretrained / "model.safetensors")
+    weights_hash = sha256_file(Path(weights)) if weights and Path(weights).is_file() else None
     key = config_hash([factory, kwargs, weights_hash, labels, list(input_shape), seed])
     meta_file = folder / "edgepipe.json"
     if meta_file.is_file() and json.loads(meta_file.read_text(encoding="utf-8")).get("source_key") == key:
         return folder
     torch.manual_seed(seed)
     model = build_module(factory, kwargs)
-    if weights:
+    if pretrained is not None:
+        hf_vision.load_pretrained(model, pretrained)
+    elif weights:
         load_weights(model, Path(weights))
     tmp = folder.with_name(f".{folder.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -204,6 +215,22 @@ def materialize_module(
     shutil.rmtree(folder, ignore_errors=True)
     tmp.replace(folder)
     return folder
+
+
+def _check_image_config(name: str, config: dict[str, Any], input_shape: tuple[int, ...]) -> None:
+    """A transformers image model must take the data's channels (and image size, where it has one)."""
+    channels, size = config.get("num_channels"), config.get("image_size")
+    if channels is not None and int(channels) != input_shape[0]:
+        raise InputError(
+            f"`model`: {name} takes {channels}-channel images, the data has {input_shape[0]} "
+            f"(shape {list(input_shape)}); convert the images or use a model with num_channels={input_shape[0]}"
+        )
+    # a vision transformer's position embeddings fix its image size; a conv net takes any size
+    if isinstance(size, int) and "num_attention_heads" in config and size != input_shape[1]:
+        raise InputError(
+            f"`model`: {name} takes {size}x{size} images, the data's are {input_shape[1]}x{input_shape[2]}; "
+            "resize the images or use a model with that image_size"
+        )
 
 
 def smollm2_folder(cache_dir: Path) -> Path:

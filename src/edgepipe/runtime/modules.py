@@ -142,6 +142,28 @@ def fit_to_weights(model: Any, path: Path) -> None:
         else:
             continue  # load_weights names the mismatch
         setattr(parent, name.rpartition(".")[2], new)
+    _fit_other_tensors(model, shapes)
+
+
+def _fit_other_tensors(model: Any, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Any other parameter or buffer stored at another shape (a LayerNorm's weight, ConvNeXt's layer
+    scale) is re-created at it; the strict load then fills it. A norm records its new width."""
+    import torch
+
+    for name, module in list(model.named_modules()):
+        prefix = f"{name}." if name else ""
+        tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        for attr, tensor in tensors:
+            shape = shapes.get(prefix + attr)
+            if shape is None or shape == tuple(tensor.shape):
+                continue
+            fresh = torch.empty(shape, dtype=tensor.dtype)
+            if isinstance(tensor, torch.nn.Parameter):
+                setattr(module, attr, torch.nn.Parameter(fresh, requires_grad=tensor.requires_grad))
+            else:
+                module.register_buffer(attr, fresh)
+            if hasattr(module, "normalized_shape") and len(shape) == 1:
+                module.normalized_shape = shape
 
 
 def load_module(folder: Path) -> Any:
