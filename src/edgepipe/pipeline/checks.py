@@ -19,6 +19,7 @@ from edgepipe.pipeline.recipe import (
     Recipe,
     task_problems,
 )
+from edgepipe.pipeline.stages import registry_problems
 from edgepipe.pipeline.stages.prune import prune_problems
 from edgepipe.pipeline.students import config_changes, student_problems, student_shape, teacher_shape
 from edgepipe.runtime.predictor import model_labels
@@ -80,7 +81,7 @@ def check_recipe(recipe: Recipe, out: Path | None = None) -> list[str]:
     """Everything that needs no computation: files exist, columns exist, chain is complete."""
     model = model_problem(recipe.model, recipe.task)
     problems = [p for p in (model, data_problem(recipe.data, recipe.task)) if p]
-    problems += check_chain(recipe) + task_problems(recipe)
+    problems += check_chain(recipe) + registry_problems(recipe.stages, recipe.task) + task_problems(recipe)
     for i, stage in enumerate(recipe.stages):  # image and causal-lm reject `transfer` in task_problems
         if isinstance(stage, DistillConfig) and stage.transfer and recipe.task not in (IMAGE_TASK, LM_TASK):
             problem = transfer_problem(stage.transfer.source, stage.transfer.text_column, f"stages.{i}.transfer")

@@ -507,22 +507,10 @@ STAGE_KINDS = ("finetune", "distill", "prune", "export", "quantize", "mobile")
 IMAGE_TASK, TOKEN_TASK, LM_TASK = Task.IMAGE.value, Task.TOKEN.value, Task.LM.value
 
 
-# DistillConfig keys the causal-lm distillation has no use for: refused by name, never silently ignored
-_LM_DISTILL_IGNORES = {
-    "adaptive": "causal-lm distills every position with one temperature (no anneal or wsl weights)",
-    "layer_map": "causal-lm distills next-token distributions, not hidden states, so no layer map applies",
-    "hidden_projection": "causal-lm has no hidden-state loss to project for",
-}
-
-
 def _lm_problems(recipe: Recipe) -> list[str]:
     """What a causal-lm recipe cannot do (yet), each naming its key."""
     problems = []
     for i, stage in enumerate(recipe.stages):
-        if isinstance(stage, FinetuneConfig | PruneConfig | MobileConfig):
-            problems.append(
-                f"`stages.{i}`: {stage.kind} does not apply to causal-lm; its stages are distill, export, quantize"
-            )
         if isinstance(stage, QuantizeConfig) and stage.mode == "static":
             problems.append(f"`stages.{i}.mode`: causal-lm quantizes `dynamic` (int8) or `int4` (weight-only)")
         if isinstance(stage, QuantizeConfig) and (stage.sensitivity or stage.max_accuracy_drop):
@@ -536,9 +524,7 @@ def _lm_problems(recipe: Recipe) -> list[str]:
                 problems.append(f"`stages.{i}.student.init`: a causal-lm student is a layer `subset` of the teacher")
             if stage.transfer is not None:
                 problems.append(f"`stages.{i}.transfer`: causal-lm distills on its own text; remove it")
-            for key, why in _LM_DISTILL_IGNORES.items():
-                if key in stage.model_fields_set:
-                    problems.append(f"`stages.{i}.{key}`: {why}; remove it")
+
     if recipe.gates.max_accuracy_drop is not None:
         problems.append(
             "`gates.max_accuracy_drop`: causal-lm is gated on perplexity: use gates.max_perplexity_increase"

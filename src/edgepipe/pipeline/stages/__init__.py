@@ -7,7 +7,7 @@ completes), never mutates its inputs, is deterministic for a seed and does not p
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,23 +50,34 @@ class StageResult:
 
 TRAINING_STAGES = ("finetune", "distill")  # the stages every torchrun rank runs
 StageFn = Callable[[dict[ArtifactKind, Artifact], Any, StageContext], StageResult]
-# (stage kind, task) -> the function that runs it: a task without an entry does not have that stage
-STAGES: dict[tuple[str, str], StageFn] = {}
 
 
-def register(kind: str, *tasks: str) -> Callable[[StageFn], StageFn]:
+@dataclass(frozen=True)
+class StageEntry:
+    """One (stage kind, task) implementation and the config keys it has no use for (key -> why):
+    `validate` refuses those by name when a recipe sets them, so nothing is ignored silently."""
+
+    run: StageFn
+    refuses: Mapping[str, str] = field(default_factory=dict)
+
+
+# (stage kind, task) -> its implementation: a task without an entry does not have that stage
+STAGES: dict[tuple[str, str], StageEntry] = {}
+
+
+def register(kind: str, *tasks: str, refuses: Mapping[str, str] | None = None) -> Callable[[StageFn], StageFn]:
     """Register a stage function for `tasks` (every task when none is named)."""
 
     def decorate(fn: StageFn) -> StageFn:
         for task in tasks or TASKS:
-            STAGES[kind, str(task)] = fn
+            STAGES[kind, str(task)] = StageEntry(fn, dict(refuses or {}))
         return fn
 
     return decorate
 
 
-def load_stages() -> dict[tuple[str, str], StageFn]:
-    """Import the stage modules (they import torch) and return the registry."""
+def load_stages() -> dict[tuple[str, str], StageEntry]:
+    """Import the stage modules and return the registry (torch loads lazily, inside the stages)."""
     from edgepipe.pipeline.stages import (  # noqa: F401
         distill,
         export,
@@ -82,9 +93,27 @@ def load_stages() -> dict[tuple[str, str], StageFn]:
     return STAGES
 
 
+def registry_problems(stages: list[Any], task: str) -> list[str]:
+    """Stages the task does not have, and keys its implementation has no use for, each naming its key."""
+    registry = load_stages()
+    problems = []
+    for i, stage in enumerate(stages):
+        entry = registry.get((stage.kind, task))
+        if entry is None:
+            kinds = ", ".join(sorted(k for k, t in registry if t == task))
+            problems.append(f"`stages.{i}`: {stage.kind} does not apply to {task}; its stages are {kinds}")
+            continue
+        problems += [
+            f"`stages.{i}.{key}`: {why}; remove it"
+            for key, why in entry.refuses.items()
+            if key in stage.model_fields_set
+        ]
+    return problems
+
+
 def stage_fn(kind: str, task: str) -> StageFn:
     registry = load_stages()
     if (kind, task) not in registry:
         done = sorted(t for k, t in registry if k == kind)
         raise InputError(f"`stages`: {kind} has no implementation for task {task!r} (it has: {', '.join(done)})")
-    return registry[kind, task]
+    return registry[kind, task].run

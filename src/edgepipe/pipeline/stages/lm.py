@@ -76,7 +76,15 @@ def prompts(tokenizer: Any, texts: list[str], count: int, length: int) -> tuple[
     return ids, ids * 0 + 1
 
 
-@register("distill", Task.LM)
+# DistillConfig keys the causal-lm distillation has no use for: refused by name, never silently ignored
+LM_DISTILL_REFUSES = {
+    "adaptive": "causal-lm distills every position with one temperature (no anneal or wsl weights)",
+    "layer_map": "causal-lm distills next-token distributions, not hidden states, so no layer map applies",
+    "hidden_projection": "causal-lm has no hidden-state loss to project for",
+}
+
+
+@register("distill", Task.LM, refuses=LM_DISTILL_REFUSES)
 def run_lm_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx: StageContext) -> StageResult:
     source = inputs[ArtifactKind.TORCH_MODEL]
     from edgepipe.pipeline.lm import distill_lm, greedy_agreement, layer_subset, text_batches
