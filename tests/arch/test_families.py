@@ -390,3 +390,44 @@ def test_an_image_model_for_other_channels_is_refused_before_anything_trains(tmp
     with pytest.raises(InputError, match=r"takes 3-channel images, the data has 1 \(shape \[1, 8, 8\]\)"):
         build(parse_recipe(raw), tmp_path / "run", benchmark=False)
     assert not (tmp_path / "run" / "01-finetune").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "is not valid JSON"),
+        ("[1, 2]", "holds a list, not a JSON object"),
+        (
+            json.dumps(
+                {
+                    "model_type": "bert",
+                    "num_hidden_layers": "three",
+                    "hidden_size": 32,
+                    "num_attention_heads": 4,
+                    "intermediate_size": 64,
+                }
+            ),
+            "has a shape field of the wrong type",
+        ),
+    ],
+)
+def test_a_broken_config_json_is_one_message_and_exit_2(
+    tmp_path: Path, rt_csv: Path, content: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import yaml
+
+    from edgepipe.pipeline.cli import main
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(content)
+    raw = {
+        "schema_version": 1,
+        "model": str(folder),
+        "data": {"source": str(rt_csv)},
+        "stages": [{"kind": "distill", "student": {"num_layers": 1}}],
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["validate", str(tmp_path / "r.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from edgepipe.arch import spec_of
 from edgepipe.errors import InputError
@@ -40,9 +41,33 @@ def check_chain(recipe: Recipe) -> list[str]:
     return problems
 
 
+def read_config(folder: Path) -> dict[str, Any] | str:
+    """A model folder's config.json as a dict, or the problem with it (naming the file and the fix)."""
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        return f"`model`: {path} is not valid JSON ({error}); rewrite it with save_pretrained"
+    if not isinstance(config, dict):
+        return f"`model`: {path} holds a {type(config).__name__}, not a JSON object; rewrite it with save_pretrained"
+    return config
+
+
 def check_students(recipe: Recipe) -> list[str]:
     """Distill and prune specs against the model's architecture (finetune keeps it), read from config.json."""
-    config = json.loads((resolve_model(recipe.model) / "config.json").read_text(encoding="utf-8"))
+    config = read_config(resolve_model(recipe.model))
+    if isinstance(config, str):
+        return [config]
+    try:
+        return _structure_problems(recipe, config)
+    except (TypeError, ValueError) as error:  # a shape field of the wrong type ("3 layers", null, a list)
+        path = resolve_model(recipe.model) / "config.json"
+        return [
+            f"`model`: {path} has a shape field of the wrong type ({error}); fix it or rewrite with save_pretrained"
+        ]
+
+
+def _structure_problems(recipe: Recipe, config: dict[str, Any]) -> list[str]:
     problems = []
     for i, stage in enumerate(recipe.stages):
         if isinstance(stage, DistillConfig):
@@ -68,7 +93,10 @@ def check_lm_students(recipe: Recipe) -> list[str]:
             "num_hidden_layers": 30,
         }  # SmolLM2-135M; reading it would mean converting the GGUF first
     else:
-        config = json.loads((Path(recipe.model) / "config.json").read_text(encoding="utf-8"))
+        read = read_config(Path(recipe.model))
+        if isinstance(read, str):
+            return [read]
+        config = read
     return [
         p
         for i, stage in enumerate(recipe.stages)

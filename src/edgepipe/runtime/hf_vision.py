@@ -25,7 +25,12 @@ def read_config(folder: Path) -> dict[str, Any] | None:
     path = folder / "config.json"
     if not path.is_file():
         return None
-    config = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None  # not one; `validate` names what is wrong with the file (pipeline.checks.read_config)
+    if not isinstance(config, dict):
+        return None
     architectures = config.get("architectures") or []
     if not any(str(a).endswith("ForImageClassification") for a in architectures):
         return None
