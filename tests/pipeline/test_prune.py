@@ -278,13 +278,13 @@ def test_unsupported_model_types_name_the_supported_ones() -> None:
     stage = cfg.stages[0]
     assert prune_problems(stage, _config(model_type="t5"), "stages.0") == [  # type: ignore[arg-type]
         "`stages.0`: model_type 't5' has no architecture spec (edgepipe.arch); attention head pruning support: "
-        "bert; use ffn_ratio / drop_layers",
+        f"{supported(Capability.HEAD_PRUNING)}; use ffn_ratio / drop_layers",
         "`stages.0`: model_type 't5' has no architecture spec (edgepipe.arch); FFN neuron pruning support: "
         f"{supported(Capability.FFN_PRUNING)}; use drop_layers",
     ]
-    assert prune_problems(stage, _config(model_type="roberta"), "stages.0") == [  # type: ignore[arg-type]
-        "`stages.0`: model_type 'roberta' (roberta) has no attention head pruning; attention head pruning "
-        "support: bert; use ffn_ratio / drop_layers"
+    assert prune_problems(stage, _config(model_type="mpnet"), "stages.0") == [  # type: ignore[arg-type]
+        "`stages.0`: model_type 'mpnet' (mpnet) has no attention head pruning; attention head pruning "
+        "support: bert, roberta, xlm-roberta, camembert, electra; use ffn_ratio / drop_layers"
     ]
 
 

@@ -68,7 +68,7 @@ class ArchSpec:
     keys: ConfigKeys = field(default_factory=ConfigKeys)
     # onnxruntime.transformers.optimizer model_type whose fusions match this family's exported graph
     fusion: str | None = None
-    # per-layer head counts are saved through edgepipe.runtime.pruned_bert (BERT classes only)
+    # per-layer head counts are saved through edgepipe.runtime.pruned_bert (BERT's layer layout)
     head_pruning: bool = False
     # the family's layers repeat one shared set of weights: a shallower student keeps it, with fewer repeats
     shared_layers: bool = False
@@ -105,9 +105,15 @@ SPECS: tuple[ArchSpec, ...] = (
     # encoders
     ArchSpec("bert", ("bert",), Kind.ENCODER, "encoder.layer", _BERT_FFN, fusion="bert", head_pruning=True),
     ArchSpec(
-        "roberta", ("roberta", "xlm-roberta", "camembert"), Kind.ENCODER, "encoder.layer", _BERT_FFN, fusion="bert"
+        "roberta",
+        ("roberta", "xlm-roberta", "camembert"),
+        Kind.ENCODER,
+        "encoder.layer",
+        _BERT_FFN,
+        fusion="bert",
+        head_pruning=True,
     ),
-    ArchSpec("electra", ("electra",), Kind.ENCODER, "encoder.layer", _BERT_FFN, fusion="bert"),
+    ArchSpec("electra", ("electra",), Kind.ENCODER, "encoder.layer", _BERT_FFN, fusion="bert", head_pruning=True),
     ArchSpec(
         "distilbert",
         ("distilbert",),

@@ -1,4 +1,5 @@
-"""A BERT whose layers keep different numbers of attention heads and FFN neurons: a pruned BERT.
+"""A BERT-layout encoder (BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA) whose layers keep different numbers
+of attention heads and FFN neurons: a pruned BERT.
 
 transformers 5 removed `prune_heads`/`pruned_heads` and derives every layer's head count from
 `num_attention_heads`, so a head-pruned BERT does not fit `BertConfig`. This config records the
@@ -6,8 +7,8 @@ kept heads and FFN width per layer (`layer_heads`, `layer_ffn`; the head size st
 hidden_size / num_attention_heads) and the model resizes each layer's projections when it is built,
 so `from_pretrained` loads the pruned safetensors as they are.
 
-The config keeps `model_type: bert` (tokenizers, ONNX Runtime's optimizer and every tool that reads
-config.json see a BERT) and names this class in `auto_map`. The file imports only torch and
+The config keeps its `model_type` (tokenizers, ONNX Runtime's optimizer and every tool that reads
+config.json see the family) and names the family's pruned class in `auto_map`. The file imports only torch and
 transformers because the prune stage copies it into every head-pruned model folder: there,
 `AutoModelFor{Sequence,Token}Classification.from_pretrained(folder, trust_remote_code=True)` loads the model
 without edgepipe installed. edgepipe itself loads such folders with this class directly
@@ -19,27 +20,32 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification, BertForTokenClassification
+from transformers import BertConfig
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bert.modeling_bert import BertSelfAttention, eager_attention_forward
+
+
+def _per_layer(config: Any, layer_heads: list[int] | None, layer_ffn: list[int] | None) -> None:
+    layers = config.num_hidden_layers
+    config.layer_heads = list(layer_heads) if layer_heads is not None else [config.num_attention_heads] * layers
+    config.layer_ffn = list(layer_ffn) if layer_ffn is not None else [config.intermediate_size] * layers
+    if len(config.layer_heads) != layers or len(config.layer_ffn) != layers:
+        raise ValueError(
+            f"layer_heads ({len(config.layer_heads)}) and layer_ffn ({len(config.layer_ffn)}) need one entry "
+            f"per layer (num_hidden_layers={layers})"
+        )
 
 
 class PrunedBertConfig(BertConfig):
     def __init__(self, layer_heads: list[int] | None = None, layer_ffn: list[int] | None = None, **kwargs: Any):
         super().__init__(**kwargs)
-        layers = self.num_hidden_layers
-        self.layer_heads = list(layer_heads) if layer_heads is not None else [self.num_attention_heads] * layers
-        self.layer_ffn = list(layer_ffn) if layer_ffn is not None else [self.intermediate_size] * layers
-        if len(self.layer_heads) != layers or len(self.layer_ffn) != layers:
-            raise ValueError(
-                f"layer_heads ({len(self.layer_heads)}) and layer_ffn ({len(self.layer_ffn)}) need one entry "
-                f"per layer (num_hidden_layers={layers})"
-            )
+        _per_layer(self, layer_heads, layer_ffn)
 
 
-class PrunedBertSelfAttention(BertSelfAttention):
-    """BertSelfAttention (encoder only) that reshapes to its own head count instead of -1.
+class PrunedSelfAttention(BertSelfAttention):
+    """A BERT-layout self-attention (encoder only) that reshapes to its own head count instead of -1.
 
     The explicit count is what ONNX Runtime's transformer optimizer reads from the Reshape to fuse
     each layer's Attention with its own number of heads; with -1 it falls back to one global count."""
@@ -66,10 +72,10 @@ class PrunedBertSelfAttention(BertSelfAttention):
         return output.reshape(*input_shape, -1).contiguous(), weights
 
 
-def resize_layer(layer: Any, config: BertConfig, index: int, heads: int, ffn: int) -> None:
-    """Give one BertLayer `heads` attention heads and `ffn` FFN neurons (fresh, uninitialised weights)."""
+def resize_layer(layer: Any, config: Any, index: int, heads: int, ffn: int) -> None:
+    """Give one BERT-layout layer `heads` attention heads and `ffn` FFN neurons (fresh, uninitialised weights)."""
     hidden = config.hidden_size
-    attention = PrunedBertSelfAttention(config, layer_idx=index)
+    attention = PrunedSelfAttention(config, layer_idx=index)
     width = heads * attention.attention_head_size
     attention.query, attention.key, attention.value = (nn.Linear(hidden, width) for _ in range(3))
     attention.num_attention_heads, attention.all_head_size = heads, width
@@ -79,23 +85,44 @@ def resize_layer(layer: Any, config: BertConfig, index: int, heads: int, ffn: in
     layer.output.dense = nn.Linear(ffn, hidden)
 
 
-def resize_layers(model: Any, config: PrunedBertConfig) -> None:
-    for index, layer in enumerate(model.bert.encoder.layer):
+def resize_layers(model: Any, config: Any) -> None:
+    for index, layer in enumerate(model.base_model.encoder.layer):
         resize_layer(layer, config, index, config.layer_heads[index], config.layer_ffn[index])
     model.post_init()
 
 
-class PrunedBertForSequenceClassification(BertForSequenceClassification):
-    config_class = PrunedBertConfig
-
-    def __init__(self, config: PrunedBertConfig) -> None:
-        super().__init__(config)
+def _pruned_model(base: type, config_class: type) -> type:
+    def __init__(self: Any, config: Any) -> None:
+        base.__init__(self, config)  # type: ignore[misc]
         resize_layers(self, config)
 
+    return type(f"Pruned{base.__name__}", (base,), {"config_class": config_class, "__init__": __init__})
 
-class PrunedBertForTokenClassification(BertForTokenClassification):
-    config_class = PrunedBertConfig
 
-    def __init__(self, config: PrunedBertConfig) -> None:
-        super().__init__(config)
-        resize_layers(self, config)
+def _pruned_config(base: type) -> type:
+    def __init__(self: Any, layer_heads: list[int] | None = None, layer_ffn: list[int] | None = None, **kw: Any):
+        base.__init__(self, **kw)  # type: ignore[misc]
+        _per_layer(self, layer_heads, layer_ffn)
+
+    return type(f"Pruned{base.__name__}", (base,), {"__init__": __init__})
+
+
+# model_type -> the transformers class prefix of each family with BERT's layer layout
+FAMILIES = {
+    "bert": "Bert",
+    "roberta": "Roberta",
+    "xlm-roberta": "XLMRoberta",
+    "camembert": "Camembert",
+    "electra": "Electra",
+}
+for _prefix in FAMILIES.values():
+    _config = PrunedBertConfig if _prefix == "Bert" else _pruned_config(getattr(transformers, f"{_prefix}Config"))
+    globals()[f"Pruned{_prefix}Config"] = _config
+    for _head in ("SequenceClassification", "TokenClassification"):
+        _name = f"Pruned{_prefix}For{_head}"
+        globals()[_name] = _pruned_model(getattr(transformers, f"{_prefix}For{_head}"), _config)
+
+
+def pruned_class(model_type: str, head: str) -> Any:
+    """The pruned model class of a family and head ("SequenceClassification" / "TokenClassification")."""
+    return globals()[f"Pruned{FAMILIES[model_type]}For{head}"]

@@ -46,11 +46,12 @@ def load_text_model(path: Path | str, task: str | None = None, **kwargs: Any) ->
 
     config_path = Path(path) / "config.json"
     token = (task or folder_task(path)) == TOKEN_TASK
-    if config_path.is_file() and is_pruned_bert(json.loads(config_path.read_text(encoding="utf-8"))):
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    if is_pruned_bert(config):
         from edgepipe.runtime import pruned_bert
 
-        pruned = pruned_bert.PrunedBertForTokenClassification if token else None
-        return (pruned or pruned_bert.PrunedBertForSequenceClassification).from_pretrained(path, **kwargs).eval()
+        head = "TokenClassification" if token else "SequenceClassification"
+        return pruned_bert.pruned_class(config["model_type"], head).from_pretrained(path, **kwargs).eval()
     auto = AutoModelForTokenClassification if token else AutoModelForSequenceClassification
     return auto.from_pretrained(path, **kwargs).eval()
 

@@ -232,9 +232,10 @@ def save_pruned(model: Any, arch: ArchSpec, tokenizer: Any, out: Path, ctx: Stag
     values = {**model.config.to_dict(), "layer_heads": heads, "layer_ffn": ffn_widths(model, arch)}
     values["num_hidden_layers"] = len(heads)
     head = "TokenClassification" if ctx.task == TOKEN_TASK else "SequenceClassification"
-    values["auto_map"] = {f"AutoModelFor{head}": f"modeling_pruned_bert.PrunedBertFor{head}"}
+    cls = pruned_bert.pruned_class(model.config.model_type, head)
+    values["auto_map"] = {f"AutoModelFor{head}": f"modeling_pruned_bert.{cls.__name__}"}
     values.pop("architectures", None)
-    pruned = getattr(pruned_bert, f"PrunedBertFor{head}")(pruned_bert.PrunedBertConfig(**values))
+    pruned = cls(cls.config_class(**values))
     pruned.load_state_dict(model.state_dict())
     save_model(pruned.eval(), tokenizer, out, ctx)
     shutil.copyfile(pruned_bert.__file__, out / "modeling_pruned_bert.py")
