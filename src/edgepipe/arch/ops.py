@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from edgepipe.arch import ArchSpec
+from edgepipe.arch import ArchSpec, Ffn
 from edgepipe.errors import InputError
 
 
@@ -115,10 +115,16 @@ def keep_in(module: Any, index: Any) -> Any:
     return new.to(module.weight.dtype)
 
 
+def _ffn(spec: ArchSpec) -> Ffn:
+    if spec.ffn is None:
+        raise InputError(f"{spec.family} has no FFN spec; FFN pruning does not apply to it")
+    return spec.ffn
+
+
 def ffn_width(block: Any, spec: ArchSpec) -> int:
-    assert spec.ffn is not None  # callers check spec.can(FFN_PRUNING)
-    down = block.get_submodule(spec.ffn.down)
-    return int(down.weight.shape[0] if spec.ffn.conv1d else down.in_features)
+    ffn = _ffn(spec)
+    down = block.get_submodule(ffn.down)
+    return int(down.weight.shape[0] if ffn.conv1d else down.in_features)
 
 
 def ffn_widths(model: Any, spec: ArchSpec) -> list[int]:
@@ -127,8 +133,7 @@ def ffn_widths(model: Any, spec: ArchSpec) -> list[int]:
 
 def _unit_rows(tensor: Any, width: int, spec: ArchSpec, role: str) -> Any:
     """`tensor` (a weight, bias or gradient) as (width, -1): one row per FFN neuron."""
-    ffn = spec.ffn
-    assert ffn is not None
+    ffn = _ffn(spec)
     if tensor.ndim == 1:  # bias of an input-side projection
         rows = tensor.view(2, width).T if ffn.fused_glu and role == "up" else tensor.view(width, 1)
         return rows.reshape(width, -1)
@@ -145,8 +150,7 @@ def ffn_unit_views(block: Any, spec: ArchSpec, grad: bool = False) -> list[tuple
     """(rows, is_weight) for every tensor touching the FFN neurons, one row per neuron.
 
     With `grad` the rows hold the gradients instead (None where a tensor has none)."""
-    ffn = spec.ffn
-    assert ffn is not None
+    ffn = _ffn(spec)
     width = ffn_width(block, spec)
     views = []
     for path, role in ((ffn.up, "up"), (ffn.gate, "up"), (ffn.down, "down")):
@@ -166,8 +170,7 @@ def prune_ffn(model: Any, spec: ArchSpec, keep: list[Any]) -> None:
     """Keep FFN neurons `keep[i]` (same count in every block, so the config stays plain) of block i."""
     import torch
 
-    ffn = spec.ffn
-    assert ffn is not None
+    ffn = _ffn(spec)
     for block, index in zip(blocks(model, spec), keep, strict=True):
         width = ffn_width(block, spec)
         rows = torch.cat([index, index + width]) if ffn.fused_glu else index
@@ -185,10 +188,9 @@ def _replace(root: Any, path: str, module: Any) -> None:
 
 def linear_macs(model: Any, spec: ArchSpec, seq_len: int) -> int:
     """Multiply-accumulates of the weight matmuls in the layers for one sequence (attention scores aside)."""
-    total = 0
-    for block in blocks(model, spec) if spec.blocks or spec.layers else []:
-        for module in block.modules():
-            if isinstance(module, (_conv1d(),)) or type(module).__name__ == "Linear":
-                total += module.weight.numel()
+    import torch
+
+    weights = (torch.nn.Linear, _conv1d())
+    total = sum(m.weight.numel() for block in blocks(model, spec) for m in block.modules() if isinstance(m, weights))
     repeats = int(model.config.num_hidden_layers) if spec.shared_layers else 1
     return seq_len * total * repeats

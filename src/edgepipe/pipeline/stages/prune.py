@@ -70,11 +70,8 @@ def prune_problems(cfg: PruneConfig, config: dict[str, Any], key: str) -> list[s
         (Capability.FFN_PRUNING, bool(cfg.ffn_fraction), "use drop_layers"),
         (Capability.LAYER_PRUNING, bool(cfg.drop_layers), "use ffn_ratio"),
     ]
-    problems = [
-        f"{refusal(config, capability, key)}; {instead}"
-        for capability, wanted, instead in asked
-        if wanted and refusal(config, capability, key)
-    ]
+    refused = [(refusal(config, capability, key), instead) for capability, wanted, instead in asked if wanted]
+    problems = [f"{why}; {instead}" for why, instead in refused if why]
     keys = arch.keys if arch is not None else None
     if problems or arch is None or keys is None or config.get(keys.layers) is None:
         return problems  # config.json leaves the shape out: the stage checks the loaded config
@@ -307,7 +304,7 @@ def run_prune(inputs: dict[ArtifactKind, Artifact], cfg: PruneConfig, ctx: Stage
     if cfg.heads:
         kept_heads = [keep[i] for i in kept_layers]
     kept_ffn = [torch.arange(w) for w in ffn_widths(model, arch)] if arch.ffn else []
-    start = {"heads": sum(layer_heads(model, arch)), "ffn": max(kept.numel() for kept in kept_ffn or [torch.zeros(0)])}
+    start = {"heads": sum(layer_heads(model, arch)), "ffn": max((len(k) for k in kept_ffn), default=0)}
     width = word_width(ctx.data.train)
 
     def batch_of(index: Any) -> Any:
