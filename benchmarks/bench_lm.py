@@ -35,12 +35,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from edgepipe.benchmarks.harness import summarize
 from edgepipe.export.causal_lm import check_causal_parity, export_causal_lm
 from edgepipe.export.lm_quantize import quantize_int4, quantize_int8
+from edgepipe.pipeline.adapters import text_batches
 from edgepipe.pipeline.lm import (
     distill_lm,
     greedy_agreement,
     layer_subset,
     lm_texts,
-    text_batches,
 )
 from edgepipe.pipeline.models import smollm2_folder
 from edgepipe.pipeline.recipe import DistillConfig, default_recipe_path, load_recipe

@@ -171,6 +171,7 @@ def test_transfer_loss_is_zero_only_when_the_student_is_the_teacher(tiny_model_d
     """The transfer term needs no labels: the teacher's own outputs on unlabeled sentences are the targets."""
     from transformers import AutoTokenizer
 
+    from edgepipe.pipeline.adapters import TextClassification
     from edgepipe.pipeline.recipe import DistillConfig
     from edgepipe.pipeline.stages.distill import transfer_loss
 
@@ -178,8 +179,9 @@ def test_transfer_loss_is_zero_only_when_the_student_is_the_teacher(tiny_model_d
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     cfg = DistillConfig(kind="distill", student={"num_layers": 1}, loss={"kd": 1.0, "ce": 0.0, "hidden": 1.0})
     texts = ["an unlabeled   review snippet", "another one"]
-    same = transfer_loss(teacher, teacher, tokenizer, texts, cfg, 2.0, {0: 0, 1: 1}, None, per_word=False)
+    task = TextClassification(tokenizer, cfg.max_seq_len)
+    same = transfer_loss(teacher, teacher, task, texts, cfg, 2.0, {0: 0, 1: 1}, None)
     assert same.item() == pytest.approx(0.0, abs=1e-6)
     student = build_student(teacher, cfg, seed=0)
-    other = transfer_loss(student, teacher, tokenizer, texts, cfg, 2.0, {0: 1}, None, per_word=False)
+    other = transfer_loss(student, teacher, task, texts, cfg, 2.0, {0: 1}, None)
     assert other.item() > 1e-4 and other.requires_grad

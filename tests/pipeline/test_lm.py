@@ -13,6 +13,7 @@ from conftest import tiny_llama
 
 from edgepipe.errors import InputError
 from edgepipe.pipeline import models
+from edgepipe.pipeline.adapters import next_token_ce, text_batches
 from edgepipe.pipeline.kd import distribution_loss
 from edgepipe.pipeline.lm import (
     distill_lm,
@@ -20,8 +21,6 @@ from edgepipe.pipeline.lm import (
     greedy_agreement,
     layer_subset,
     lm_texts,
-    next_token_ce,
-    text_batches,
 )
 from edgepipe.pipeline.models import smollm2_folder
 from edgepipe.runtime.generate import TorchCausalLM, perplexity, torch_logits

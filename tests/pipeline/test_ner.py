@@ -10,7 +10,7 @@ import pytest
 
 from edgepipe.benchmarks.metrics import IGNORE, entity_f1, score
 from edgepipe.errors import InputError
-from edgepipe.pipeline.ner import align_labels, label_names, read_bio
+from edgepipe.pipeline.ner import label_names, read_bio
 from edgepipe.runtime.text import entity_spans, gather_words, word_positions
 
 
@@ -43,8 +43,6 @@ def test_first_subword_carries_the_word_label() -> None:
     offsets = np.array([[[0, 0], [0, 4], [4, 8], [9, 11], [12, 16], [0, 0], [0, 0]]])
     positions = word_positions([text], offsets, width=4)
     assert positions.tolist() == [[1, 3, 4, -1]]  # a fourth word would have no token
-    labels = np.array([[1, 0, 0, IGNORE]])
-    assert align_labels(positions, labels, 7).tolist() == [[IGNORE, 1, IGNORE, 0, 0, IGNORE, IGNORE]]
     token_logits = np.arange(7 * 2, dtype=np.float32).reshape(1, 7, 2)
     assert gather_words(token_logits, positions).tolist() == [[[2, 3], [6, 7], [8, 9], [0, 0]]]
 

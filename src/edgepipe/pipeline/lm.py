@@ -10,15 +10,13 @@ snippets.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from edgepipe.errors import InputError
+from edgepipe.pipeline.adapters import CausalLM
 from edgepipe.pipeline.kd import DIVERGENCE_KINDS, distribution_loss
-from edgepipe.runtime.generate import Batch, position_ids
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +31,6 @@ def lm_texts(split: str, seed: int = 0) -> list[str]:
         raise InputError(f"`split`: expected 'train' or 'test', got {split!r}")
     splits = load_splits(DataConfig(), seed)
     return list(splits.train.inputs if split == "train" else splits.test.inputs)
-
-
-def encode(tokenizer: Any, texts: list[str], max_len: int, padding_side: str = "right") -> Batch:
-    """Token ids and attention mask, padded to the longest text (at most `max_len` tokens)."""
-    tokenizer.padding_side = padding_side
-    encoded = tokenizer(texts, padding="longest", truncation=True, max_length=max_len, return_tensors="np")
-    return encoded["input_ids"].astype(np.int64), encoded["attention_mask"].astype(np.int64)
-
-
-def text_batches(tokenizer: Any, texts: list[str], batch_size: int, max_len: int) -> Iterator[Batch]:
-    for start in range(0, len(texts), batch_size):
-        yield encode(tokenizer, texts[start : start + batch_size], max_len)
 
 
 def evenly_spaced_layers(total: int, count: int) -> list[int]:
@@ -97,11 +83,12 @@ def distill_lm(
     distributions + `ce_weight` * the cross-entropy of the texts' own next tokens (the classifiers'
     ce/kd mix: the data's tokens are the hard labels).
 
-    Every real position counts, padding is masked out (`kd.distribution_loss`); AdamW with a linear
-    warm-up and decay. Returns the loss curve and step times."""
+    Every real position counts, padding is masked out (`kd.distribution_loss`); the one training loop
+    (`loop.fit`: reshuffled epochs of the texts, AdamW with a linear warm-up and decay). Returns the loss
+    curve and step times."""
     import torch
-    from tqdm.auto import tqdm
-    from transformers import get_linear_schedule_with_warmup
+
+    from edgepipe.pipeline.loop import Schedule, fit
 
     if kind not in DIVERGENCE_KINDS:
         raise InputError(f"`kind`: unknown divergence {kind!r}; use one of {', '.join(DIVERGENCE_KINDS)}")
@@ -113,31 +100,23 @@ def distill_lm(
             f"batch_size={batch_size}, seq_len={seq_len}, {len(train_texts)} texts"
         )
     torch.manual_seed(seed)
-    order = np.random.default_rng(seed).permutation(len(train_texts))
     teacher.eval()
-    student.train()
-    optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=weight_decay)
-    schedule = get_linear_schedule_with_warmup(optimizer, int(warmup_ratio * steps), steps)
-    losses, step_s = [], []
-    for step in tqdm(range(steps), desc="distill-lm", disable=not progress):
-        picked = [train_texts[order[(step * batch_size + i) % len(order)]] for i in range(batch_size)]
-        ids, mask = (torch.from_numpy(a) for a in encode(tokenizer, picked, seq_len))
-        positions = torch.from_numpy(position_ids(mask.numpy()))
-        start = time.perf_counter()
+
+    task = CausalLM(tokenizer, seq_len)
+
+    def step_loss(trained: Any, step: int, index: np.ndarray) -> Any:
+        batch = task.batch_of_texts([train_texts[i] for i in index])
         with torch.no_grad():
-            target = teacher(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
-        logits = student(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
-        loss = kd_weight * distribution_loss(logits, target, kind, temperature, mask)
+            target = task.logits(task.forward(teacher, batch), batch)
+        logits = task.logits(task.forward(trained, batch), batch)
+        loss = kd_weight * distribution_loss(logits, target, kind, temperature, batch.inputs["attention_mask"])
         if ce_weight:
-            loss = loss + ce_weight * next_token_ce(logits, ids, mask)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        step_s.append(time.perf_counter() - start)
-        losses.append(loss.item())
-    student.eval()
+            loss = loss + ce_weight * task.loss(logits, batch)
+        return loss
+
+    schedule = Schedule(lr, weight_decay, warmup_ratio, steps, batch_size)
+    fitted = fit(student, step_loss, schedule, len(train_texts), seed, desc="distill-lm", progress=progress)
+    losses = fitted.losses
     window = max(1, steps // 10)
     return {
         "kind": kind,
@@ -148,16 +127,8 @@ def distill_lm(
         "loss_first": float(np.mean(losses[:window])),
         "loss_last": float(np.mean(losses[-window:])),
         "losses": losses,
-        "step_s_median": float(np.median(step_s)),
+        "step_s_median": float(np.median(fitted.step_s)),
     }
-
-
-def next_token_ce(logits: Any, ids: Any, mask: Any) -> Any:
-    """Mean cross-entropy of each real token given the real tokens before it (perplexity's own count)."""
-    import torch.nn.functional as F
-
-    counted = (mask[:, 1:] * mask[:, :-1]).bool()
-    return F.cross_entropy(logits[:, :-1][counted], ids[:, 1:][counted])
 
 
 def greedy_agreement(teacher_tokens: np.ndarray, student_tokens: np.ndarray) -> float:

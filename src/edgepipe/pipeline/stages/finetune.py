@@ -7,24 +7,14 @@ sequence classifier, or a token classifier trained on each word's first sub-word
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
+from edgepipe.pipeline.adapters import Batch, adapter_for
 from edgepipe.pipeline.artifacts import Artifact
+from edgepipe.pipeline.loop import fit
 from edgepipe.pipeline.recipe import ArtifactKind, FinetuneConfig
 from edgepipe.pipeline.stages import StageContext, StageResult, register
-from edgepipe.pipeline.stages.training import (
-    batches,
-    encode,
-    encode_words,
-    evaluate,
-    finetune_result,
-    optimizer_and_schedule,
-    optimizer_step,
-    save_model,
-    token_labels,
-    word_width,
-)
+from edgepipe.pipeline.stages.training import finetune_result, save_model
 from edgepipe.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -33,7 +23,6 @@ log = logging.getLogger(__name__)
 @register("finetune", Task.TEXT, Task.TOKEN)
 def run_finetune(inputs: dict[ArtifactKind, Artifact], cfg: FinetuneConfig, ctx: StageContext) -> StageResult:
     import torch
-    from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
     from edgepipe.runtime.text import load_text_model
@@ -53,37 +42,19 @@ def run_finetune(inputs: dict[ArtifactKind, Artifact], cfg: FinetuneConfig, ctx:
     if not cfg.train_encoder:
         for param in model.base_model.parameters():
             param.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, schedule = optimizer_and_schedule(params, cfg.lr, cfg.weight_decay, cfg.warmup_ratio, cfg.max_steps)
-
+    task = adapter_for(ctx.task, tokenizer, cfg.max_seq_len, cfg.eval_batch_size)
     train = ctx.data.train
-    width = word_width(train)
-    losses: list[float] = []
-    started = time.perf_counter()
-    model.train()
-    trained = ctx.world.wrap(model)  # DDP under torchrun: each rank takes its share of every batch
-    for index in tqdm(
-        batches(len(train), cfg.batch_size, cfg.max_steps, ctx.seed),
-        desc="finetune",
-        disable=not ctx.progress,
-    ):
-        index = ctx.world.shard(index)
-        texts = list(train.take(index))
-        if width is None:
-            enc = encode(tokenizer, texts, cfg.max_seq_len)
-            targets: Any = torch.from_numpy(train.labels[index])
-        else:  # NER: each word's label on its first sub-word
-            enc, positions = encode_words(tokenizer, texts, cfg.max_seq_len, width)
-            targets = token_labels(train.labels[index], positions, enc["input_ids"].shape[1])
-        loss = trained(**enc, labels=targets).loss
-        optimizer_step(loss, params, optimizer, schedule)
-        losses.append(loss.item())
-    train_s = time.perf_counter() - started
+
+    def step_loss(trained: Any, step: int, index: Any) -> Any:
+        batch: Batch = task.batch(train, index)
+        return task.loss(task.logits(task.forward(trained, batch), batch), batch)
+
+    fitted = fit(model, step_loss, cfg, len(train), ctx.seed, world=ctx.world, desc="finetune", progress=ctx.progress)
     out = ctx.stage_dir / "model"
     if not ctx.writes:
         return StageResult([])
-    val_accuracy = evaluate(model, tokenizer, ctx.data.val, cfg.max_seq_len, cfg.eval_batch_size)
-    log.info("finetune: %d steps in %.0f s, val accuracy %.4f", cfg.max_steps, train_s, val_accuracy)
+    val_accuracy = task.metric(model, ctx.data.val)
+    log.info("finetune: %d steps in %.0f s, val accuracy %.4f", cfg.max_steps, fitted.seconds, val_accuracy)
 
     save_model(model, tokenizer, out, ctx)
-    return finetune_result(model, out, cfg, ctx, losses, val_accuracy, train_s)
+    return finetune_result(model, out, cfg, ctx, fitted.losses, val_accuracy, fitted.seconds)

@@ -8,15 +8,15 @@ image distill is a fresh module of a named architecture (a built-in CNN or a fac
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edgepipe.errors import InputError
+from edgepipe.pipeline.adapters import ImageClassification
 from edgepipe.pipeline.artifacts import Artifact
-from edgepipe.pipeline.data import Split
+from edgepipe.pipeline.loop import fit
 from edgepipe.pipeline.models import module_spec
 from edgepipe.pipeline.recipe import ArtifactKind, DistillConfig, FinetuneConfig
 from edgepipe.pipeline.stages import StageContext, StageResult, register
@@ -28,26 +28,11 @@ from edgepipe.pipeline.stages.distill import (
     record,
     teacher_logits,
 )
-from edgepipe.pipeline.stages.training import batches, finetune_result, optimizer_and_schedule, optimizer_step
+from edgepipe.pipeline.stages.training import finetune_result
 from edgepipe.runtime.modules import build_module, load_module, read_module_meta, save_module
 from edgepipe.tasks import Task
 
 log = logging.getLogger(__name__)
-
-
-def module_logits(model: Any, images: np.ndarray, batch_size: int) -> Any:
-    import torch
-
-    model.eval()
-    with torch.inference_mode():
-        return torch.cat(
-            [model(torch.from_numpy(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
-        )
-
-
-def evaluate_module(model: Any, split: Split, batch_size: int) -> float:
-    images = np.asarray(split.inputs)
-    return float((module_logits(model, images, batch_size).argmax(-1).numpy() == split.labels).mean())
 
 
 def _save(model: Any, out: Path, factory: str, kwargs: dict[str, Any], ctx: StageContext) -> None:
@@ -63,62 +48,29 @@ def _check_labels(meta: dict[str, Any], ctx: StageContext, key: str) -> None:
         )
 
 
-def _train(
-    model: Any,
-    loss_fn: Any,
-    params: list[Any],
-    cfg: FinetuneConfig | DistillConfig,
-    ctx: StageContext,
-    desc: str,
-    outside: list[Any] | None = None,
-) -> float:
-    """The shared loop: seeded batches sharded over the world, AdamW with warm-up, clipped gradients.
-
-    `outside`: trained parameters that are not in `model` (projections); DDP does not see them, so
-    their gradients are averaged over the world here."""
-    import torch
-    from tqdm.auto import tqdm
-
-    optimizer, schedule = optimizer_and_schedule(params, cfg.lr, cfg.weight_decay, cfg.warmup_ratio, cfg.max_steps)
-    train = ctx.data.train
-    model.train()
-    trained = ctx.world.wrap(model)  # DDP under torchrun: each rank takes its share of every batch
-    started = time.perf_counter()
-    plan = batches(len(train), cfg.batch_size, cfg.max_steps, ctx.seed)
-    for step, index in enumerate(tqdm(plan, desc=desc, disable=not ctx.progress)):
-        index = ctx.world.shard(index)
-        images = torch.from_numpy(np.asarray(train.take(index)))
-        loss = loss_fn(trained, step, index, images, torch.from_numpy(train.labels[index]))
-        optimizer_step(loss, params, optimizer, schedule, ctx.world, outside or ())
-    model.eval()
-    return time.perf_counter() - started
-
-
 @register("finetune", Task.IMAGE)
 def run_image_finetune(inputs: dict[ArtifactKind, Artifact], cfg: FinetuneConfig, ctx: StageContext) -> StageResult:
     source = inputs[ArtifactKind.TORCH_MODEL]
     import torch
-    import torch.nn.functional as F
 
     meta = read_module_meta(source.path)
     _check_labels(meta, ctx, "model")
     torch.manual_seed(ctx.seed)
     model = load_module(source.path)
-    losses: list[float] = []
+    task, train = ImageClassification(cfg.eval_batch_size), ctx.data.train
 
-    def loss_fn(trained: Any, step: int, index: np.ndarray, images: Any, labels: Any) -> Any:
-        loss = F.cross_entropy(trained(images), labels)
-        losses.append(loss.item())
-        return loss
+    def step_loss(trained: Any, step: int, index: np.ndarray) -> Any:
+        batch = task.batch(train, index)
+        return task.loss(task.logits(task.forward(trained, batch), batch), batch)
 
-    train_s = _train(model, loss_fn, list(model.parameters()), cfg, ctx, "finetune")
+    fitted = fit(model, step_loss, cfg, len(train), ctx.seed, world=ctx.world, desc="finetune", progress=ctx.progress)
     if not ctx.writes:
         return StageResult([])
-    val_accuracy = evaluate_module(model, ctx.data.val, cfg.eval_batch_size)
-    log.info("finetune: %d steps in %.0f s, val accuracy %.4f", cfg.max_steps, train_s, val_accuracy)
+    val_accuracy = task.metric(model, ctx.data.val)
+    log.info("finetune: %d steps in %.0f s, val accuracy %.4f", cfg.max_steps, fitted.seconds, val_accuracy)
     out = ctx.stage_dir / "model"
     _save(model, out, meta["module"]["factory"], meta["module"]["kwargs"], ctx)
-    return finetune_result(model, out, cfg, ctx, losses, val_accuracy, train_s)
+    return finetune_result(model, out, cfg, ctx, fitted.losses, val_accuracy, fitted.seconds)
 
 
 def _student(cfg: DistillConfig, ctx: StageContext, teacher_meta: dict[str, Any]) -> tuple[Any, str, dict[str, Any]]:
@@ -224,9 +176,8 @@ def run_image_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, 
     for param in teacher.parameters():
         param.requires_grad_(False)
     student, factory, kwargs = _student(cfg, ctx, teacher_meta)
-    cached, reused = teacher_logits(
-        lambda images: module_logits(teacher, images, cfg.eval_batch_size), source, cfg, ctx
-    )
+    task, train = ImageClassification(cfg.eval_batch_size), ctx.data.train
+    cached, reused = teacher_logits(lambda split: task.predict(teacher, split), source, cfg, ctx)
 
     mapping: dict[int, int] = {}
     projections = None
@@ -238,14 +189,17 @@ def run_image_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, 
     history: dict[str, list[float]] = {k: [] for k in HISTORY_KEYS}
     temperature = cfg.temperature
 
-    def loss_fn(trained: Any, step: int, index: np.ndarray, images: Any, labels: Any) -> Any:
+    def step_loss(trained: Any, step: int, index: np.ndarray) -> Any:
         nonlocal temperature
-        logits = trained(images)
-        loss, terms, weights, temperature = logit_objective(cfg, step, logits, cached[torch.from_numpy(index)], labels)
+        batch = task.batch(train, index)
+        logits = task.logits(task.forward(trained, batch), batch)
+        loss, terms, weights, temperature = logit_objective(
+            cfg, step, logits, cached[torch.from_numpy(index)], batch.labels
+        )
         if cfg.loss.hidden > 0:
             s_feats = captures[0].take()
             with torch.no_grad():
-                teacher(images)
+                task.forward(teacher, batch)
             t_feats = captures[1].take()
             terms["hidden"] = kd.feature_loss(
                 [s_feats[s] for s in mapping], [t_feats[t] for t in mapping.values()], projections
@@ -255,14 +209,24 @@ def run_image_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, 
         return loss
 
     extra = list(projections.parameters()) if projections is not None else []
-    train_s = _train(student, loss_fn, list(student.parameters()) + extra, cfg, ctx, "distill", outside=extra)
+    fitted = fit(
+        student,
+        step_loss,
+        cfg,
+        len(train),
+        ctx.seed,
+        outside=extra,
+        world=ctx.world,
+        desc="distill",
+        progress=ctx.progress,
+    )
     for capture in captures:
         capture.close()
     if not ctx.writes:
         return StageResult([])
-    val_accuracy = evaluate_module(student, ctx.data.val, cfg.eval_batch_size)
-    teacher_val = evaluate_module(teacher, ctx.data.val, cfg.eval_batch_size)
+    val_accuracy = task.metric(student, ctx.data.val)
+    teacher_val = task.metric(teacher, ctx.data.val)
     out = ctx.stage_dir / "model"
     _save(student, out, factory, kwargs, ctx)
-    run = DistillRun(train_s, val_accuracy, teacher_val, mapping, reused, temperature, history)
+    run = DistillRun(fitted.seconds, val_accuracy, teacher_val, mapping, reused, temperature, history)
     return distill_result(student, teacher, out, cfg, ctx, run)

@@ -87,8 +87,9 @@ LM_DISTILL_REFUSES = {
 @register("distill", Task.LM, refuses=LM_DISTILL_REFUSES)
 def run_lm_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx: StageContext) -> StageResult:
     source = inputs[ArtifactKind.TORCH_MODEL]
-    from edgepipe.pipeline.lm import distill_lm, greedy_agreement, layer_subset, text_batches
-    from edgepipe.runtime.generate import TorchCausalLM, perplexity, torch_logits
+    from edgepipe.pipeline.adapters import CausalLM
+    from edgepipe.pipeline.lm import distill_lm, greedy_agreement, layer_subset
+    from edgepipe.runtime.generate import TorchCausalLM
 
     teacher, tokenizer = load_lm(source.path)
     problems = lm_student_problems(cfg, teacher.config.to_dict(), "distill")
@@ -118,10 +119,8 @@ def run_lm_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx
         progress=ctx.progress,
     )
     train_s = time.perf_counter() - started
-    val = list(ctx.data.val.inputs)
-    batches = list(text_batches(tokenizer, val, cfg.eval_batch_size, cfg.max_seq_len))
-    teacher_ppl = perplexity(torch_logits(teacher), batches)
-    student_ppl = perplexity(torch_logits(student), batches)
+    task, val = CausalLM(tokenizer, cfg.max_seq_len, cfg.eval_batch_size), list(ctx.data.val.inputs)
+    teacher_ppl, student_ppl = task.metric(teacher, ctx.data.val), task.metric(student, ctx.data.val)
     ids, mask = prompts(tokenizer, val, AGREEMENT_PROMPTS, PROMPT_TOKENS)
     agreement = greedy_agreement(
         TorchCausalLM(teacher).generate(ids, mask, AGREEMENT_TOKENS).tokens,

@@ -42,21 +42,13 @@ from edgepipe.arch.ops import (
     prune_ffn,
 )
 from edgepipe.errors import InputError
+from edgepipe.pipeline.adapters import adapter_for
 from edgepipe.pipeline.artifacts import Artifact
+from edgepipe.pipeline.loop import batches, loss_window
 from edgepipe.pipeline.recipe import TOKEN_TASK, ArtifactKind, PruneConfig
 from edgepipe.pipeline.stages import StageContext, StageResult, register
 from edgepipe.pipeline.stages.recovery import accuracy_metrics, ort_latency, recover
-from edgepipe.pipeline.stages.training import (
-    batches,
-    encode,
-    encode_words,
-    evaluate,
-    loss_window,
-    save_model,
-    token_labels,
-    word_width,
-    words_of,
-)
+from edgepipe.pipeline.stages.training import save_model
 from edgepipe.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -150,17 +142,10 @@ def taylor_scores(
     model.train()
     heads = [torch.zeros(n) for n in layer_heads(model, arch)] if arch.head_pruning else []
     ffn = [torch.zeros(n) for n in ffn_widths(model, arch)] if arch.ffn else []
-    train = ctx.data.train
-    width = word_width(train)
+    task, train = adapter_for(ctx.task, tokenizer, cfg.max_seq_len, cfg.eval_batch_size), ctx.data.train
     for index in batches(len(train), cfg.batch_size, max(1, cfg.samples // cfg.batch_size), ctx.seed):
-        texts = list(train.take(index))
-        if width is None:
-            enc = encode(tokenizer, texts, cfg.max_seq_len)
-            targets = torch.from_numpy(train.labels[index])
-        else:  # NER: each word's label on its first sub-word
-            enc, positions = encode_words(tokenizer, texts, cfg.max_seq_len, width)
-            targets = token_labels(train.labels[index], positions, enc["input_ids"].shape[1])
-        loss = model(**enc, labels=targets).loss
+        batch = task.batch(train, index)
+        loss = task.loss(task.logits(task.forward(model, batch), batch), batch)
         model.zero_grad(set_to_none=True)
         loss.backward()
         for i, layer in enumerate(layer_list(model, arch) if heads else []):
@@ -266,7 +251,6 @@ def run_prune(inputs: dict[ArtifactKind, Artifact], cfg: PruneConfig, ctx: Stage
     import torch
     from transformers import AutoTokenizer
 
-    from edgepipe.export import spec_for, text_feeds
     from edgepipe.runtime.text import load_text_model
 
     source = inputs[ArtifactKind.TORCH_MODEL].path
@@ -278,8 +262,10 @@ def run_prune(inputs: dict[ArtifactKind, Artifact], cfg: PruneConfig, ctx: Stage
     tokenizer = AutoTokenizer.from_pretrained(source)
     original = load_text_model(source, attn_implementation="eager")
 
+    task = adapter_for(ctx.task, tokenizer, cfg.max_seq_len, cfg.eval_batch_size)
+
     def evaluate_val(m: Any) -> float:
-        return evaluate(m, tokenizer, ctx.data.val, cfg.max_seq_len, cfg.eval_batch_size)
+        return float(task.metric(m, ctx.data.val))
 
     before = {
         "layers": int(model.config.num_hidden_layers),
@@ -305,17 +291,6 @@ def run_prune(inputs: dict[ArtifactKind, Artifact], cfg: PruneConfig, ctx: Stage
         kept_heads = [keep[i] for i in kept_layers]
     kept_ffn = [torch.arange(w) for w in ffn_widths(model, arch)] if arch.ffn else []
     start = {"heads": sum(layer_heads(model, arch)), "ffn": max((len(k) for k in kept_ffn), default=0)}
-    width = word_width(ctx.data.train)
-
-    def batch_of(index: Any) -> Any:
-        texts = list(ctx.data.train.take(index))
-        if width is None:
-            return encode(tokenizer, texts, cfg.max_seq_len), None
-        return encode_words(tokenizer, texts, cfg.max_seq_len, width)
-
-    def logits_of(m: Any, batch: Any) -> Any:
-        logits = m(**batch[0]).logits
-        return logits if batch[1] is None else words_of(logits, batch[1])
 
     history = []
     for iteration in range(1, cfg.iterations + 1):
@@ -341,8 +316,7 @@ def run_prune(inputs: dict[ArtifactKind, Artifact], cfg: PruneConfig, ctx: Stage
                 cfg.recover,
                 ctx,
                 ctx.seed + iteration,
-                batch_of,
-                logits_of,
+                task,
             )
             entry["recover_loss_start"], entry["recover_loss_end"] = loss_window(losses)
             entry["val_accuracy_recovered"] = evaluate_val(model)
@@ -370,8 +344,8 @@ def run_prune(inputs: dict[ArtifactKind, Artifact], cfg: PruneConfig, ctx: Stage
         **accuracy_metrics(before["val_accuracy"], history),
     }
     if cfg.latency:
-        spec = spec_for(model, ctx.task)
-        feeds = text_feeds(tokenizer, list(ctx.data.val.inputs[:16]), spec.input_names)
+        spec = task.export_spec(model)
+        feeds = task.feeds(ctx.data.val.inputs[:16], spec.input_names)
         metrics["ort_latency_ms"] = ort_latency(
             {"before": original, "after": model}, feeds, spec, ctx.stage_dir / "latency"
         )

@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 
 from edgepipe.errors import InputError
+from edgepipe.pipeline.adapters import ImageClassification
 from edgepipe.pipeline.artifacts import Artifact
+from edgepipe.pipeline.loop import batches, loss_window
 from edgepipe.pipeline.recipe import ArtifactKind, PruneConfig
 from edgepipe.pipeline.stages import StageContext, StageResult, register
-from edgepipe.pipeline.stages.image import evaluate_module
-from edgepipe.pipeline.stages.training import batches, loss_window
 from edgepipe.runtime.modules import load_module, read_module_meta, save_module
 from edgepipe.tasks import Task
 
@@ -85,18 +85,16 @@ def channel_fraction(model: Any, example: Any, target: int, cfg: PruneConfig, cl
 
 def _importance(model: Any, cfg: PruneConfig, ctx: StageContext) -> Any:
     """Torch-Pruning importance; for taylor, gradients of the CE loss accumulated over train batches."""
-    import torch
-    import torch.nn.functional as F
     import torch_pruning as tp
 
     if cfg.importance == "magnitude":
         return tp.importance.GroupMagnitudeImportance(p=2)
     model.eval()  # gradients only: train mode would move the batch-norm running statistics
     model.zero_grad(set_to_none=True)
-    train = ctx.data.train
+    task, train = ImageClassification(cfg.eval_batch_size), ctx.data.train
     for index in batches(len(train), cfg.batch_size, max(1, cfg.samples // cfg.batch_size), ctx.seed):
-        images = torch.from_numpy(np.asarray(train.take(index)))
-        F.cross_entropy(model(images), torch.from_numpy(train.labels[index])).backward()
+        batch = task.batch(train, index)
+        task.loss(task.logits(task.forward(model, batch), batch), batch).backward()
     return tp.importance.GroupTaylorImportance()
 
 
@@ -111,12 +109,12 @@ def run_cnn_prune(inputs: dict[ArtifactKind, Artifact], cfg: PruneConfig, ctx: S
     source = inputs[ArtifactKind.TORCH_MODEL]
     import torch
 
-    from edgepipe.export import image_feeds, spec_for
     from edgepipe.pipeline.stages.recovery import accuracy_metrics, ort_latency, recover
 
     if cfg.ratio is None:
         raise InputError("`ratio`: an image model is pruned by conv channels; set ratio (fraction of parameters)")
     meta = read_module_meta(source.path)
+    task = ImageClassification(cfg.eval_batch_size)
     model, original = load_module(source.path), load_module(source.path)
     for param in original.parameters():
         param.requires_grad_(False)
@@ -126,7 +124,7 @@ def run_cnn_prune(inputs: dict[ArtifactKind, Artifact], cfg: PruneConfig, ctx: S
         "params": _params(model),
         "macs": _macs(model, example),
         "widths": conv_widths(model),
-        "val_accuracy": evaluate_module(model, ctx.data.val, cfg.eval_batch_size),
+        "val_accuracy": task.metric(model, ctx.data.val),
     }
     history = []
     for iteration in range(1, cfg.iterations + 1):
@@ -138,7 +136,7 @@ def run_cnn_prune(inputs: dict[ArtifactKind, Artifact], cfg: PruneConfig, ctx: S
         entry: dict[str, Any] = {
             "channel_fraction": round(fraction, 4),
             "params": _params(model),
-            "val_accuracy_pruned": evaluate_module(model, ctx.data.val, cfg.eval_batch_size),
+            "val_accuracy_pruned": task.metric(model, ctx.data.val),
         }
         if cfg.recover is not None:
             losses = recover(
@@ -147,11 +145,10 @@ def run_cnn_prune(inputs: dict[ArtifactKind, Artifact], cfg: PruneConfig, ctx: S
                 cfg.recover,
                 ctx,
                 ctx.seed + iteration,
-                lambda index: torch.from_numpy(np.asarray(ctx.data.train.take(index))),
-                lambda m, images: m(images),
+                task,
             )
             entry["recover_loss_start"], entry["recover_loss_end"] = loss_window(losses)
-            entry["val_accuracy_recovered"] = evaluate_module(model, ctx.data.val, cfg.eval_batch_size)
+            entry["val_accuracy_recovered"] = task.metric(model, ctx.data.val)
         history.append(entry)
         log.info("prune: iteration %d: %s", iteration, entry)
     out = ctx.stage_dir / "model"
@@ -176,8 +173,8 @@ def run_cnn_prune(inputs: dict[ArtifactKind, Artifact], cfg: PruneConfig, ctx: S
         **accuracy_metrics(before["val_accuracy"], history),
     }
     if cfg.latency:
-        spec = spec_for(model, ctx.task)
-        feeds = image_feeds(np.asarray(ctx.data.val.inputs[:16]))
+        spec = task.export_spec(model)
+        feeds = task.feeds(ctx.data.val.inputs[:16], spec.input_names)
         metrics["ort_latency_ms"] = ort_latency(
             {"before": original, "after": model}, feeds, spec, ctx.stage_dir / "latency"
         )

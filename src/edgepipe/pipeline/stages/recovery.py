@@ -7,49 +7,34 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edgepipe.benchmarks.metrics import IGNORE
+from edgepipe.pipeline.adapters import Classifier
+from edgepipe.pipeline.loop import fit
 from edgepipe.pipeline.recipe import RecoverConfig
 from edgepipe.pipeline.stages import StageContext
-from edgepipe.pipeline.stages.training import batches, optimizer_and_schedule, optimizer_step
 
 LATENCY_SHAPES = ((1, 128), (8, 128))
 
 
 def recover(
-    model: Any,
-    teacher: Any,
-    spec: RecoverConfig,
-    ctx: StageContext,
-    seed: int,
-    batch_of: Callable[[Any], Any],
-    logits_of: Callable[[Any, Any], Any],
+    model: Any, teacher: Any, spec: RecoverConfig, ctx: StageContext, seed: int, task: Classifier
 ) -> list[float]:
-    """KD fine-tuning of the pruned model from the unpruned one; returns the loss per step.
-
-    `batch_of(index)` makes the model input of train examples `index` (once per step, for both models);
-    `logits_of(model, batch)` runs a model on it. Text and image pruning share this loop."""
+    """KD fine-tuning of the pruned model from the unpruned one (text and image pruning alike); returns
+    the loss per step."""
     import torch
 
     from edgepipe.pipeline.stages.distill import logit_objective
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, schedule = optimizer_and_schedule(params, spec.lr, spec.weight_decay, spec.warmup_ratio, spec.max_steps)
     train = ctx.data.train
-    losses = []
-    model.train()
-    for step, index in enumerate(batches(len(train), spec.batch_size, spec.max_steps, seed)):
-        batch = batch_of(index)
+
+    def step_loss(trained: Any, step: int, index: Any) -> Any:
+        batch = task.batch(train, index)
         with torch.no_grad():
-            t_logits = logits_of(teacher, batch)
-        logits, labels = logits_of(model, batch), torch.from_numpy(train.labels[index])
-        if labels.ndim == 2:  # NER: per-word logits; every labeled word is one sample
-            words = labels != IGNORE
-            logits, t_logits, labels = logits[words], t_logits[words], labels[words]
-        loss, _, _, _ = logit_objective(spec, step, logits, t_logits, labels)
-        optimizer_step(loss, params, optimizer, schedule)
-        losses.append(loss.item())
-    model.eval()
-    return losses
+            t_logits = task.logits(task.forward(teacher, batch), batch)
+        logits = task.logits(task.forward(trained, batch), batch)
+        logits, t_logits, labels = task.samples(batch, logits, t_logits)
+        return logit_objective(spec, step, logits, t_logits, labels)[0]
+
+    return fit(model, step_loss, spec, len(train), seed).losses
 
 
 def ort_latency(models: dict[str, Any], feeds: Callable[..., Any], spec: Any, work: Path) -> dict[str, Any]:

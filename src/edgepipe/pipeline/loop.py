@@ -1,0 +1,124 @@
+"""The one training loop: finetune, distill (text and image), pruning's recovery and causal-LM
+distillation all run `fit`, and differ only in the loss of a step.
+
+A step takes a seeded batch of train-example indices (reshuffled epochs, sharded over the torchrun
+world), asks the stage for its loss, and takes an AdamW step with a linear warm-up and decay and the
+gradient norm clipped at 1.0.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class Scheduled(Protocol):
+    """What a config says about its optimization (FinetuneConfig, DistillConfig, RecoverConfig, Schedule)."""
+
+    @property
+    def lr(self) -> float: ...
+    @property
+    def weight_decay(self) -> float: ...
+    @property
+    def warmup_ratio(self) -> float: ...
+    @property
+    def max_steps(self) -> int: ...
+    @property
+    def batch_size(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The optimization settings of a loop called outside a recipe (causal-LM distillation's API)."""
+
+    lr: float
+    weight_decay: float
+    warmup_ratio: float
+    max_steps: int
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """What a finished loop measured: the loss and wall time of every step, and the whole loop's seconds."""
+
+    losses: list[float]
+    step_s: list[float]
+    seconds: float
+
+
+StepLoss = Callable[[Any, int, np.ndarray], Any]
+"""`(model, step, index) -> loss`: the loss of one step on train examples `index`; `model` is the
+trained model as the world runs it (DDP-wrapped under torchrun)."""
+
+
+def batches(n: int, batch_size: int, steps: int, seed: int) -> list[np.ndarray]:
+    """`steps` batches of indices: reshuffled epochs, every example seen once per epoch."""
+    rng = np.random.default_rng(seed)
+    batch_size = min(batch_size, n)
+    out: list[np.ndarray] = []
+    while len(out) < steps:
+        order = rng.permutation(n)
+        out.extend(order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size))
+    return out[:steps]
+
+
+def optimizer_and_schedule(params: list[Any], cfg: Scheduled) -> Any:
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return optimizer, get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * cfg.max_steps), cfg.max_steps)
+
+
+def fit(
+    model: Any,
+    step_loss: StepLoss,
+    cfg: Scheduled,
+    examples: int,
+    seed: int,
+    *,
+    outside: Sequence[Any] = (),
+    world: Any = None,
+    desc: str = "train",
+    progress: bool = False,
+) -> Fitted:
+    """Train `model` in place for `cfg.max_steps` steps of `step_loss` over `examples` train examples.
+
+    `outside`: trained parameters that are not `model`'s (hidden-state projections); they are optimized
+    with it, and as DDP does not see them their gradients are averaged over `world` here. The model is
+    left in eval mode."""
+    import torch
+    from tqdm.auto import tqdm
+
+    params = [p for p in model.parameters() if p.requires_grad] + list(outside)
+    optimizer, schedule = optimizer_and_schedule(params, cfg)
+    model.train()
+    trained = world.wrap(model) if world is not None else model  # DDP: each rank takes its share of a batch
+    losses, step_s = [], []
+    started = time.perf_counter()
+    plan = batches(examples, cfg.batch_size, cfg.max_steps, seed)
+    for step, index in enumerate(tqdm(plan, desc=desc, disable=not progress)):
+        begun = time.perf_counter()
+        loss = step_loss(trained, step, world.shard(index) if world is not None else index)
+        loss.backward()
+        if world is not None:
+            world.average_gradients(outside)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        step_s.append(time.perf_counter() - begun)
+    model.eval()
+    return Fitted(losses, step_s, time.perf_counter() - started)
+
+
+def loss_window(losses: list[float]) -> tuple[float, float]:
+    """Mean loss over the first and the last few steps."""
+    window = max(1, min(20, len(losses) // 4))
+    return float(np.mean(losses[:window])), float(np.mean(losses[-window:]))
