@@ -105,3 +105,33 @@ def test_int4_matmulnbits_quantizes_every_weight_matmul(
     assert np.abs(_logits(tmp_path / "int4.onnx") - _logits(path)).max() < INT4_ATOL
     assert (tmp_path / "int4.onnx").stat().st_size < 0.5 * path.stat().st_size  # the embedding Gather stays fp32
     assert op_counts(tmp_path / "int4.onnx") == ops
+
+
+def test_export_leaves_a_model_with_dropout_in_eval_mode_and_decodes_like_it(tmp_path: Path) -> None:
+    """GPT-2 has 0.1 dropout: a wrapper exported in train mode switched it on in the model afterwards, so
+    PyTorch, not the ONNX graph, was off (by ~1 logit) in the parity check."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, n_inner=64, vocab_size=128)).eval()
+    export_causal_lm(model, tmp_path / "model.onnx")
+    assert not any(m.training for m in model.modules())
+    (result, _) = check_causal_parity(model, tmp_path / "model.onnx", atol=1e-4)
+    assert result.max_abs_diff < 1e-5
+
+
+def test_sliding_window_decoding_matches_past_the_window(tmp_path: Path) -> None:
+    """Gemma 3's sliding layers: the exported cache keeps every token and the mask applies the window, so
+    decoding 18 tokens with a window of 4 equals PyTorch's full forward (a trimmed cache traced at 7 did not)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+    )  # fmt: skip
+    model = Gemma3ForCausalLM(config).eval()
+    export_causal_lm(model, tmp_path / "model.onnx")
+    cases = (CausalParityCase(1, 12, 6), CausalParityCase(2, 7, 6, left_pad=3))
+    results = check_causal_parity(model, tmp_path / "model.onnx", atol=1e-4, cases=cases)
+    assert max(r.max_abs_diff for r in results) < 1e-5

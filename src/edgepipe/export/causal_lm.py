@@ -1,10 +1,12 @@
-"""torch -> ONNX for decoder-only causal LMs (Llama family) with a KV cache, and its parity check.
+"""torch -> ONNX for decoder-only causal LMs (every decoder family with a spec) with a KV cache, and its parity check.
 
 One graph serves prefill and decode, like Optimum's merged "with past" model: it always takes the
 past keys and values, and the first step feeds them with past_sequence 0. Inputs are `input_ids`,
 `attention_mask` (batch, past + sequence), `position_ids` (so left padding gets the positions
 transformers' generate gives it) and `past_key_values.{i}.key` / `.value` (batch, kv_heads,
 past_sequence, head_dim); outputs are `logits` (batch, sequence, vocab) and `present.{i}.key` / `.value`.
+Every layer's cache keeps every token, sliding-window layers (Gemma 2/3) included: the mask applies the
+window, so one graph holds past the window (a trimmed cache would be traced at one length).
 
 The legacy TorchScript exporter is used (no onnxscript here), with eager attention, whose mask and
 softmax trace into plain ONNX ops. The parity check decodes step by step in onnxruntime, feeding
@@ -45,7 +47,7 @@ def _with_past(model: Any) -> Any:
             self.model = model
 
         def forward(self, input_ids: Any, attention_mask: Any, positions: Any, *past: Any) -> tuple[Any, ...]:
-            cache = DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2], strict=True)), config=model.config)
+            cache = DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2], strict=True)))
             out = self.model(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache, use_cache=True
             )
@@ -91,8 +93,10 @@ def export_causal_lm(model: Any, out_path: Path, *, opset: int = CAUSAL_LM_OPSET
         # The tracer warns about Python control flow in transformers' mask and cache code; parity checks it.
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            # the wrapper in eval mode too: the exporter restores the mode of the module it was given, and
+            # a wrapper left in train mode would switch the model's dropout on (GPT-2's is 0.1) after export
             torch.onnx.export(
-                _with_past(model.eval()),
+                _with_past(model.eval()).eval(),
                 (ids, mask, positions, *past),
                 str(out_path),
                 input_names=["input_ids", "attention_mask", "position_ids", *inputs],
