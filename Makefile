@@ -18,7 +18,7 @@ OPTIMUM := torch==2.13.0 transformers==4.57.6 optimum==2.1.0 optimum-onnx==0.1.0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo demo-ner demo-lm test test-all test-gpu lint format bench bench-models bench-gpu regress clean
+.PHONY: setup demo demo-ner demo-lm test test-all test-gpu gpu-kit lint format bench bench-models bench-gpu regress clean
 
 setup: $(STAMP)
 
@@ -79,6 +79,9 @@ $(OPTIMUM_VENV)/.installed:
 
 test-gpu: $(STAMP)  # on a CUDA machine: the cuda/tensorrt-marked tests (skipped elsewhere, with the reason)
 	$(BIN)/python -m pytest -q -m "cuda or tensorrt" -rs
+
+gpu-kit: $(STAMP)  # here, before a GPU run: .gpu-kit/ (wheels, data, student; ~38 MiB) for benchmarks/gpu_check.sh
+	$(BIN)/python benchmarks/gpu_kit.py
 
 bench-gpu: demo  # on a CUDA machine: every engine of the demo's student on the GPU (and CPU), one report
 	$(BIN)/python benchmarks/bench_engines.py --run runs/demo --json runs/bench/engines-gpu.json --targets cpu cuda
