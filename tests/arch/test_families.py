@@ -429,3 +429,28 @@ def test_a_broken_config_json_is_one_message_and_exit_2(
     assert main(["validate", str(tmp_path / "r.yaml")]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("task", [TEXT, LM])
+def test_a_folder_with_only_pickled_weights_is_refused_at_validate(
+    tmp_path: Path, rt_csv: Path, task: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """pytorch_model.bin is a pickle: edgepipe never loads one, and says how to convert it before anything runs."""
+    import yaml
+    from transformers import AutoTokenizer
+
+    from edgepipe.pipeline.cli import main
+    from edgepipe.pipeline.models import resolve_model
+
+    family = "bert" if task == TEXT else "llama"
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm-l6"))
+    folder = save_family(family, task, tmp_path / "model", tokenizer, ["fresh", "rotten"] if task == TEXT else [])
+    for weights in folder.glob("*.safetensors"):
+        weights.rename(folder / "pytorch_model.bin")  # the bytes do not matter: nothing may open it
+    raw = {"schema_version": 1, "task": task, "model": str(folder), "data": {"source": str(rt_csv)}}
+    raw["stages"] = [{"kind": "distill", "student": {"num_layers": 1}}]
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["validate", str(tmp_path / "r.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "holds its weights only as pickles (pytorch_model.bin)" in err and "save_pretrained" in err
+    assert "Traceback" not in err

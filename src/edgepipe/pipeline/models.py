@@ -113,11 +113,29 @@ def _lm_problem(name: str) -> str | None:
     if name in BUILTIN_LMS:
         return smollm2_problem()
     if name in BUILTIN_MODELS or module_spec(name, {}) is not None:
-        return f"`model`: {name!r} is not a causal LM; name {', '.join(BUILTIN_LMS)} or a LlamaForCausalLM folder"
+        return f"`model`: {name!r} is not a causal LM; name {', '.join(BUILTIN_LMS)} or a *ForCausalLM folder"
     path = Path(name)
     if not (path / "config.json").is_file():
         return f"`model`: {name!r} is neither a built-in causal LM ({', '.join(BUILTIN_LMS)}) nor a model folder"
-    return None
+    return pickle_problem(path)
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def pickle_problem(folder: Path) -> str | None:
+    """A model folder whose weights are only pickles (pytorch_model.bin, ...): refused, as loading one is
+    unpickling; safetensors weights beside them are what is loaded."""
+    if any(folder.glob("*.safetensors")):
+        return None
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if not pickles:
+        return None
+    return (
+        f"`model`: {folder} holds its weights only as pickles ({', '.join(pickles)}), and edgepipe loads no "
+        "pickle; convert them once, where you trust the file: AutoModel.from_pretrained(folder)."
+        "save_pretrained(folder) writes model.safetensors beside them"
+    )
 
 
 def model_problem(name: str, task: str = "text-classification") -> str | None:
@@ -150,7 +168,7 @@ def model_problem(name: str, task: str = "text-classification") -> str | None:
         return f"`model`: {name!r} is neither a built-in model ({known}) nor an existing folder{extra}"
     if not (path / "config.json").is_file():
         return f"`model`: folder {name!r} has no config.json; pass a folder written by save_pretrained"
-    return None
+    return pickle_problem(path)
 
 
 def resolve_model(name: str, task: str = "text-classification") -> Path:

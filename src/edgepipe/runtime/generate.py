@@ -193,7 +193,7 @@ def load_causal_lm(folder: Path, fmt: str, options: RuntimeOptions | None = None
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads((options or RuntimeOptions()).resolved_threads)  # as many threads as ORT sessions
-    return TorchCausalLM(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32))
+    return TorchCausalLM(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True))
 
 
 def perplexity(logits_fn: LogitsFn, batches: Iterable[Batch]) -> float:

@@ -44,6 +44,7 @@ def load_text_model(path: Path | str, task: str | None = None, **kwargs: Any) ->
     `task` None reads it from the folder's config (a base encoder loads as a sequence classifier)."""
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
+    safe = {"use_safetensors": True, **kwargs}  # never a pickle (pytorch_model.bin) on a load path
     config_path = Path(path) / "config.json"
     token = (task or folder_task(path)) == TOKEN_TASK
     config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
@@ -51,9 +52,9 @@ def load_text_model(path: Path | str, task: str | None = None, **kwargs: Any) ->
         from edgepipe.runtime import pruned_bert
 
         head = "TokenClassification" if token else "SequenceClassification"
-        return pruned_bert.pruned_class(config["model_type"], head).from_pretrained(path, **kwargs).eval()
+        return pruned_bert.pruned_class(config["model_type"], head).from_pretrained(path, **safe).eval()
     auto = AutoModelForTokenClassification if token else AutoModelForSequenceClassification
-    return auto.from_pretrained(path, **kwargs).eval()
+    return auto.from_pretrained(path, **safe).eval()
 
 
 def word_positions(texts: list[str], offsets: np.ndarray, width: int) -> np.ndarray:
