@@ -30,13 +30,23 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "albert": ("AlbertConfig", {**_STANDARD, "embedding_size": 16}),
     "mpnet": ("MPNetConfig", {**_STANDARD, "max_position_embeddings": 130}),
-    "deberta-v2": ("DebertaV2Config", {**_STANDARD, "relative_attention": True, "position_buckets": 16}),
+    # DeBERTa-v3's attention: relative positions through the shared q/k projections (c2p and p2c)
+    "deberta-v2": (
+        "DebertaV2Config",
+        {
+            **_STANDARD,
+            "relative_attention": True,
+            "position_buckets": 16,
+            "pos_att_type": ["p2c", "c2p"],
+            "share_att_key": True,
+        },
+    ),
     "modernbert": ("ModernBertConfig", {**_STANDARD, "global_attn_every_n_layers": 2, "local_attention": 16}),
     "llama": ("LlamaConfig", _DECODER),
     "qwen2": ("Qwen2Config", _DECODER),
     "qwen3": ("Qwen3Config", _DECODER),
     "gemma": ("GemmaConfig", _DECODER),
-    # a window wider than any test sequence: the KV-cache export is checked within it only (README matrix note)
+    # a window shorter than the test sequences: the KV-cache export is checked past it (README matrix note)
     "gemma3_text": ("Gemma3TextConfig", {**_DECODER, "sliding_window": 4}),
     "phi3": ("Phi3Config", {**_DECODER, "head_dim": None}),
     "gpt2": ("GPT2Config", {"n_embd": HIDDEN, "n_layer": LAYERS, "n_head": HEADS, "n_inner": FFN, "n_positions": 128}),

@@ -284,7 +284,8 @@ def test_unsupported_model_types_name_the_supported_ones() -> None:
     ]
     assert prune_problems(stage, _config(model_type="mpnet"), "stages.0") == [  # type: ignore[arg-type]
         "`stages.0`: model_type 'mpnet' (mpnet) has no attention head pruning; attention head pruning "
-        "support: bert, roberta, xlm-roberta, camembert, electra; use ffn_ratio / drop_layers"
+        "support: bert, roberta, xlm-roberta, camembert, electra, distilbert, deberta-v2, modernbert; use ffn_ratio / "
+        "drop_layers"
     ]
 
 

@@ -58,6 +58,28 @@ class Ffn:
 
 
 @dataclass(frozen=True)
+class Attention:
+    """A layer's self-attention heads (paths inside a layer): the q/k/v projections' output units and the
+    output projection's input units, `head_size` units per head.
+
+    `module` is the attention module whose attributes the forward pass reads: `heads` (the head count,
+    None where it is derived from the width), `size` (units per head), `width` (heads x size, where it
+    is kept). `qkv`: one fused [q; k; v] projection instead of q/k/v (ModernBERT's Wqkv). `extra`: more
+    projections of the same units where a model has them (DeBERTa's separate position projections)."""
+
+    module: str
+    out: str
+    q: str | None = None
+    k: str | None = None
+    v: str | None = None
+    qkv: str | None = None
+    heads: str | None = "num_attention_heads"
+    size: str = "attention_head_size"
+    width: str | None = "all_head_size"
+    extra: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     family: str
     model_types: tuple[str, ...]
@@ -68,8 +90,8 @@ class ArchSpec:
     keys: ConfigKeys = field(default_factory=ConfigKeys)
     # onnxruntime.transformers.optimizer model_type whose fusions match this family's exported graph
     fusion: str | None = None
-    # per-layer head counts are saved through edgepipe.runtime.pruned_bert (BERT's layer layout)
-    head_pruning: bool = False
+    # the attention heads, where a head-pruned model saves (edgepipe.runtime.pruned_bert) and reloads
+    attention: Attention | None = None
     # the family's layers repeat one shared set of weights: a shallower student keeps it, with fewer repeats
     shared_layers: bool = False
     # where the FFN weights live when not in `layers` (a pattern, `*` for every index)
@@ -83,7 +105,7 @@ class ArchSpec:
         if capability is Capability.FFN_PRUNING:
             return self.ffn is not None
         if capability is Capability.HEAD_PRUNING:
-            return self.head_pruning
+            return self.attention is not None and self.layers is not None
         return self.fusion is not None
 
     def shape(self, config: dict[str, Any]) -> dict[str, int] | None:
@@ -99,11 +121,18 @@ class ArchSpec:
 
 SHAPE = ("layers", "hidden", "heads", "ffn")
 _BERT_FFN = Ffn(up="intermediate.dense", down="output.dense")
+_BERT_ATTENTION = Attention(
+    module="attention.self",
+    q="attention.self.query",
+    k="attention.self.key",
+    v="attention.self.value",
+    out="attention.output.dense",
+)
 _LLAMA_FFN = Ffn(up="mlp.up_proj", gate="mlp.gate_proj", down="mlp.down_proj")
 
 SPECS: tuple[ArchSpec, ...] = (
     # encoders
-    ArchSpec("bert", ("bert",), Kind.ENCODER, "encoder.layer", _BERT_FFN, fusion="bert", head_pruning=True),
+    ArchSpec("bert", ("bert",), Kind.ENCODER, "encoder.layer", _BERT_FFN, fusion="bert", attention=_BERT_ATTENTION),
     ArchSpec(
         "roberta",
         ("roberta", "xlm-roberta", "camembert"),
@@ -111,9 +140,11 @@ SPECS: tuple[ArchSpec, ...] = (
         "encoder.layer",
         _BERT_FFN,
         fusion="bert",
-        head_pruning=True,
+        attention=_BERT_ATTENTION,
     ),
-    ArchSpec("electra", ("electra",), Kind.ENCODER, "encoder.layer", _BERT_FFN, fusion="bert", head_pruning=True),
+    ArchSpec(
+        "electra", ("electra",), Kind.ENCODER, "encoder.layer", _BERT_FFN, fusion="bert", attention=_BERT_ATTENTION
+    ),
     ArchSpec(
         "distilbert",
         ("distilbert",),
@@ -122,6 +153,15 @@ SPECS: tuple[ArchSpec, ...] = (
         Ffn(up="ffn.lin1", down="ffn.lin2"),
         keys=ConfigKeys(layers="n_layers", hidden="dim", heads="n_heads", ffn="hidden_dim"),
         fusion="bert",
+        attention=Attention(
+            module="attention",
+            q="attention.q_lin",
+            k="attention.k_lin",
+            v="attention.v_lin",
+            out="attention.out_lin",
+            heads="n_heads",
+            width=None,
+        ),
     ),
     ArchSpec(
         "albert",
@@ -133,8 +173,23 @@ SPECS: tuple[ArchSpec, ...] = (
         shared_layers=True,
         blocks="encoder.albert_layer_groups.*.albert_layers.*",
     ),
+    # no head pruning: MPNet's relative position bias is one table, per head, shared by every layer
     ArchSpec("mpnet", ("mpnet",), Kind.ENCODER, "encoder.layer", _BERT_FFN),
-    ArchSpec("deberta-v2", ("deberta-v2",), Kind.ENCODER, "encoder.layer", _BERT_FFN),
+    ArchSpec(
+        "deberta-v2",
+        ("deberta-v2",),
+        Kind.ENCODER,
+        "encoder.layer",
+        _BERT_FFN,
+        attention=Attention(
+            module="attention.self",
+            q="attention.self.query_proj",
+            k="attention.self.key_proj",
+            v="attention.self.value_proj",
+            out="attention.output.dense",
+            extra=("attention.self.pos_key_proj", "attention.self.pos_query_proj"),
+        ),
+    ),
     ArchSpec(
         "modernbert",
         ("modernbert",),
@@ -142,6 +197,7 @@ SPECS: tuple[ArchSpec, ...] = (
         "layers",
         Ffn(up="mlp.Wi", down="mlp.Wo", fused_glu=True),
         first_layer_fixed=True,
+        attention=Attention(module="attn", qkv="attn.Wqkv", out="attn.Wo", heads=None, size="head_dim", width=None),
     ),
     # decoders
     ArchSpec("llama", ("llama", "mistral"), Kind.DECODER, "layers", _LLAMA_FFN),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from edgepipe.arch import ArchSpec, Ffn
+from edgepipe.arch import ArchSpec, Attention, Ffn
 from edgepipe.errors import InputError
 
 
@@ -179,6 +179,79 @@ def prune_ffn(model: Any, spec: ArchSpec, keep: list[Any]) -> None:
                 _replace(block, path, keep_out(block.get_submodule(path), rows))
         _replace(block, ffn.down, keep_in(block.get_submodule(ffn.down), index))
     setattr(model.config, spec.keys.ffn, max(len(k) for k in keep))
+
+
+def _attention(spec: ArchSpec) -> Attention:
+    if spec.attention is None:
+        raise InputError(f"{spec.family} has no attention spec; head pruning does not apply to it")
+    return spec.attention
+
+
+def _qkv_width(layer: Any, att: Attention) -> int:
+    """Units of one of q, k, v (heads x head size)."""
+    if att.qkv is not None:
+        return int(layer.get_submodule(att.qkv).out_features) // 3
+    return int(layer.get_submodule(att.q or "").out_features)
+
+
+def head_size(layer: Any, spec: ArchSpec) -> int:
+    return int(getattr(layer.get_submodule(_attention(spec).module), _attention(spec).size))
+
+
+def head_count(layer: Any, spec: ArchSpec) -> int:
+    att = _attention(spec)
+    if att.heads is not None:
+        return int(getattr(layer.get_submodule(att.module), att.heads))
+    return _qkv_width(layer, att) // head_size(layer, spec)
+
+
+def head_projections(layer: Any, att: Attention) -> list[tuple[str, int]]:
+    """(path, stacked copies) of every projection whose output units are the heads' (a fused qkv: 3)."""
+    paths = [(att.qkv, 3)] if att.qkv is not None else [(p, 1) for p in (att.q, att.k, att.v) if p is not None]
+    for path in att.extra:  # present only in some configurations
+        parent, _, name = path.rpartition(".")
+        if getattr(layer.get_submodule(parent), name, None) is not None:
+            paths.append((path, 1))
+    return [(p, n) for p, n in paths if p is not None]
+
+
+def head_weight_sq(layer: Any, spec: ArchSpec) -> Any:
+    """Per head: the sum of squares of its rows in q/k/v and its columns of the output projection."""
+    att = _attention(spec)
+    width = _qkv_width(layer, att)
+    total = layer.get_submodule(att.out).weight.detach().pow(2).sum(0)
+    for path, copies in head_projections(layer, att):
+        weight = layer.get_submodule(path).weight.detach()
+        total = total + weight.view(copies, width, -1).pow(2).sum((0, 2))
+    return total.view(-1, head_size(layer, spec)).sum(1)
+
+
+def head_output_taylor(layer: Any, spec: ArchSpec) -> Any:
+    """Per head: |sum of w * dL/dw| over its columns of the output projection (the gradient of a mask on the
+    head, Michel et al. 2019); needs the gradients of a backward pass."""
+    out = layer.get_submodule(_attention(spec).out)
+    per_column = (out.weight * out.weight.grad).sum(0)
+    return per_column.view(-1, head_size(layer, spec)).sum(1).detach().abs()
+
+
+def prune_heads(model: Any, spec: ArchSpec, keep: list[Any]) -> None:
+    """Keep only heads `keep[i]` (indices into layer i's current heads) of every layer: their rows of
+    q/k/v and their columns of the output projection, copied as they are; the module's head count follows."""
+    import torch
+
+    att = _attention(spec)
+    for layer, heads in zip(layer_list(model, spec), keep, strict=True):
+        size, width = head_size(layer, spec), _qkv_width(layer, att)
+        units = (heads[:, None] * size + torch.arange(size)).flatten()
+        for path, copies in head_projections(layer, att):
+            rows = torch.cat([units + i * width for i in range(copies)])
+            _replace(layer, path, keep_out(layer.get_submodule(path), rows))
+        _replace(layer, att.out, keep_in(layer.get_submodule(att.out), units))
+        module = layer.get_submodule(att.module)
+        if att.heads is not None:
+            setattr(module, att.heads, len(heads))
+        if att.width is not None:
+            setattr(module, att.width, len(units))
 
 
 def _replace(root: Any, path: str, module: Any) -> None:

@@ -1,11 +1,14 @@
-"""A BERT-layout encoder (BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA) whose layers keep different numbers
-of attention heads and FFN neurons: a pruned BERT.
+"""An encoder whose layers keep different numbers of attention heads and FFN neurons: a pruned BERT (or
+DistilBERT, DeBERTa-v2/v3, ModernBERT).
 
 transformers 5 removed `prune_heads`/`pruned_heads` and derives every layer's head count from
 `num_attention_heads`, so a head-pruned BERT does not fit `BertConfig`. This config records the
 kept heads and FFN width per layer (`layer_heads`, `layer_ffn`; the head size stays
 hidden_size / num_attention_heads) and the model resizes each layer's projections when it is built,
-so `from_pretrained` loads the pruned safetensors as they are.
+so `from_pretrained` loads the pruned safetensors as they are. BERT's layer layout (BERT, RoBERTa, XLM-R,
+CamemBERT, ELECTRA) gets a self-attention that reshapes to its own head count (what ONNX Runtime's
+fusion reads); the other families are resized through `pruned_layout`, the module paths the prune stage
+writes into config.json from the family's architecture spec (this file cannot import edgepipe).
 
 The config keeps its `model_type` (tokenizers, ONNX Runtime's optimizer and every tool that reads
 config.json see the family) and names the family's pruned class in `auto_map`. The file imports only torch and
@@ -30,7 +33,8 @@ from transformers.models.bert.modeling_bert import BertSelfAttention, eager_atte
 def _per_layer(config: Any, layer_heads: list[int] | None, layer_ffn: list[int] | None) -> None:
     layers = config.num_hidden_layers
     config.layer_heads = list(layer_heads) if layer_heads is not None else [config.num_attention_heads] * layers
-    config.layer_ffn = list(layer_ffn) if layer_ffn is not None else [config.intermediate_size] * layers
+    width = getattr(config, "intermediate_size", None)
+    config.layer_ffn = list(layer_ffn) if layer_ffn is not None else [width] * layers
     if len(config.layer_heads) != layers or len(config.layer_ffn) != layers:
         raise ValueError(
             f"layer_heads ({len(config.layer_heads)}) and layer_ffn ({len(config.layer_ffn)}) need one entry "
@@ -91,10 +95,39 @@ def resize_layers(model: Any, config: Any) -> None:
     model.post_init()
 
 
-def _pruned_model(base: type, config_class: type) -> type:
+def _set(root: Any, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def _resized(old: nn.Linear, *, out_features: int | None = None, in_features: int | None = None) -> nn.Linear:
+    return nn.Linear(in_features or old.in_features, out_features or old.out_features, bias=old.bias is not None)
+
+
+def resize_by_layout(model: Any, config: Any) -> None:
+    """Give every layer its `layer_heads` and `layer_ffn` through the paths of `config.pruned_layout`."""
+    layout = config.pruned_layout
+    for index, layer in enumerate(model.base_model.get_submodule(layout["layers"])):
+        heads, ffn = config.layer_heads[index], config.layer_ffn[index]
+        width = heads * layout["head_size"]
+        for path, copies in layout["projections"].items():  # q, k, v (or one fused qkv: 3 copies)
+            _set(layer, path, _resized(layer.get_submodule(path), out_features=copies * width))
+        _set(layer, layout["out"], _resized(layer.get_submodule(layout["out"]), in_features=width))
+        attention = layer.get_submodule(layout["module"])
+        if layout["heads"]:
+            setattr(attention, layout["heads"], heads)
+        if layout["width"]:
+            setattr(attention, layout["width"], width)
+        for path in layout["up"]:
+            _set(layer, path, _resized(layer.get_submodule(path), out_features=layout["glu"] * ffn))
+        _set(layer, layout["down"], _resized(layer.get_submodule(layout["down"]), in_features=ffn))
+    model.post_init()
+
+
+def _pruned_model(base: type, config_class: type, resize: Any) -> type:
     def __init__(self: Any, config: Any) -> None:
         base.__init__(self, config)  # type: ignore[misc]
-        resize_layers(self, config)
+        resize(self, config)
 
     return type(f"Pruned{base.__name__}", (base,), {"config_class": config_class, "__init__": __init__})
 
@@ -108,19 +141,24 @@ def _pruned_config(base: type) -> type:
 
 
 # model_type -> the transformers class prefix of each family with BERT's layer layout
-FAMILIES = {
+BERT_LAYOUT = {
     "bert": "Bert",
     "roberta": "Roberta",
     "xlm-roberta": "XLMRoberta",
     "camembert": "Camembert",
     "electra": "Electra",
 }
+# ... and of the families resized through `pruned_layout`
+FAMILIES = {**BERT_LAYOUT, "distilbert": "DistilBert", "deberta-v2": "DebertaV2", "modernbert": "ModernBert"}
+
+
 for _prefix in FAMILIES.values():
     _config = PrunedBertConfig if _prefix == "Bert" else _pruned_config(getattr(transformers, f"{_prefix}Config"))
+    _resize = resize_layers if _prefix in BERT_LAYOUT.values() else resize_by_layout
     globals()[f"Pruned{_prefix}Config"] = _config
     for _head in ("SequenceClassification", "TokenClassification"):
         _name = f"Pruned{_prefix}For{_head}"
-        globals()[_name] = _pruned_model(getattr(transformers, f"{_prefix}For{_head}"), _config)
+        globals()[_name] = _pruned_model(getattr(transformers, f"{_prefix}For{_head}"), _config, _resize)
 
 
 def pruned_class(model_type: str, head: str) -> Any:

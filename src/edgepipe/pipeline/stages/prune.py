@@ -1,4 +1,4 @@
-"""prune: remove attention heads, FFN neurons and whole layers of a BERT-family model, so shapes shrink.
+"""prune: remove attention heads, FFN neurons and whole layers of a transformers model, so shapes shrink.
 
 What goes, by importance computed on the model as it is:
 - `magnitude`: weight norms (a head: its q/k/v rows and output columns; an FFN neuron:
@@ -13,9 +13,10 @@ neurons keep the same count in every layer, rounded down to a multiple of `round
 heads and FFN neurons by the same fraction, which removes that fraction of the encoder layers'
 parameters and FLOPs. Pruning a unit equals masking it: the kept weights are copied as they are.
 
-A head-pruned model is saved as a pruned BERT (`edgepipe.runtime.pruned_bert`: per-layer head and FFN
-counts in config.json, the modeling file copied alongside), which reloads with
-`from_pretrained(folder, trust_remote_code=True)`; an FFN- or layer-pruned one stays a plain BERT.
+The family's architecture spec (`edgepipe.arch`) says where its heads, FFN and layers are. A head-pruned
+model is saved through `edgepipe.runtime.pruned_bert` (per-layer head and FFN counts in config.json, the
+modeling file copied alongside), which reloads with `from_pretrained(folder, trust_remote_code=True)`; an
+FFN- or layer-pruned one stays a plain folder of its family.
 
 `recover` fine-tunes with the distill stage's logit objective from the unpruned model;
 `iterations: N` prunes 1/N of the way, recovers, and repeats. With `latency: true` the stage exports
@@ -34,12 +35,16 @@ from edgepipe.arch.ops import (
     blocks,
     ffn_unit_views,
     ffn_widths,
-    keep_in,
+    head_count,
+    head_output_taylor,
+    head_projections,
+    head_size,
+    head_weight_sq,
     keep_layers,
-    keep_out,
     layer_list,
     linear_macs,
     prune_ffn,
+    prune_heads,
 )
 from edgepipe.errors import InputError
 from edgepipe.pipeline.adapters import adapter_for
@@ -96,18 +101,10 @@ def prune_problems(cfg: PruneConfig, config: dict[str, Any], key: str) -> list[s
     return problems
 
 
-def head_units(attention: Any, heads: Any) -> Any:
-    """Row indices of the q/k/v projections (columns of the output projection) that belong to `heads`."""
-    import torch
-
-    size = attention.attention_head_size
-    return (heads[:, None] * size + torch.arange(size)).flatten()
-
-
 def layer_heads(model: Any, arch: ArchSpec) -> list[int]:
     """Each layer's attention heads (per layer only where the family prunes heads)."""
-    if arch.head_pruning:
-        return [layer.attention.self.num_attention_heads for layer in layer_list(model, arch)]
+    if arch.can(Capability.HEAD_PRUNING):
+        return [head_count(layer, arch) for layer in layer_list(model, arch)]
     return [int(model.config.num_attention_heads)] * int(model.config.num_hidden_layers)
 
 
@@ -119,16 +116,9 @@ def _norms(views: list[tuple[Any, bool]]) -> Any:
 
 
 def magnitude_scores(model: Any, arch: ArchSpec) -> tuple[list[Any], list[Any]]:
-    """(per-layer head scores, per-block FFN neuron scores) from weight norms (heads: BERT-style only)."""
-    import torch
-
-    heads = []
-    for layer in layer_list(model, arch) if arch.head_pruning else []:
-        attention, out = layer.attention.self, layer.attention.output.dense
-        size = attention.attention_head_size
-        rows = torch.cat([p.weight for p in (attention.query, attention.key, attention.value)], dim=1)
-        per_unit = rows.pow(2).sum(1) + out.weight.pow(2).sum(0)
-        heads.append(per_unit.view(-1, size).sum(1).sqrt().detach())
+    """(per-layer head scores, per-block FFN neuron scores) from weight norms (heads: families that prune them)."""
+    layers = layer_list(model, arch) if arch.can(Capability.HEAD_PRUNING) else []
+    heads = [head_weight_sq(layer, arch).sqrt() for layer in layers]
     ffn = [_norms(ffn_unit_views(b, arch)).detach() for b in blocks(model, arch)] if arch.ffn else []
     return heads, ffn
 
@@ -140,7 +130,7 @@ def taylor_scores(
     import torch
 
     model.train()
-    heads = [torch.zeros(n) for n in layer_heads(model, arch)] if arch.head_pruning else []
+    heads = [torch.zeros(n) for n in layer_heads(model, arch)] if arch.can(Capability.HEAD_PRUNING) else []
     ffn = [torch.zeros(n) for n in ffn_widths(model, arch)] if arch.ffn else []
     task, train = adapter_for(ctx.task, tokenizer, cfg.max_seq_len, cfg.eval_batch_size), ctx.data.train
     for index in batches(len(train), cfg.batch_size, max(1, cfg.samples // cfg.batch_size), ctx.seed):
@@ -149,9 +139,7 @@ def taylor_scores(
         model.zero_grad(set_to_none=True)
         loss.backward()
         for i, layer in enumerate(layer_list(model, arch) if heads else []):
-            out = layer.attention.output.dense
-            per_column = (out.weight * out.weight.grad).sum(0)
-            heads[i] += per_column.view(heads[i].numel(), -1).sum(1).detach().abs()
+            heads[i] += head_output_taylor(layer, arch)
         for i, block in enumerate(blocks(model, arch) if ffn else []):
             pairs = zip(ffn_unit_views(block, arch), ffn_unit_views(block, arch, grad=True), strict=True)
             ffn[i] += sum((w * g).sum(1) for (w, _), (g, _) in pairs if g is not None).abs()
@@ -172,18 +160,6 @@ def select_heads(scores: list[Any], keep: int) -> list[Any]:
             break
         chosen[i].add(h)
     return [torch.tensor(sorted(c)) for c in chosen]
-
-
-def prune_heads(model: Any, arch: ArchSpec, keep: list[Any]) -> None:
-    """Keep only heads `keep[i]` (indices into layer i's current heads) of every layer (BERT-style attention)."""
-    for layer, heads in zip(layer_list(model, arch), keep, strict=True):
-        attention = layer.attention.self
-        units = head_units(attention, heads)
-        attention.query, attention.key, attention.value = (
-            keep_out(p, units) for p in (attention.query, attention.key, attention.value)
-        )
-        attention.num_attention_heads, attention.all_head_size = len(heads), len(units)
-        layer.attention.output.dense = keep_in(layer.attention.output.dense, units)
 
 
 def kept_width(width: int, ratio: float, round_to: int) -> int:
@@ -212,7 +188,8 @@ def save_pruned(model: Any, arch: ArchSpec, tokenizer: Any, out: Path, ctx: Stag
         save_model(model, tokenizer, out, ctx)
         return
     values = {**model.config.to_dict(), "layer_heads": heads, "layer_ffn": ffn_widths(model, arch)}
-    values["num_hidden_layers"] = len(heads)
+    values[arch.keys.layers] = len(heads)
+    values["pruned_layout"] = pruned_layout(model, arch)  # what a family without BERT's layout resizes on load
     head = "TokenClassification" if ctx.task == TOKEN_TASK else "SequenceClassification"
     cls = pruned_bert.pruned_class(model.config.model_type, head)
     values["auto_map"] = {f"AutoModelFor{head}": f"modeling_pruned_bert.{cls.__name__}"}
@@ -221,6 +198,27 @@ def save_pruned(model: Any, arch: ArchSpec, tokenizer: Any, out: Path, ctx: Stag
     pruned.load_state_dict(model.state_dict())
     save_model(pruned.eval(), tokenizer, out, ctx)
     shutil.copyfile(pruned_bert.__file__, out / "modeling_pruned_bert.py")
+
+
+def pruned_layout(model: Any, arch: ArchSpec) -> dict[str, Any]:
+    """Where a pruned model keeps what `layer_heads` and `layer_ffn` resize, for
+    `pruned_bert.resize_by_layout` (which cannot import edgepipe; BERT's own layout needs no paths)."""
+    att, ffn = arch.attention, arch.ffn
+    if att is None or ffn is None or arch.layers is None:
+        raise InputError(f"{arch.family}: a head-pruned model needs attention, FFN and layer specs")
+    first = layer_list(model, arch)[0]
+    return {
+        "layers": arch.layers,
+        "module": att.module,
+        "heads": att.heads,
+        "width": att.width,
+        "head_size": head_size(first, arch),
+        "projections": {path: copies for path, copies in head_projections(first, att)},
+        "out": att.out,
+        "up": [p for p in (ffn.up, ffn.gate) if p is not None],
+        "down": ffn.down,
+        "glu": 2 if ffn.fused_glu else 1,
+    }
 
 
 def _prune_step(
