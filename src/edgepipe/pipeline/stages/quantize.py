@@ -82,14 +82,19 @@ def _copy_companions(source: Path, dest: Path) -> None:
 def _calibration_set(
     source: Path, cfg: CalibrationConfig, ctx: StageContext, input_names: tuple[str, ...]
 ) -> CalibrationSet | ImageCalibrationSet:
-    samples = ctx.data.calibration.inputs[: cfg.samples]
-    if isinstance(samples, np.ndarray):
-        return ImageCalibrationSet(samples, input_names[0], cfg.batch_size)
+    """The task adapter's calibration feeds of the calibration split; histogram calibrators (entropy,
+    percentile) stack activations across batches, so their text batches are padded to one length."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    histogram = cfg.method != "minmax"
-    return CalibrationSet(samples, tokenizer, input_names, cfg.batch_size, cfg.max_seq_len, fixed_length=histogram)
+    from edgepipe.pipeline.adapters import adapter_for
+
+    samples = ctx.data.calibration.inputs[: cfg.samples]
+    tokenizer = None if isinstance(samples, np.ndarray) else AutoTokenizer.from_pretrained(source)
+    task = adapter_for(ctx.task, tokenizer, cfg.max_seq_len)
+    calibration: CalibrationSet | ImageCalibrationSet = task.calibration(
+        samples, input_names, cfg.batch_size, fixed_length=cfg.method != "minmax"
+    )
+    return calibration
 
 
 def _calibrate(
