@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -27,15 +26,6 @@ import numpy as np
 
 CUDA_ENGINES = ("torch-cuda", "torch-cuda-fp16", "torch-cuda-bf16")
 SHAPES = ((1, 128), (8, 128))
-
-
-def _stats(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-    return {
-        "p50": round(statistics.median(ordered), 4),
-        "p90": round(ordered[int(0.9 * (len(ordered) - 1))], 4),
-        "min": round(ordered[0], 4),
-    }
 
 
 def _wall_ms(fn: Any, runs: int, warmup_runs: int = 5) -> list[float]:
@@ -51,7 +41,7 @@ def _wall_ms(fn: Any, runs: int, warmup_runs: int = 5) -> list[float]:
 
 def measure(model: Path, texts: list[str], device: str, runs: int) -> dict[str, Any]:
     """One row per engine: agreement with CPU fp32 on `texts`, and latency at SHAPES."""
-    from edgepipe.benchmarks.harness import cuda_event_ms
+    from edgepipe.benchmarks.harness import cuda_event_ms, summarize
     from edgepipe.runtime.backends import BACKENDS
     from edgepipe.runtime.predictor import Predictor
 
@@ -75,11 +65,13 @@ def measure(model: Path, texts: list[str], device: str, runs: int) -> dict[str, 
         }
         for batch, seq in SHAPES:
             feeds = predictor.encode((texts * batch)[:batch], pad_to=seq)
-            timing = {"e2e_ms": _stats(_wall_ms(lambda f=feeds, s=session: s.run(f), runs))}
+            timing = {"e2e_ms": summarize(_wall_ms(lambda f=feeds, s=session: s.run(f), runs)).to_json()}
             if device == "cuda":
                 tensors = session.to_device(feeds)  # type: ignore[attr-defined]
-                timing["device_ms"] = _stats(cuda_event_ms(lambda t=tensors, s=session: s.run_on_device(t), runs))  # type: ignore[attr-defined]
-                timing["h2d_ms"] = _stats(cuda_event_ms(lambda f=feeds, s=session: s.to_device(f), runs))  # type: ignore[attr-defined]
+                timing["device_ms"] = summarize(
+                    cuda_event_ms(lambda t=tensors, s=session: s.run_on_device(t), runs)
+                ).to_json()  # type: ignore[attr-defined]
+                timing["h2d_ms"] = summarize(cuda_event_ms(lambda f=feeds, s=session: s.to_device(f), runs)).to_json()  # type: ignore[attr-defined]
             row["latency"][f"b{batch}_s{seq}"] = timing
         rows.append(row)
     fp32 = next((r for r in rows if r["engine"] == "torch-cuda"), None)

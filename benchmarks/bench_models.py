@@ -196,37 +196,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lm-batch-size", type=int, default=4, help="causal-LM distill batch size")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    rows, skipped = [], {}
-    for name, (locate, install) in MODELS.items():
-        if args.only and not any(part in name for part in args.only):
-            continue
-        folder = locate()
-        if folder is None:
-            skipped[name] = f"not installed: {install}"
-            continue
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        layers = int(spec_of(config).shape(config)["layers"])  # type: ignore[union-attr]
-        started = time.perf_counter()
-        out = args.out / name.split()[0]
-        report_md = build(parse_recipe(recipe(folder, layers, args.steps, args.runs, args.batch_size)), out)
-        report = json.loads(Path(str(report_md)).with_suffix(".json").read_text(encoding="utf-8"))
-        rows.append(row(name, report, time.perf_counter() - started))
-        print(json.dumps(rows[-1]), flush=True)
-    for name, (locate, install) in DECODERS.items():
-        if args.only and not any(part in name for part in args.only):
-            continue
-        folder = locate()
-        if folder is None:
-            skipped[name] = f"not installed: {install}"
-            continue
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        layers = int(spec_of(config).shape(config)["layers"])  # type: ignore[union-attr]
-        started = time.perf_counter()
-        raw = lm_recipe(folder, layers, args.lm_steps, args.lm_batch_size)
-        report_md = build(parse_recipe(raw), args.out / name.split()[0])
-        report = json.loads(Path(str(report_md)).with_suffix(".json").read_text(encoding="utf-8"))
-        rows.append(lm_row(name, report, time.perf_counter() - started))
-        print(json.dumps(rows[-1]), flush=True)
+    rows, skipped, report = [], {}, {}
+
+    def encoder(folder: Path, layers: int) -> dict[str, Any]:
+        return recipe(folder, layers, args.steps, args.runs, args.batch_size)
+
+    def decoder(folder: Path, layers: int) -> dict[str, Any]:
+        return lm_recipe(folder, layers, args.lm_steps, args.lm_batch_size)
+
+    runs = [(MODELS, encoder, row), (DECODERS, decoder, lm_row)]
+    for models, make_recipe, make_row in runs:
+        for name, (locate, install) in models.items():
+            if args.only and not any(part in name for part in args.only):
+                continue
+            folder = locate()
+            if folder is None:
+                skipped[name] = f"not installed: {install}"
+                continue
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+            layers = int(spec_of(config).shape(config)["layers"])  # type: ignore[union-attr]
+            started = time.perf_counter()
+            report_md = build(parse_recipe(make_recipe(folder, layers)), args.out / name.split()[0])
+            report = json.loads(Path(str(report_md)).with_suffix(".json").read_text(encoding="utf-8"))
+            rows.append(make_row(name, report, time.perf_counter() - started))
+            print(json.dumps(rows[-1]), flush=True)
     machine = rows and report["machine"]
     settings = {"steps": args.steps, "batch_size": args.batch_size, "runs": args.runs, "lm_steps": args.lm_steps}
     write_json(args.json, {"rows": rows, "skipped": skipped, "machine": machine, "settings": settings})
