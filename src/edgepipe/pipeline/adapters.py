@@ -41,7 +41,6 @@ class TaskAdapter(Protocol):
     """What every task has (classifiers and causal LM)."""
 
     task: Task
-    metric_name: str
 
     def batch(self, split: Split, index: np.ndarray) -> Batch: ...
 
@@ -86,7 +85,6 @@ class TextClassification:
     max_seq_len: int
     eval_batch_size: int = 64
     task: Task = Task.TEXT
-    metric_name: str = "accuracy"
 
     def encode(self, texts: list[str], width: int | None = None) -> tuple[Any, Any]:
         """Model inputs of `texts` and, per word, its first sub-word (token classification; None here)."""
@@ -158,7 +156,6 @@ class TokenClassification(TextClassification):
     """One label per word (NER); a transformers token classifier read at each word's first sub-word."""
 
     task: Task = Task.TOKEN
-    metric_name: str = "entity_f1"
 
     def encode(self, texts: list[str], width: int | None = None) -> tuple[Any, Any]:
         """`width` words per sentence (the labels' width; the longest sentence's when None)."""
@@ -185,7 +182,6 @@ class ImageClassification:
 
     eval_batch_size: int = 64
     task: Task = Task.IMAGE
-    metric_name: str = "accuracy"
 
     def batch(self, split: Split, index: np.ndarray) -> Batch:
         import torch
@@ -267,7 +263,6 @@ class CausalLM:
     max_seq_len: int
     eval_batch_size: int = 16
     task: Task = Task.LM
-    metric_name: str = "perplexity"
 
     def batch(self, split: Split, index: np.ndarray) -> Batch:
         return self.batch_of_texts([split.inputs[i] for i in index])
