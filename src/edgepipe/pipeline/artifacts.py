@@ -13,12 +13,14 @@ from typing import Any
 from edgepipe.pipeline.recipe import ArtifactKind
 from edgepipe.runtime.predictor import META_FILE
 
+TEMP_SUFFIX = ".tmp"  # of write_atomic's temporary files: a rerun removes what a killed process left
+
 
 def write_atomic(path: Path, data: str | bytes) -> None:
     """Write to a temporary file in the same folder, then rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)

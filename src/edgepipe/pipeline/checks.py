@@ -3,13 +3,14 @@ the students and prune specs against the model's architecture, the labels agains
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 from typing import Any
 
 from edgepipe.arch import spec_of
-from edgepipe.errors import InputError
-from edgepipe.pipeline.data import DataSplits, data_problem, transfer_problem
+from edgepipe.errors import InputError, RecipeError
+from edgepipe.files import read_json
+from edgepipe.pipeline.data import DataSplits, data_problem, load_splits, transfer_problem
 from edgepipe.pipeline.models import model_problem, module_spec, resolve_model
 from edgepipe.pipeline.recipe import (
     IMAGE_TASK,
@@ -43,14 +44,10 @@ def check_chain(recipe: Recipe) -> list[str]:
 
 def read_config(folder: Path) -> dict[str, Any] | str:
     """A model folder's config.json as a dict, or the problem with it (naming the file and the fix)."""
-    path = folder / "config.json"
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        return f"`model`: {path} is not valid JSON ({error}); rewrite it with save_pretrained"
-    if not isinstance(config, dict):
-        return f"`model`: {path} holds a {type(config).__name__}, not a JSON object; rewrite it with save_pretrained"
-    return config
+        return read_json(folder / "config.json", "model", "rewrite it with save_pretrained")
+    except InputError as error:
+        return str(error)
 
 
 def check_students(recipe: Recipe) -> list[str]:
@@ -131,9 +128,31 @@ def check_recipe(recipe: Recipe, out: Path | None = None) -> list[str]:
         problems += check_lm_students(recipe)
     elif model is None and recipe.task != IMAGE_TASK:
         problems += check_students(recipe)
-    if out is not None and out.exists() and not out.is_dir():
-        problems.append(f"`--out`: {out} is a file; pass a folder (it is created if missing)")
-    return problems
+    return problems + ([problem] if out is not None and (problem := out_problem(out)) else [])
+
+
+def out_problem(out: Path) -> str | None:
+    """Why a run folder cannot be created or written at `out`, or None."""
+    if out.exists() and not out.is_dir():
+        return f"`--out`: {out} is a file; pass a folder (it is created if missing)"
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        return f"`--out`: {existing} is a file, so {out} cannot be created below it; pass another folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"`--out`: {existing} is not writable, so {out} cannot be written; pass another folder"
+    return None
+
+
+def check_inputs(recipe: Recipe, out: Path | None = None) -> DataSplits:
+    """What `validate` and every build check before anything runs: the recipe's problems (all at once),
+    then the data read and split, and the model's labels against the data's."""
+    problems = check_recipe(recipe, out)
+    if problems:
+        raise RecipeError(problems)
+    data = load_splits(recipe.data, recipe.seed, recipe.task)
+    if recipe.task != LM_TASK and module_spec(recipe.model, {}) is None:
+        check_labels(resolve_model(recipe.model, recipe.task), recipe, data)
+    return data
 
 
 def check_labels(model_dir: Path, recipe: Recipe, data: DataSplits) -> None:

@@ -145,14 +145,18 @@ def _configure_logging(verbose: bool) -> None:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from edgepipe.pipeline.checks import check_inputs
     from edgepipe.pipeline.recipe import load_recipe
-    from edgepipe.pipeline.runner import check_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    problems = check_recipe(recipe)
-    if problems:
-        raise RecipeError(problems, str(args.recipe))
-    print(f"{args.recipe}: ok ({len(recipe.stages)} stages: {', '.join(s.kind for s in recipe.stages)})")
+    try:
+        data = check_inputs(recipe)
+    except RecipeError as error:
+        raise RecipeError(error.problems, str(args.recipe)) from None
+    sizes = ", ".join(f"{n} {name}" for name, n in data.sizes().items())
+    left_out = "".join(f", {n} rows left out ({reason})" for reason, n in data.dropped.items())
+    stages = ", ".join(s.kind for s in recipe.stages)
+    print(f"{args.recipe}: ok ({len(recipe.stages)} stages: {stages}; data: {sizes}{left_out})")
     return 0
 
 
@@ -272,6 +276,28 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    except Exception as error:  # a bug, not bad input: one line on the terminal, the traceback in a log file
+        log_file = _write_traceback(args)
+        print(
+            f"edgepipe: internal error: {type(error).__name__}: {error}; the traceback is in {log_file} "
+            "(please attach it to a bug report)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _write_traceback(args: argparse.Namespace) -> Path:
+    """The traceback of the exception being handled, in the run folder when there is one, else the temp folder."""
+    import tempfile
+    import traceback
+
+    folder = getattr(args, "out", None) or getattr(args, "run_dir", None)
+    if folder is None or not Path(folder).is_dir():
+        folder = Path(tempfile.gettempdir())
+    fd, name = tempfile.mkstemp(prefix="edgepipe-error-", suffix=".log", dir=folder)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(f"edgepipe {__version__}: {' '.join(sys.argv)}\n{traceback.format_exc()}")
+    return Path(name)
 
 
 if __name__ == "__main__":

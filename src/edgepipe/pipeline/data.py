@@ -13,20 +13,25 @@ torch here; stages receive `DataSplits`, never file handles or dataset objects.
 
 from __future__ import annotations
 
-import bz2
 import csv
 import gzip
 import hashlib
 import io
 import json
-from dataclasses import dataclass
+import logging
+import zipfile
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from edgepipe.errors import InputError
+from edgepipe.files import read_text
 from edgepipe.pipeline.models import package_dir
 from edgepipe.pipeline.recipe import IMAGE_TASK, LM_TASK, TOKEN_TASK, DataConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,7 @@ class DataSplits:
     test: Split
     calibration: Split
     fingerprint: str
+    dropped: dict[str, int] = field(default_factory=dict)  # rows left out of the user's file, by reason
 
     @property
     def input_shape(self) -> tuple[int, ...] | None:
@@ -134,26 +140,28 @@ def _builtin_path(name: str) -> Path:
     return path
 
 
-def _read_table(path: Path) -> tuple[list[str], list[dict[str, object]]]:
+def _read_table(path: Path, encoding: str | None = None) -> tuple[list[str], list[dict[str, object]]]:
     """Return (columns, rows) of a .csv, .csv.bz2 or .jsonl file."""
-    name = path.name.lower()
-    try:
-        if name.endswith(".jsonl"):
-            rows = []
-            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-                if not line.strip():
-                    continue
+    text = read_text(path, "data.source", encoding, "data.encoding")
+    if path.name.lower().endswith(".jsonl"):
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
                 row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise InputError(f"{path}: line {number} is not a JSON object")
-                rows.append(row)
-            columns = sorted({key for row in rows for key in row})
-            return columns, rows
-        raw = bz2.decompress(path.read_bytes()) if name.endswith(".bz2") else path.read_bytes()
-        reader = csv.DictReader(io.StringIO(raw.decode("utf-8")))
+            except json.JSONDecodeError as error:
+                raise InputError(f"`data.source`: {path}:{number} is not valid JSON ({error})") from None
+            if not isinstance(row, dict):
+                raise InputError(f"`data.source`: {path}:{number} is not a JSON object")
+            rows.append(row)
+        columns = sorted({key for row in rows for key in row})
+        return columns, rows
+    try:
+        reader = csv.DictReader(io.StringIO(text))
         return list(reader.fieldnames or []), list(reader)
-    except (UnicodeDecodeError, json.JSONDecodeError, csv.Error, OSError) as error:
-        raise InputError(f"`data.source`: cannot read {path}: {error}") from None
+    except csv.Error as error:
+        raise InputError(f"`data.source`: {path} is not a readable CSV file ({error})") from None
 
 
 def _image_problem(cfg: DataConfig) -> str | None:
@@ -218,7 +226,7 @@ def data_problem(cfg: DataConfig, task: str = "text-classification") -> str | No
     if not path.name.lower().endswith((".csv", ".csv.bz2", ".jsonl")):
         return f"`data.source`: {cfg.source!r} must be a .csv, .csv.bz2 or .jsonl file"
     try:
-        columns, _ = _read_table(path)
+        columns, _ = _read_table(path, cfg.encoding)
     except InputError as error:
         return str(error)
     needed = (cfg.text_column,) if task == LM_TASK else (cfg.text_column, cfg.label_column)
@@ -239,10 +247,15 @@ def _rows(cfg: DataConfig, task: str) -> tuple[list[tuple[str, str]], list[str] 
     problem = data_problem(cfg, task)
     if problem:
         raise InputError(problem)
-    _, table = _read_table(Path(cfg.source))
+    _, table = _read_table(Path(cfg.source), cfg.encoding)
 
     def cell(row: dict[str, object], column: str) -> str:
         value = row.get(column)
+        if isinstance(value, (dict, list)):
+            raise InputError(
+                f"`data.source`: {cfg.source}: column {column!r} holds a {type(value).__name__} "
+                f"({str(value)[:40]}); it must be a string or a number"
+            )
         return "" if value is None else str(value)
 
     if task == LM_TASK:  # text only: one label for every row
@@ -264,19 +277,35 @@ def transfer_texts(source: str, text_column: str = "text") -> list[str]:
     return [text for text, _ in _dedupe(rows)]
 
 
-def _dedupe(rows: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Keep one row per text; drop texts that appear with conflicting labels."""
+# cells that mean "no label" in files written by pandas, spreadsheets and JSON
+MISSING = frozenset({"", "nan", "none", "null", "n/a", "na"})
+
+
+def _dedupe(rows: list[tuple[str, str]], dropped: dict[str, int] | None = None) -> list[tuple[str, str]]:
+    """Keep one row per text; drop rows without a text or a label and texts that appear with conflicting
+    labels, counting each reason in `dropped`."""
     labels: dict[str, set[str]] = {}
     order: list[str] = []
+    counts = {"empty text": 0, "missing label": 0, "conflicting labels": 0, "duplicate": 0}
     for text, label in rows:
-        text = text.strip()
-        if not text or not label.strip():
+        text, label = text.strip(), label.strip()
+        if not text:
+            counts["empty text"] += 1
+            continue
+        if label.lower() in MISSING:
+            counts["missing label"] += 1
             continue
         if text not in labels:
             labels[text] = set()
             order.append(text)
-        labels[text].add(label.strip())
-    return [(t, next(iter(labels[t]))) for t in order if len(labels[t]) == 1]
+        else:
+            counts["duplicate"] += 1
+        labels[text].add(label)
+    kept = [(t, next(iter(labels[t]))) for t in order if len(labels[t]) == 1]
+    counts["conflicting labels"] = len(order) - len(kept)
+    if dropped is not None:
+        dropped.update({reason: n for reason, n in counts.items() if n})
+    return kept
 
 
 def _read_images(cfg: DataConfig) -> tuple[np.ndarray, list[str]]:
@@ -297,17 +326,42 @@ def _read_images(cfg: DataConfig) -> tuple[np.ndarray, list[str]]:
             if missing:
                 raise InputError(f"`data.source`: {path} has no {missing} array(s); it has {npz.files}")
             raw, labels = npz["images"], npz["labels"]
-    except (ValueError, OSError) as error:
-        raise InputError(f"`data.source`: cannot read {path} as .npz without pickle: {error}") from None
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as error:
+        raise InputError(
+            f"`data.source`: cannot read {path} as .npz without pickle ({type(error).__name__}: {error}); "
+            "write it with np.savez(path, images=..., labels=...) from numeric arrays"
+        ) from None
+    return _check_images(raw, labels, path, cfg.layout), [str(v) for v in labels.tolist()]
+
+
+def _check_images(raw: np.ndarray, labels: np.ndarray, path: Path, layout: str) -> np.ndarray:
+    """float32 (N, C, H, W) in [0, 1] from (N, H, W), (N, C, H, W) or, with `layout: nhwc`, (N, H, W, C)."""
     if raw.ndim == 3:
         raw = raw[:, None]
-    if raw.ndim != 4 or labels.shape != (raw.shape[0],):
+    if raw.ndim != 4 or labels.ndim != 1 or labels.shape[0] != raw.shape[0]:
         raise InputError(
             f"`data.source`: {path}: images must be (N, H, W) or (N, C, H, W) and labels (N,); "
             f"got images {raw.shape} and labels {labels.shape}"
         )
+    if raw.dtype.kind not in "uif" or labels.dtype.kind not in "uifU":
+        raise InputError(
+            f"`data.source`: {path}: images must be numbers and labels numbers or strings; "
+            f"got {raw.dtype} and {labels.dtype}"
+        )
+    if labels.dtype.kind == "f" and not np.isfinite(labels).all():
+        bad = np.flatnonzero(~np.isfinite(labels))
+        raise InputError(f"`data.source`: {path}: {bad.size} label(s) are NaN or inf (first at index {bad[0]})")
+    if layout == "nhwc":
+        raw = raw.transpose(0, 3, 1, 2)
+    elif raw.shape[3] in (1, 3, 4) and raw.shape[1] not in (1, 3, 4):
+        raise InputError(
+            f"`data.source`: {path}: images {raw.shape} look channels-last (N, H, W, C); set "
+            "`data.layout: nhwc` to read them as such, or store them as (N, C, H, W)"
+        )
     images = raw.astype(np.float32) / (255.0 if raw.dtype == np.uint8 else 1.0)
-    return np.ascontiguousarray(images), [str(v) for v in labels.tolist()]
+    if not np.isfinite(images).all():
+        raise InputError(f"`data.source`: {path}: the images hold NaN or inf pixels; clean them first")
+    return np.ascontiguousarray(images)
 
 
 def _dedupe_images(images: np.ndarray, labels: list[str]) -> tuple[np.ndarray, list[str]]:
@@ -338,7 +392,7 @@ def _read_tagged(cfg: DataConfig) -> tuple[list[str], np.ndarray, list[str]]:
     if problem:
         raise InputError(problem)
     path = _builtin_path(cfg.source) if cfg.source in BUILTIN_TAGGED else Path(cfg.source)
-    sentences = read_bio(path)
+    sentences = read_bio(path, cfg.encoding)
     tags: dict[str, set[tuple[str, ...]]] = {}
     first: dict[str, int] = {}
     for i, sentence in enumerate(sentences):
@@ -356,6 +410,7 @@ def load_splits(cfg: DataConfig, seed: int, task: str = "text-classification") -
     inputs: list[str] | np.ndarray
     label_names: list[str] | None
     tagged: np.ndarray | None = None
+    dropped: dict[str, int] = {}
     if task == TOKEN_TASK:
         inputs, tagged, names = _read_tagged(cfg)
         label_names, label_strings = names, names
@@ -364,7 +419,7 @@ def load_splits(cfg: DataConfig, seed: int, task: str = "text-classification") -
         label_names = None
     else:
         rows, label_names = _rows(cfg, task)
-        rows = _dedupe(rows)
+        rows = _dedupe(rows, dropped)
         inputs, label_strings = [t for t, _ in rows], [label for _, label in rows]
     found = label_strings if tagged is not None else _label_order(sorted(set(label_strings)))
     if label_names is None:
@@ -407,4 +462,8 @@ def load_splits(cfg: DataConfig, seed: int, task: str = "text-classification") -
             continue
         for text, label in zip(split.inputs, split.labels.tolist(), strict=True):
             digest.update(f"{label}\t{text}\n".encode())  # NER: the per-word label list
-    return DataSplits(label_names=label_names, fingerprint=digest.hexdigest()[:16], **splits)
+    unusable = {reason: n for reason, n in dropped.items() if reason in ("missing label", "empty text")}
+    if unusable:
+        rows_left_out = ", ".join(f"{n} with {reason}" for reason, n in unusable.items())
+        log.warning("data: %s: left out %s (see manifest.json data.dropped)", cfg.source, rows_left_out)
+    return DataSplits(label_names=label_names, fingerprint=digest.hexdigest()[:16], dropped=dropped, **splits)

@@ -7,24 +7,31 @@ unchanged and whose files still hash as recorded is reused.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgepipe.errors import EdgepipeError, StageError
-from edgepipe.pipeline.artifacts import Artifact, config_hash, file_records, fingerprint, write_json
+from edgepipe.errors import EdgepipeError, InputError, StageError
+from edgepipe.pipeline.artifacts import TEMP_SUFFIX, Artifact, config_hash, file_records, fingerprint, write_json
 from edgepipe.pipeline.data import DataSplits
 from edgepipe.pipeline.distributed import World
 from edgepipe.pipeline.recipe import ArtifactKind, Recipe
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
+LOCK_FILE = ".lock"
+SCRATCH = ".tmp"  # this process's temporary files (onnxruntime's quantizer, the exporter): inside the run
+# set for a child process (the benchmark) that works in its parent's locked run folder
+LOCK_ENV = "EDGEPIPE_LOCKED_RUN"
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,55 @@ class RunPaths:
 
     def stage(self, index: int, kind: str) -> Path:
         return self.root / f"{index + 1:02d}-{kind}"
+
+
+@contextmanager
+def locked_run(root: Path, command: str) -> Iterator[None]:
+    """Hold `root`'s lock while a command works in it: a second edgepipe process on the same folder is
+    refused with a message instead of interleaving writes. Under the lock, what a killed process left
+    (partial stage folders, temp files) is removed, and temporary files go to `root/.tmp`."""
+    root = root.resolve()
+    if os.environ.get(LOCK_ENV) == str(root):  # our parent holds it
+        yield
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    with (root / LOCK_FILE).open("a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise InputError(f"{root} is in use by {holder}; wait for it to finish or pass another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"edgepipe {command} (pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+        handle.flush()
+        remove_leftovers(root)
+        scratch = root / SCRATCH
+        scratch.mkdir()
+        saved = tempfile.tempdir, os.environ.get("TMPDIR"), os.environ.get(LOCK_ENV)
+        tempfile.tempdir = str(scratch)
+        os.environ["TMPDIR"] = str(scratch)
+        os.environ[LOCK_ENV] = str(root)
+        try:
+            yield
+        finally:
+            tempfile.tempdir = saved[0]
+            for name, value in (("TMPDIR", saved[1]), (LOCK_ENV, saved[2])):
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def remove_leftovers(root: Path) -> None:
+    """What a killed process leaves in a run folder: its scratch folder, partial stages, temp files."""
+    shutil.rmtree(root / SCRATCH, ignore_errors=True)
+    for partial in root.glob(".*.partial"):
+        shutil.rmtree(partial, ignore_errors=True)
+    for tmp in root.rglob(f".*{TEMP_SUFFIX}"):
+        tmp.unlink(missing_ok=True)
 
 
 def load_manifest(paths: RunPaths) -> dict[str, Any]:

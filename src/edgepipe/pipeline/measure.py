@@ -15,7 +15,7 @@ from edgepipe.errors import EdgepipeError, InputError
 from edgepipe.pipeline.artifacts import Artifact
 from edgepipe.pipeline.data import DataSplits, load_splits
 from edgepipe.pipeline.gates import REPORT_MD, raise_on_gates, write_report
-from edgepipe.pipeline.manifest import MANIFEST, RunPaths, load_manifest
+from edgepipe.pipeline.manifest import MANIFEST, RunPaths, load_manifest, locked_run
 from edgepipe.pipeline.recipe import LM_TASK, ArtifactKind, Recipe, parse_recipe
 
 log = logging.getLogger(__name__)
@@ -50,9 +50,22 @@ def bench_in_subprocess(paths: RunPaths) -> None:
     """`edgepipe bench RUN` in a new interpreter (outside any torchrun world); gates are applied by the caller."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
     command = [sys.executable, "-m", "edgepipe.pipeline.cli", "bench", str(paths.root), "--no-gates"]
-    result = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, check=False)  # its log goes to stderr
+    # its log goes to stderr; it dies with this process, so a killed build leaves no writer in the run folder
+    result = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, check=False, preexec_fn=_die_with_parent)
     if result.returncode != 0:
         raise EdgepipeError(f"the benchmark process failed (exit {result.returncode}); its error is above")
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: Linux sends it SIGKILL when its parent dies (prctl PR_SET_PDEATHSIG)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        parent = os.getppid()
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before the call
+            os._exit(1)
 
 
 def measure(paths: RunPaths, recipe: Recipe, artifacts: list[Artifact], data: DataSplits) -> list[str]:
@@ -121,7 +134,8 @@ def bench(run_dir: Path, gates: bool = True) -> Path:
     """Re-measure every artifact of an existing run (e.g. on another machine); rewrites the report and,
     with `gates`, raises GateFailedError when one of the recipe's gates fails."""
     paths, recipe, data, artifacts = open_run(run_dir)
-    gate_lines = measure(paths, recipe, artifacts, data)
+    with locked_run(paths.root, "bench"):
+        gate_lines = measure(paths, recipe, artifacts, data)
     if gates:
         raise_on_gates(gate_lines, paths)
     return paths.root / REPORT_MD
@@ -171,5 +185,6 @@ def bench_against(run_dir: Path, baseline_dir: Path) -> tuple[dict[str, Any], di
             if r["artifact"].startswith(BASELINE_PREFIX)
         ],
     }
-    write_report(paths, recipe, current)
+    with locked_run(paths.root, "bench"):
+        write_report(paths, recipe, current)
     return baseline, current

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepipe.errors import InputError
+from edgepipe.files import read_json, safetensors_problem
 from edgepipe.runtime import hf_vision
 from edgepipe.runtime.modules import is_factory_spec, is_module_folder
 
@@ -117,7 +118,7 @@ def _lm_problem(name: str) -> str | None:
     path = Path(name)
     if not (path / "config.json").is_file():
         return f"`model`: {name!r} is neither a built-in causal LM ({', '.join(BUILTIN_LMS)}) nor a model folder"
-    return pickle_problem(path)
+    return pickle_problem(path) or weights_problem(path)
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -136,6 +137,27 @@ def pickle_problem(folder: Path) -> str | None:
         "pickle; convert them once, where you trust the file: AutoModel.from_pretrained(folder)."
         "save_pretrained(folder) writes model.safetensors beside them"
     )
+
+
+def weights_problem(folder: Path) -> str | None:
+    """A model folder's files checked without loading them: config and tokenizer JSON parse, every
+    safetensors file is complete (header against size), every shard an index names is there."""
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors.index.json"):
+        if (folder / name).is_file():
+            try:
+                read_json(folder / name, "model", "write the folder again with save_pretrained")
+            except InputError as error:
+                return str(error)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = read_json(index, "model", "").get("weight_map", {})
+        missing = sorted({str(s) for s in shards.values()} - {p.name for p in folder.glob("*.safetensors")})
+        if missing:
+            return f"`model`: {index} names shard(s) {missing[:3]} that are not in {folder}; copy them there"
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights and not is_module_folder(folder):
+        return f"`model`: {folder} has no *.safetensors weights; pass a folder written by save_pretrained"
+    return next((p for w in weights if (p := safetensors_problem(w, "model"))), None)
 
 
 def model_problem(name: str, task: str = "text-classification") -> str | None:
@@ -168,7 +190,7 @@ def model_problem(name: str, task: str = "text-classification") -> str | None:
         return f"`model`: {name!r} is neither a built-in model ({known}) nor an existing folder{extra}"
     if not (path / "config.json").is_file():
         return f"`model`: folder {name!r} has no config.json; pass a folder written by save_pretrained"
-    return pickle_problem(path)
+    return pickle_problem(path) or weights_problem(path)
 
 
 def resolve_model(name: str, task: str = "text-classification") -> Path:

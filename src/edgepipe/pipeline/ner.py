@@ -18,6 +18,7 @@ import numpy as np
 
 from edgepipe.benchmarks.metrics import IGNORE
 from edgepipe.errors import InputError
+from edgepipe.files import read_text
 
 
 @dataclass(frozen=True)
@@ -26,12 +27,12 @@ class TaggedSentence:
     tags: tuple[str, ...]
 
 
-def read_bio(path: Path) -> list[TaggedSentence]:
+def read_bio(path: Path, encoding: str | None = None) -> list[TaggedSentence]:
     """Sentences of a `token<TAB>tag` file; a malformed line is an InputError naming it."""
     sentences: list[TaggedSentence] = []
     words: list[str] = []
     tags: list[str] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text(path, "data.source", encoding, "data.encoding").splitlines(), start=1):
         if not line.strip():
             if words:
                 sentences.append(TaggedSentence(tuple(words), tuple(tags)))

@@ -5,6 +5,7 @@ Nothing here imports torch: `edgepipe validate` must answer in well under a seco
 
 from __future__ import annotations
 
+import codecs
 import enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -53,6 +54,18 @@ class DataConfig(_Strict):
     test_fraction: float = Field(0.1, gt=0, lt=0.5)
     calibration_size: int = Field(256, ge=1, description="examples held out for int8 calibration")
     max_examples: int | None = Field(None, ge=20, description="subsample after deduplication (tests)")
+    encoding: str | None = Field(None, description="text encoding of a CSV/JSONL/BIO file (default UTF-8)")
+    layout: Literal["nchw", "nhwc"] = Field("nchw", description="axis order of an .npz file's 4-d `images`")
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                codecs.lookup(value)
+            except LookupError:
+                raise ValueError(f"unknown encoding {value!r}; e.g. utf-8, cp1252, latin-1, utf-16") from None
+        return value
 
 
 class _TrainingConfig(_Strict):

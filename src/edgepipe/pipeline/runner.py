@@ -13,13 +13,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import edgepipe
-from edgepipe.errors import GateFailedError, RecipeError
+from edgepipe.errors import GateFailedError
 from edgepipe.pipeline.artifacts import Artifact, config_hash, folder_fingerprint, write_atomic, write_json
-from edgepipe.pipeline.checks import check_labels, check_recipe
-from edgepipe.pipeline.data import DataSplits, load_splits
+from edgepipe.pipeline.checks import check_inputs, check_recipe
+from edgepipe.pipeline.data import DataSplits
 from edgepipe.pipeline.distributed import World, join_world
 from edgepipe.pipeline.gates import REPORT_JSON, REPORT_MD, raise_on_gates, write_report
-from edgepipe.pipeline.manifest import RunPaths, copy_completed_stages, load_manifest, reusable, run_stage
+from edgepipe.pipeline.manifest import (
+    RunPaths,
+    copy_completed_stages,
+    load_manifest,
+    locked_run,
+    reusable,
+    run_stage,
+)
 from edgepipe.pipeline.measure import bench, bench_against, bench_in_subprocess, measure
 from edgepipe.pipeline.models import materialize_module, module_spec, resolve_model
 from edgepipe.pipeline.recipe import LM_TASK, ArtifactKind, Recipe, dump_recipe
@@ -31,10 +38,7 @@ log = logging.getLogger(__name__)
 
 
 def prepare(recipe: Recipe, out: Path, world: World | None = None) -> tuple[RunPaths, DataSplits, Path]:
-    problems = check_recipe(recipe, out)
-    if problems:
-        raise RecipeError(problems)
-    data = load_splits(recipe.data, recipe.seed, recipe.task)
+    data = check_inputs(recipe, out)
     paths = RunPaths(out.resolve())
     main = world is None or world.is_main
     if module_spec(recipe.model, {}) is not None:
@@ -56,7 +60,6 @@ def prepare(recipe: Recipe, out: Path, world: World | None = None) -> tuple[RunP
             world.barrier()
         return paths, data, model_dir
     model_dir = resolve_model(recipe.model, recipe.task)
-    check_labels(model_dir, recipe, data)
     if main:
         out.mkdir(parents=True, exist_ok=True)
     return paths, data, model_dir
@@ -70,7 +73,12 @@ def build(recipe: Recipe, out: Path, *, force: bool = False, benchmark: bool = T
     if not world.is_main:
         logging.getLogger("edgepipe").setLevel(logging.WARNING)  # rank 0 tells the story
     try:
-        report = _build(recipe, out, force, world, benchmark)
+        if world.is_main:  # the other ranks write only into their own temporary folders
+            check_inputs(recipe, out)  # before the lock creates the folder
+            with locked_run(out, "build"):
+                report = _build(recipe, out, force, world, benchmark)
+        else:
+            report = _build(recipe, out, force, world, benchmark)
     except BaseException:
         world.close(wait=False)
         raise
@@ -98,6 +106,7 @@ def _build(recipe: Recipe, out: Path, force: bool, world: World, benchmark: bool
                 "fingerprint": data.fingerprint,
                 "sizes": data.sizes(),
                 "labels": data.label_names,
+                "dropped": data.dropped,
             },
         }
     )

@@ -29,6 +29,7 @@ import numpy as np
 
 from edgepipe.errors import GateFailedError, InputError, RecipeError
 from edgepipe.pipeline.artifacts import write_atomic, write_json
+from edgepipe.pipeline.manifest import locked_run
 from edgepipe.pipeline.recipe import DistillConfig, PruneConfig, QuantizeConfig, Recipe, parse_recipe
 
 log = logging.getLogger(__name__)
@@ -279,8 +280,7 @@ def _save_best(out: Path, best: dict[str, Any]) -> None:
 
 def search(recipe: Recipe, budget_ms: float, out: Path, target: str = "cpu") -> Path:
     """Explore the recipe's knobs; returns `search.md`. Resumes from `OUT/trials.jsonl`."""
-    from edgepipe.pipeline.data import load_splits
-    from edgepipe.pipeline.runner import build, check_recipe
+    from edgepipe.pipeline.runner import check_recipe
 
     problems = search_problems(recipe, budget_ms) + check_recipe(recipe, out)
     if target != "cpu":
@@ -293,13 +293,31 @@ def search(recipe: Recipe, budget_ms: float, out: Path, target: str = "cpu") -> 
         variant_problems = check_recipe(variant(recipe, knobs))
         if variant_problems:
             raise RecipeError(variant_problems, f"search variant {variant_name(knobs)}")
-    out.mkdir(parents=True, exist_ok=True)
+    with locked_run(out, "search"):
+        return _search(recipe, budget_ms, out, variants)
+
+
+def _read_trials(trials_file: Path) -> list[dict[str, Any]]:
+    """The measured trials; a last line cut short by a killed search is dropped (it is measured again)."""
+    rows = []
+    lines = trials_file.read_text(encoding="utf-8").splitlines() if trials_file.is_file() else []
+    for number, line in enumerate(lines, start=1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise InputError(f"{trials_file}:{number} is not a JSON trial; delete the line or the file") from None
+            write_atomic(trials_file, "".join(json.dumps(row) + "\n" for row in rows))  # appends start clean
+    return rows
+
+
+def _search(recipe: Recipe, budget_ms: float, out: Path, variants: list[Any]) -> Path:
+    from edgepipe.pipeline.data import load_splits
+    from edgepipe.pipeline.runner import build
+
+    cfg = recipe.search
     trials_file = out / TRIALS
-    rows = (
-        [json.loads(line) for line in trials_file.read_text(encoding="utf-8").splitlines()]
-        if trials_file.is_file()
-        else []
-    )
+    rows = _read_trials(trials_file)
     done = {r["label"] for r in rows}
     data = load_splits(recipe.data, recipe.seed, recipe.task)
     best = max((r for r in rows if r["p90_ms"] <= budget_ms), key=lambda r: r["accuracy"], default=None)

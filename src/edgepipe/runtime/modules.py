@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepipe.errors import InputError
+from edgepipe.files import read_json
 
 MODULE_FORMAT = "torch-module"
 WEIGHTS_FILE = "model.safetensors"
@@ -93,7 +94,7 @@ def read_module_meta(folder: Path) -> dict[str, Any]:
     meta_path = folder / META_FILE
     if not meta_path.is_file():
         raise InputError(f"{folder} has no {META_FILE}; it is not an edgepipe module folder")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta = read_json(meta_path, "model", "write the module folder again")
     if meta.get("format") != MODULE_FORMAT or "module" not in meta:
         raise InputError(f"{meta_path} does not describe a {MODULE_FORMAT} folder")
     return dict(meta)
@@ -103,7 +104,10 @@ def is_module_folder(folder: Path) -> bool:
     meta_path = folder / META_FILE
     if not meta_path.is_file():
         return False
-    return json.loads(meta_path.read_text(encoding="utf-8")).get("format") == MODULE_FORMAT
+    try:
+        return read_json(meta_path, "model", "").get("format") == MODULE_FORMAT
+    except InputError:
+        return False  # not one; model_problem names what the folder lacks
 
 
 def fit_to_weights(model: Any, path: Path) -> None:

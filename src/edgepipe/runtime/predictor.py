@@ -10,7 +10,6 @@ A token classifier's `logits` are per word (texts, words, labels): each word's f
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from edgepipe.errors import InputError
+from edgepipe.files import read_json
 from edgepipe.runtime.backends import RuntimeOptions, Session, backend_for, get_backend
 from edgepipe.runtime.text import (
     LM_TASK,
@@ -59,12 +59,21 @@ def model_labels(folder: Path) -> list[str]:
     """Label names in id order, from edgepipe's metadata or the transformers config."""
     meta = folder / META_FILE
     if meta.is_file():
-        return list(json.loads(meta.read_text(encoding="utf-8"))["labels"])
+        labels = read_json(meta, "model", "write the artifact again with `edgepipe build`").get("labels")
+        if not isinstance(labels, list):
+            raise InputError(f"`model`: {meta} has no `labels` list; write the artifact again with `edgepipe build`")
+        return [str(label) for label in labels]
     if (folder / "config.json").is_file():
         from transformers import AutoConfig
 
-        id2label = AutoConfig.from_pretrained(folder).id2label  # fills defaults config.json omits
-        return [id2label[k] for k in sorted(id2label)]
+        try:
+            id2label = AutoConfig.from_pretrained(folder).id2label  # fills defaults config.json omits
+            return [str(id2label[k]) for k in sorted(id2label)]
+        except (ValueError, TypeError, KeyError, AttributeError, OSError) as error:
+            raise InputError(
+                f"`model`: {folder / 'config.json'} cannot be read as a transformers config "
+                f"({type(error).__name__}: {error}); fix the field or write it again with save_pretrained"
+            ) from None
     raise InputError(f"{folder} has neither {META_FILE} nor config.json; it is not an artifact folder")
 
 
@@ -72,7 +81,7 @@ def model_task(folder: Path) -> str:
     """The task recorded in edgepipe's metadata, else read from a transformers config."""
     meta = folder / META_FILE
     if meta.is_file():
-        task = json.loads(meta.read_text(encoding="utf-8")).get("task")
+        task = read_json(meta, "model", "write the artifact again with `edgepipe build`").get("task")
         if task:
             return str(task)
     return folder_task(folder)
@@ -83,7 +92,7 @@ def image_shape(folder: Path) -> tuple[int, ...] | None:
     meta = folder / META_FILE
     if not meta.is_file():
         return None
-    shape = json.loads(meta.read_text(encoding="utf-8")).get("input", {}).get("shape")
+    shape = read_json(meta, "model", "write the artifact again with `edgepipe build`").get("input", {}).get("shape")
     return tuple(shape) if shape else None
 
 
