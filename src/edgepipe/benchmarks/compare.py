@@ -55,12 +55,42 @@ class Row:
 
 
 def check_schema(report: dict[str, Any], name: str) -> None:
+    """A report `compare` can read: the schema version, and each result's keys with the right types."""
     version = report.get("schema_version")
     if version != SCHEMA_VERSION or "results" not in report:
         raise InputError(
             f"{name}: report schema_version {version!r} is not {SCHEMA_VERSION}; "
             "regenerate it with this edgepipe's `edgepipe bench`"
         )
+    if report.get("task") == "causal-lm":
+        raise InputError(f"{name}: a causal-lm report; `compare` gates latency/accuracy reports of classifiers")
+    results = report["results"]
+    if not isinstance(results, list):
+        raise InputError(f"{name}: `results` is a {type(results).__name__}, not a list; regenerate the report")
+    for i, row in enumerate(results):
+        problem = _row_problem(row)
+        if problem:
+            raise InputError(f"{name}: results[{i}] {problem}; regenerate the report with `edgepipe bench`")
+
+
+def _number(value: Any, low: float = 0.0) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= low
+
+
+def _row_problem(row: Any) -> str | None:
+    if not isinstance(row, dict):
+        return f"is a {type(row).__name__}, not an object"
+    for key, kind in (("artifact", str), ("target", str), ("batch", int), ("seq_len", int)):
+        if not isinstance(row.get(key), kind) or isinstance(row.get(key), bool):
+            return f"has no {kind.__name__} `{key}` (got {row.get(key)!r})"
+    latency = row.get("latency_ms")
+    if not isinstance(latency, dict) or not _number(latency.get("p50"), 1e-12) or not _number(latency.get("std", 0)):
+        return f"has no `latency_ms` with a positive `p50` and a `std` (got {latency!r})"
+    if not isinstance(latency.get("n", 1), int) or isinstance(latency.get("n", 1), bool):
+        return f"has a `latency_ms.n` that is not a count (got {latency.get('n')!r})"
+    if row.get("accuracy") is not None and not _number(row["accuracy"]):
+        return f"has an `accuracy` that is not a number (got {row['accuracy']!r})"
+    return None
 
 
 def mismatches(base: dict[str, Any], cur: dict[str, Any]) -> list[str]:
@@ -92,10 +122,10 @@ def compare(base: dict[str, Any], cur: dict[str, Any], tol: Tolerance) -> list[R
     for k in sorted(before.keys() | after.keys()):
         b, c = before.get(k), after.get(k)
         if b is None and c is not None:  # only in the current report
-            rows.append(Row(*k, None, c["latency_ms"]["p50"], None, None, c["accuracy"], "new"))
+            rows.append(Row(*k, None, c["latency_ms"]["p50"], None, None, c.get("accuracy"), "new"))
             continue
         if c is None and b is not None:  # gone from the current report
-            rows.append(Row(*k, b["latency_ms"]["p50"], None, None, b["accuracy"], None, "missing"))
+            rows.append(Row(*k, b["latency_ms"]["p50"], None, None, b.get("accuracy"), None, "missing"))
             continue
         if b is None or c is None:
             continue
@@ -105,10 +135,18 @@ def compare(base: dict[str, Any], cur: dict[str, Any], tol: Tolerance) -> list[R
         verdict = "ok"
         if ratio > allowed:
             verdict = "slower"
-        elif b["accuracy"] - c["accuracy"] > tol.max_accuracy_drop:
+        elif b.get("accuracy") is not None and b["accuracy"] - (c.get("accuracy") or 0.0) > tol.max_accuracy_drop:
             verdict = "less accurate"
         rows.append(
-            Row(*k, b["latency_ms"]["p50"], c["latency_ms"]["p50"], allowed, b["accuracy"], c["accuracy"], verdict)
+            Row(
+                *k,
+                b["latency_ms"]["p50"],
+                c["latency_ms"]["p50"],
+                allowed,
+                b.get("accuracy"),
+                c.get("accuracy"),
+                verdict,
+            )
         )
     return rows
 

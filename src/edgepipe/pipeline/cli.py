@@ -6,7 +6,6 @@ Exit codes: 0 ok, 1 failure, 2 usage or input error, 3 a gate failed.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 from edgepipe import __version__
 from edgepipe.benchmarks.compare import AB_LATENCY_FLOOR, Tolerance, check_schema, compare, mismatches, render
 from edgepipe.errors import EdgepipeError, GateFailedError, InputError, RecipeError
+from edgepipe.files import read_json
 
 log = logging.getLogger("edgepipe")
 
@@ -175,12 +175,7 @@ def _build(args: argparse.Namespace) -> int:
 def _read_report(path: Path) -> dict:
     if not path.is_file():
         raise InputError(f"report not found: {path}; pass a report.json written by `edgepipe bench`")
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise InputError(f"{path} is not valid JSON ({error}); pass a report.json") from None
-    if not isinstance(report, dict):
-        raise InputError(f"{path} is not a report (a JSON object with schema_version and results)")
+    report = read_json(path, "report", "pass a report.json written by `edgepipe bench`")
     check_schema(report, str(path))
     return report
 

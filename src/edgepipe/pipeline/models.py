@@ -154,6 +154,16 @@ def weights_problem(folder: Path) -> str | None:
         missing = sorted({str(s) for s in shards.values()} - {p.name for p in folder.glob("*.safetensors")})
         if missing:
             return f"`model`: {index} names shard(s) {missing[:3]} that are not in {folder}; copy them there"
+    if (folder / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer  # transformers' fast tokenizers, without importing transformers
+
+        try:
+            Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as error:  # the Rust library raises a bare Exception for any malformed field
+            return (
+                f"`model`: {folder / 'tokenizer.json'} is not a tokenizer ({str(error)[:120]}); write it again "
+                "with tokenizer.save_pretrained"
+            )
     weights = sorted(folder.glob("*.safetensors"))
     if not weights and not is_module_folder(folder):
         return f"`model`: {folder} has no *.safetensors weights; pass a folder written by save_pretrained"

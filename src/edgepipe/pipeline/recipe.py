@@ -13,7 +13,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from edgepipe.errors import RecipeError
+from edgepipe.errors import InputError, RecipeError
+from edgepipe.files import read_text
 from edgepipe.tasks import Task
 
 SCHEMA_VERSION = 1
@@ -638,9 +639,14 @@ def read_recipe_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise RecipeError([f"recipe file not found: {path}; pass the path of a YAML recipe"], str(path))
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.safe_load(read_text(path, "recipe"))
+    except InputError as error:
+        raise RecipeError([str(error)], str(path)) from None
     except yaml.YAMLError as error:
-        raise RecipeError([f"not valid YAML: {error}"], str(path)) from None
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).replace("\n", " ")
+        raise RecipeError([f"not valid YAML{where}: {problem}"], str(path)) from None
     if not isinstance(raw, dict):
         raise RecipeError(["the top level must be a mapping of keys"], str(path))
     return raw
