@@ -32,6 +32,12 @@ LOCK_FILE = ".lock"
 SCRATCH = ".tmp"  # this process's temporary files (onnxruntime's quantizer, the exporter): inside the run
 # set for a child process (the benchmark) that works in its parent's locked run folder
 LOCK_ENV = "EDGEPIPE_LOCKED_RUN"
+# A stage's files (all but metrics.json, which holds timings) are byte-identical between two runs of one
+# recipe and seed on one machine with the same torch thread count (tests/pipeline/test_crash.py), except:
+NOT_REPRODUCIBLE = {
+    "mobile": "onnxruntime's .ort serializer writes some tables in hash order: the same ONNX model converts to "
+    "differently ordered bytes (same size, same graph) on every call",
+}
 
 
 @dataclass(frozen=True)
@@ -173,6 +179,7 @@ def run_stage(
         "config_hash": config_hash(stage.model_dump(mode="json")),
         "duration_s": round(duration, 2),
         "world_size": world.size,
+        "reproducible": NOT_REPRODUCIBLE.get(stage.kind, True),
         "metrics": result.metrics,
         "gate_failure": result.gate_failure,
         "artifacts": [a.to_json(paths.root) for a in artifacts],

@@ -65,6 +65,12 @@ def prepare(recipe: Recipe, out: Path, world: World | None = None) -> tuple[RunP
     return paths, data, model_dir
 
 
+def _torch_threads() -> int:
+    import torch
+
+    return int(torch.get_num_threads())
+
+
 def build(recipe: Recipe, out: Path, *, force: bool = False, benchmark: bool = True) -> Path | None:
     """Run every stage (or reuse it), benchmark, gate. Returns the path of report.md (None on ranks > 0).
 
@@ -99,6 +105,8 @@ def _build(recipe: Recipe, out: Path, force: bool, world: World, benchmark: bool
             "recipe": resolved,
             "versions": versions(),
             "host": host_info(),
+            # float sums depend on how threads split them: a rerun reproduces the bytes with the same count
+            "determinism": {"torch_threads": _torch_threads(), "per_stage": "stages[].reproducible"},
             "world_size": world.size,
             "distributed_backend": world.backend,
             "data": {
