@@ -92,3 +92,25 @@ def test_accuracy_gate_fails_with_exit_3(tmp_path: Path) -> None:
     assert lines[0].startswith("FAIL: `int8-static` on cpu accuracy 84.00% vs `teacher` 86.00% (drop 2.00 pt")
     assert lines[1].startswith("pass: `int8-dynamic`")
     assert GateFailedError.exit_code == 3
+
+
+def test_an_internal_error_is_one_line_and_a_log_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bug (not bad input) still shows no traceback: one line naming the log file that holds it, exit 1."""
+    import tempfile
+
+    from edgepipe.pipeline import cli
+
+    def broken(args: object) -> int:
+        raise RuntimeError("a bug in a command")
+
+    monkeypatch.setattr(cli, "_engines", broken)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert main(["engines"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("edgepipe: internal error: RuntimeError: a bug in a command; the traceback is in ")
+    (log,) = tmp_path.glob("edgepipe-error-*.log")
+    assert str(log) in err
+    assert "Traceback (most recent call last)" in log.read_text() and "a bug in a command" in log.read_text()

@@ -37,8 +37,8 @@ __all__ = ["bench", "bench_against", "build", "check_recipe", "copy_completed_st
 log = logging.getLogger(__name__)
 
 
-def prepare(recipe: Recipe, out: Path, world: World | None = None) -> tuple[RunPaths, DataSplits, Path]:
-    data = check_inputs(recipe, out)
+def prepare(recipe: Recipe, out: Path, data: DataSplits, world: World | None = None) -> tuple[RunPaths, Path]:
+    """The run's paths and model folder (a module model is written into the run first)."""
     paths = RunPaths(out.resolve())
     main = world is None or world.is_main
     if module_spec(recipe.model, {}) is not None:
@@ -58,11 +58,8 @@ def prepare(recipe: Recipe, out: Path, world: World | None = None) -> tuple[RunP
             )
         if world is not None:
             world.barrier()
-        return paths, data, model_dir
-    model_dir = resolve_model(recipe.model, recipe.task)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-    return paths, data, model_dir
+        return paths, model_dir
+    return paths, resolve_model(recipe.model, recipe.task)
 
 
 def _torch_threads() -> int:
@@ -79,12 +76,12 @@ def build(recipe: Recipe, out: Path, *, force: bool = False, benchmark: bool = T
     if not world.is_main:
         logging.getLogger("edgepipe").setLevel(logging.WARNING)  # rank 0 tells the story
     try:
+        data = check_inputs(recipe, out)  # before the lock creates the run folder
         if world.is_main:  # the other ranks write only into their own temporary folders
-            check_inputs(recipe, out)  # before the lock creates the folder
             with locked_run(out, "build"):
-                report = _build(recipe, out, force, world, benchmark)
+                report = _build(recipe, out, data, force, world, benchmark)
         else:
-            report = _build(recipe, out, force, world, benchmark)
+            report = _build(recipe, out, data, force, world, benchmark)
     except BaseException:
         world.close(wait=False)
         raise
@@ -92,8 +89,10 @@ def build(recipe: Recipe, out: Path, *, force: bool = False, benchmark: bool = T
     return report
 
 
-def _build(recipe: Recipe, out: Path, force: bool, world: World, benchmark: bool = True) -> Path | None:
-    paths, data, model_dir = prepare(recipe, out, world)
+def _build(
+    recipe: Recipe, out: Path, data: DataSplits, force: bool, world: World, benchmark: bool = True
+) -> Path | None:
+    paths, model_dir = prepare(recipe, out, data, world)
     manifest = load_manifest(paths) if world.is_main else {}
     resolved = recipe.model_dump(mode="json")
     manifest.update(
