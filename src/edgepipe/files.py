@@ -74,7 +74,7 @@ def read_json(path: Path, key: str, fix: str) -> dict[str, Any]:
     except json.JSONDecodeError as error:
         raise InputError(f"`{key}`: {path} is not valid JSON ({error}); {fix}") from None
     if not isinstance(value, dict):
-        raise InputError(f"`{key}`: {path} holds a JSON {type(value).__name__}, not an object; {fix}")
+        raise InputError(f"`{key}`: {path} holds a {type(value).__name__}, not a JSON object; {fix}")
     return value
 
 

@@ -84,7 +84,8 @@ def test_a_failed_stage_leaves_nothing_half_written_and_the_rerun_resumes(tmp_pa
     path.write_text(yaml.safe_dump(recipe))
     run = tmp_path / "run"
     assert main(["build", str(path), "--out", str(run)]) == 1
-    assert sorted(p.name for p in run.iterdir()) == ["01-finetune", "manifest.json", "recipe.resolved.yaml"]
+    # .lock stays: an flock on a file that is never unlinked cannot be held by two processes at once
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "01-finetune", "manifest.json", "recipe.resolved.yaml"]
     finetuned = _stage_mtimes(run)["01-finetune"]
     assert main(["build", str(path), "--out", str(run), "--set", "stages.1.parity_atol=1e-4"]) == 0
     assert _stage_mtimes(run)["01-finetune"] == finetuned  # resumed after the last completed stage

@@ -11,7 +11,7 @@ from edgepipe.arch import spec_of
 from edgepipe.errors import InputError, RecipeError
 from edgepipe.files import read_json
 from edgepipe.pipeline.data import DataSplits, data_problem, load_splits, transfer_problem
-from edgepipe.pipeline.models import model_problem, module_spec, resolve_model
+from edgepipe.pipeline.models import BUILTIN_MODELS, model_problem, module_spec, resolve_model, weights_problem
 from edgepipe.pipeline.recipe import (
     IMAGE_TASK,
     LM_TASK,
@@ -106,6 +106,8 @@ def check_recipe(recipe: Recipe, out: Path | None = None) -> list[str]:
     """Everything that needs no computation: files exist, columns exist, chain is complete."""
     model = model_problem(recipe.model, recipe.task)
     problems = [p for p in (model, data_problem(recipe.data, recipe.task)) if p]
+    if model is None and (recipe.model in BUILTIN_MODELS or Path(recipe.model).is_dir()):
+        problems += [p for p in [weights_problem(resolve_model(recipe.model, recipe.task))] if p]
     problems += check_chain(recipe) + registry_problems(recipe.stages, recipe.task) + task_problems(recipe)
     for i, stage in enumerate(recipe.stages):  # image and causal-lm reject `transfer` in task_problems
         if isinstance(stage, DistillConfig) and stage.transfer and recipe.task not in (IMAGE_TASK, LM_TASK):

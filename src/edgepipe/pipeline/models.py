@@ -118,7 +118,7 @@ def _lm_problem(name: str) -> str | None:
     path = Path(name)
     if not (path / "config.json").is_file():
         return f"`model`: {name!r} is neither a built-in causal LM ({', '.join(BUILTIN_LMS)}) nor a model folder"
-    return pickle_problem(path) or weights_problem(path)
+    return pickle_problem(path)
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -140,9 +140,9 @@ def pickle_problem(folder: Path) -> str | None:
 
 
 def weights_problem(folder: Path) -> str | None:
-    """A model folder's files checked without loading them: config and tokenizer JSON parse, every
-    safetensors file is complete (header against size), every shard an index names is there."""
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors.index.json"):
+    """A model folder's files checked without loading them: the tokenizer's JSON parses, every safetensors
+    file is complete (header against size), every shard an index names is there. (config.json: checks.read_config)"""
+    for name in ("tokenizer.json", "tokenizer_config.json", "model.safetensors.index.json"):
         if (folder / name).is_file():
             try:
                 read_json(folder / name, "model", "write the folder again with save_pretrained")
@@ -200,7 +200,7 @@ def model_problem(name: str, task: str = "text-classification") -> str | None:
         return f"`model`: {name!r} is neither a built-in model ({known}) nor an existing folder{extra}"
     if not (path / "config.json").is_file():
         return f"`model`: folder {name!r} has no config.json; pass a folder written by save_pretrained"
-    return pickle_problem(path) or weights_problem(path)
+    return pickle_problem(path)
 
 
 def resolve_model(name: str, task: str = "text-classification") -> Path:
