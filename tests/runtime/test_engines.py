@@ -31,6 +31,8 @@ ENGINES = {
     "torch-cuda",
     "torch-cuda-fp16",
     "torch-cuda-bf16",
+    "openvino",
+    "openvino-bf16",
 }
 
 

@@ -85,7 +85,7 @@ def _backends_for(item: BenchItem, target: str, engines: list[str] | None) -> li
         backend = BACKENDS[name]
         if backend.model_format != item.model_format or backend.target != target:
             continue
-        reason = backend.available()
+        reason = backend.available() or backend.refuses(item.path)
         label = item.name if name == DEFAULT_BACKENDS.get((item.model_format, target)) else f"{item.name}@{name}"
         chosen.append((None, f"{name}: {reason}") if reason else (name, label))
     return chosen or [(None, f"no backend runs {item.model_format} models on {target} here")]

@@ -75,6 +75,8 @@ class Backend(Protocol):
     @property
     def model_format(self) -> str: ...  # "onnx" or "torch" (a transformers or edgepipe module folder)
 
+    def refuses(self, folder: Path) -> str | None: ...  # why it cannot load this artifact folder, or None
+
     def available(self) -> str | None: ...
 
     def load(self, path: Path, options: RuntimeOptions) -> Session: ...
@@ -186,6 +188,9 @@ class OrtBackend:
     engine: str = "onnxruntime"
     model_format: str = "onnx"
 
+    def refuses(self, folder: Path) -> str | None:
+        return None
+
     def available(self) -> str | None:
         try:
             import onnxruntime as ort
@@ -296,6 +301,9 @@ class TorchBackend:
     engine: str = "pytorch"
     model_format: str = "torch"
 
+    def refuses(self, folder: Path) -> str | None:
+        return None
+
     def available(self) -> str | None:
         try:
             import torch
@@ -324,6 +332,9 @@ class TorchTensorrtBackend:
     engine: str = "torch-tensorrt"
     target: str = "cuda"
     model_format: str = "torch"
+
+    def refuses(self, folder: Path) -> str | None:
+        return None
 
     def available(self) -> str | None:
         try:
@@ -356,11 +367,14 @@ class TorchTensorrtBackend:
 
 
 def _registry() -> dict[str, Backend]:
+    from edgepipe.runtime.openvino_backend import OpenvinoBackend
     from edgepipe.runtime.tensorrt import TensorrtBackend
 
     backends: list[Backend] = [
         OrtCpuBackend(),
         TorchCpuBackend(),
+        OpenvinoBackend(),
+        OpenvinoBackend("openvino-bf16", "bf16"),
         OrtBackend("ort-cuda", "CUDAExecutionProvider", "cuda", "pip install .[gpu]: onnxruntime-gpu"),
         OrtBackend("ort-tensorrt", "TensorrtExecutionProvider", "cuda", "onnxruntime-gpu built with TensorRT"),
         TensorrtBackend(),

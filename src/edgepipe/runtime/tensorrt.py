@@ -200,6 +200,9 @@ class TensorrtBackend:
     target: str = "cuda"
     model_format: str = "onnx"
 
+    def refuses(self, folder: Path) -> str | None:
+        return None if (folder / "model.onnx").is_file() else "TensorRT reads model.onnx, not the ORT format"
+
     def available(self) -> str | None:
         try:
             import tensorrt  # noqa: F401
