@@ -37,7 +37,10 @@ EXAMPLES = {
         "example:\n  edgepipe search src/edgepipe/recipes/default.yaml --latency-budget-ms 4 "
         "--set 'search.student_layers=[1, 2, 3]' --out runs/search"
     ),
-    "engines": "example:\n  edgepipe engines   # every backend, and why it cannot run here",
+    "engines": "example:\n  edgepipe engines   # every backend, its version, and why it cannot run here",
+    "recommend": (
+        "example:\n  edgepipe recommend runs/demo   # per target: the fastest artifact x engine within the gate"
+    ),
 }
 
 
@@ -120,6 +123,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", **overrides)  # type: ignore[arg-type]
 
     command("engines", "List the backends (engines) bench.engines can name, with what each needs here.")
+    p = command("recommend", "Per target and shape, the fastest artifact x engine within the accuracy gate.")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=None,
+        help="largest accuracy drop against the reference, 0.01 = one point (default: the recipe's gate, else 0.01)",
+    )
     return parser
 
 
@@ -228,14 +239,28 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _engines(args: argparse.Namespace) -> int:
-    from edgepipe.runtime.backends import BACKENDS, DEFAULT_BACKENDS
+    from edgepipe.runtime.backends import BACKENDS, DEFAULT_BACKENDS, engine_version
 
     defaults = set(DEFAULT_BACKENDS.values())
-    print(f"{'engine':<18}{'target':<8}{'runs':<7}status")
+    print(f"{'engine':<18}{'target':<8}{'runs':<7}{'version':<16}status")
     for name, backend in BACKENDS.items():
         reason = backend.available()
         status = "available" + (" (default)" if name in defaults else "") if reason is None else f"no: {reason}"
-        print(f"{name:<18}{backend.target:<8}{backend.model_format:<7}{status}")
+        version = engine_version(backend.engine) or "-"
+        print(f"{name:<18}{backend.target:<8}{backend.model_format:<7}{version:<16}{status}")
+    return 0
+
+
+def _recommend(args: argparse.Namespace) -> int:
+    from edgepipe.benchmarks.recommend import recommend, render
+    from edgepipe.pipeline.measure import run_folders
+
+    report = _read_report(args.run_dir / "report.json")
+    gates, folders = run_folders(args.run_dir)
+    max_drop = args.max_accuracy_drop
+    if max_drop is None:
+        max_drop = gates.max_accuracy_drop if gates.max_accuracy_drop is not None else 0.01
+    print("\n".join(render(recommend(report, max_drop), max_drop, folders)))
     return 0
 
 
@@ -259,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             "compare": _compare,
             "search": _search,
             "engines": _engines,
+            "recommend": _recommend,
         }
         return commands[args.command](args)
     except EdgepipeError as error:

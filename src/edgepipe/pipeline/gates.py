@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from edgepipe.errors import GateFailedError
@@ -62,6 +63,8 @@ def gate(recipe: Recipe, report: dict[str, Any]) -> list[str]:
 
 def write_report(paths: RunPaths, recipe: Recipe, report: dict[str, Any]) -> list[str]:
     from edgepipe.benchmarks.generation import perplexity_gate, render_generation_markdown
+    from edgepipe.benchmarks.recommend import recommend
+    from edgepipe.benchmarks.recommend import render as render_choices
     from edgepipe.benchmarks.report import render_markdown
 
     if recipe.task == LM_TASK:
@@ -76,8 +79,14 @@ def write_report(paths: RunPaths, recipe: Recipe, report: dict[str, Any]) -> lis
     if paths.manifest.is_file():  # what the prune stages removed, shown beside the measurements
         stages = load_manifest(paths).get("stages", [])
         report["pruning"] = [{"stage": r["dir"], **r["metrics"]} for r in stages if r["kind"] == "prune"]
+    limit = recipe.gates.max_accuracy_drop if recipe.gates.max_accuracy_drop is not None else 0.01
+    choices = recommend(report, limit)
+    report["recommended"] = [asdict(c) for c in choices]
     write_json(paths.root / REPORT_JSON, report)
-    write_atomic(paths.root / REPORT_MD, render_markdown(report, recipe.name, gate_lines))
+    markdown = render_markdown(report, recipe.name, gate_lines)
+    folders = {a["name"]: paths.root / a["path"] for a in load_manifest(paths).get("artifacts", [])}
+    markdown += "\n## What to ship\n\n" + "\n".join(render_choices(choices, limit, folders)) + "\n"
+    write_atomic(paths.root / REPORT_MD, markdown)
     return gate_lines
 
 

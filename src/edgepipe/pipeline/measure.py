@@ -130,6 +130,19 @@ def open_run(run_dir: Path) -> tuple[RunPaths, Recipe, DataSplits, list[Artifact
     return paths, recipe, data, artifacts
 
 
+def run_folders(run_dir: Path) -> tuple[Any, dict[str, Path]]:
+    """A finished run's recipe gates and its artifact folders by name (`edgepipe recommend`)."""
+    paths = RunPaths(run_dir.resolve())
+    if not paths.manifest.is_file():
+        raise InputError(f"{run_dir} is not a run folder (no {MANIFEST}); pass the --out folder of `edgepipe build`")
+    manifest = load_manifest(paths)
+    recipe = parse_recipe(manifest["recipe"], str(paths.manifest)) if "recipe" in manifest else None
+    if recipe is None or "artifacts" not in manifest:
+        raise InputError(f"{paths.manifest} is incomplete (the build did not finish); rerun `edgepipe build`")
+    folders = {a["name"]: Artifact.from_json(a, paths.root).path for a in manifest["artifacts"]}
+    return recipe.gates, folders
+
+
 def bench(run_dir: Path, gates: bool = True) -> Path:
     """Re-measure every artifact of an existing run (e.g. on another machine); rewrites the report and,
     with `gates`, raises GateFailedError when one of the recipe's gates fails."""

@@ -397,6 +397,28 @@ DEFAULT_BACKENDS = {
 }
 
 
+# the distribution behind each `Backend.engine`, for `edgepipe engines` (read without importing it)
+_DISTRIBUTIONS = {
+    "onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
+    "pytorch": ("torch",),
+    "openvino": ("openvino",),
+    "tensorrt": ("tensorrt", "tensorrt-cu12"),
+    "torch-tensorrt": ("torch-tensorrt", "torch_tensorrt"),
+}
+
+
+def engine_version(engine: str) -> str | None:
+    """The installed version of an engine's library, or None."""
+    from importlib import metadata
+
+    for distribution in _DISTRIBUTIONS.get(engine, ()):
+        try:
+            return metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
 def get_backend(name: str) -> Backend:
     backend = BACKENDS.get(name)
     if backend is None:
