@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -98,6 +99,45 @@ def image_feeds(images: np.ndarray) -> Feeds:
     return feeds
 
 
+# Above this many bytes of weights a model is written with its tensors in `model.onnx.data` beside it: one
+# protobuf file cannot exceed 2 GiB. Below it, one self-contained file (what ORT Mobile and most tools expect).
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+def weight_bytes(model: Any) -> int:
+    """Bytes of a ModelProto's initializers, counted without serializing it (which fails past 2 GiB)."""
+    import numpy as np
+    from onnx import helper
+
+    total = 0
+    for tensor in model.graph.initializer:
+        count = int(np.prod(tensor.dims)) if tensor.dims else 1
+        total += count * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return total
+
+
+def needs_external_data(path: Path) -> bool:
+    """Whether the model at `path` is (or, written again, must be) stored with external data."""
+    import onnx
+
+    return (path.parent / f"{path.name}.data").exists() or weight_bytes(
+        onnx.load(str(path), load_external_data=False)
+    ) > EXTERNAL_DATA_BYTES
+
+
+def save_onnx(model: Any, path: Path) -> None:
+    """Write a ModelProto to `path`: one file, or past EXTERNAL_DATA_BYTES its tensors in `path.data`."""
+    import onnx
+
+    (path.parent / f"{path.name}.data").unlink(missing_ok=True)  # save appends to an existing data file
+    if weight_bytes(model) <= EXTERNAL_DATA_BYTES:
+        onnx.save_model(model, str(path))
+        return
+    onnx.save_model(
+        model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=f"{path.name}.data"
+    )
+
+
 def export_onnx(
     model: Any, feeds: Feeds, out_path: Path, *, opset: int, shape: tuple[int, int], spec: ExportSpec
 ) -> None:
@@ -107,21 +147,30 @@ def export_onnx(
     example = feeds(*shape)
     tensors = {n: torch.from_numpy(example[n]) for n in spec.input_names}
     args, kwargs = (tuple(tensors.values()), None) if spec.positional else ((), tensors)
+    # torch writes a model past 2 GiB as one file per tensor: exported apart, then saved as model.onnx
+    # (+ model.onnx.data past EXTERNAL_DATA_BYTES)
+    scratch = out_path.parent / f".{out_path.name}.export"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
     # The tracer warns about Python control flow in transformers' mask helpers; parity checks the result.
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            args,
-            str(out_path),
-            input_names=list(spec.input_names),
-            output_names=list(spec.output_names),
-            dynamic_axes=spec.dynamic_axes,
-            opset_version=opset,
-            kwargs=kwargs,
-            do_constant_folding=True,
-            dynamo=False,
-        )
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model,
+                args,
+                str(scratch / out_path.name),
+                input_names=list(spec.input_names),
+                output_names=list(spec.output_names),
+                dynamic_axes=spec.dynamic_axes,
+                opset_version=opset,
+                kwargs=kwargs,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        save_onnx(onnx.load(str(scratch / out_path.name)), out_path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     onnx.checker.check_model(str(out_path), full_check=True)
 
 
@@ -203,6 +252,7 @@ def fuse_transformer(
         hidden_size=0 if pruned else config.hidden_size,
         optimization_options=options,
     )
-    optimized.save_model_to_file(str(out_path))
+    large = weight_bytes(optimized.model) > EXTERNAL_DATA_BYTES
+    optimized.save_model_to_file(str(out_path), use_external_data_format=large, all_tensors_to_one_file=True)
     stats = optimized.get_fused_operator_statistics()
     return {k: int(v) for k, v in stats.items() if v}

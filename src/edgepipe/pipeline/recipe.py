@@ -27,6 +27,7 @@ class ArtifactKind(str, enum.Enum):
     ONNX_FP32 = "onnx-fp32"
     ONNX_FP32_FUSED = "onnx-fp32-fused"
     ONNX_INT8 = "onnx-int8"
+    ONNX_FP16 = "onnx-fp16"  # float16 weights and activations, inputs and outputs kept as they were
     ORT_MOBILE = "ort-mobile"  # the ORT format (model.ort) of an ONNX artifact, for ONNX Runtime Mobile
 
     @classmethod
@@ -289,8 +290,9 @@ class CalibrationConfig(_Strict):
 
 class QuantizeConfig(_Strict):
     kind: Literal["quantize"]
-    mode: Literal["dynamic", "static", "int4"] = Field(
-        description="dynamic/static int8, or int4: 4-bit weight-only MatMulNBits (causal-lm)"
+    mode: Literal["dynamic", "static", "int4", "fp16"] = Field(
+        description="dynamic/static int8, int4: 4-bit weight-only MatMulNBits (causal-lm), or fp16: float16 "
+        "weights and compute for GPUs, NPUs and ARM (numerically sensitive ops kept fp32, parity-gated)"
     )
     source: Literal["fp32", "fp32-fused"] | None = Field(
         None, description="which fp32 export to quantize; default: fused for dynamic, plain for static"
@@ -324,6 +326,8 @@ class QuantizeConfig(_Strict):
             raise ValueError("calibration applies to mode: static only; remove it or set mode: static")
         if self.mode == "dynamic" and self.graph is not None:
             raise ValueError("graph applies to mode: static only; dynamic quantizes its `source` as is")
+        if self.mode == "fp16" and (self.calibration or self.graph or self.sensitivity or self.max_accuracy_drop):
+            raise ValueError("fp16 converts every float op; calibration, graph, sensitivity and fallback are int8 keys")
         return self
 
     @property
@@ -333,19 +337,20 @@ class QuantizeConfig(_Strict):
 
     @property
     def artifact_name(self) -> str:
-        return self.name or ("int4" if self.mode == "int4" else f"int8-{self.mode}")
+        return self.name or (self.mode if self.mode in ("int4", "fp16") else f"int8-{self.mode}")
 
     def consumes(self) -> tuple[ArtifactKind, ...]:
         return (self.source_kind,)
 
     def produces(self) -> tuple[ArtifactKind, ...]:
-        return (ArtifactKind.ONNX_INT8,)
+        return (ArtifactKind.ONNX_FP16 if self.mode == "fp16" else ArtifactKind.ONNX_INT8,)
 
 
 MOBILE_SOURCES = {
     "fp32": ArtifactKind.ONNX_FP32,
     "fp32-fused": ArtifactKind.ONNX_FP32_FUSED,
     "int8": ArtifactKind.ONNX_INT8,
+    "fp16": ArtifactKind.ONNX_FP16,
 }
 
 
@@ -353,7 +358,7 @@ class MobileConfig(_Strict):
     """Convert an ONNX artifact to the ORT format for ONNX Runtime Mobile, with the reduced-build op config."""
 
     kind: Literal["mobile"]
-    source: Literal["fp32", "fp32-fused", "int8"] = Field(
+    source: Literal["fp32", "fp32-fused", "int8", "fp16"] = Field(
         "int8", description="which ONNX artifact to convert (int8: the last quantize stage's)"
     )
     optimization: Literal["basic", "extended"] = Field(
@@ -525,7 +530,7 @@ def _lm_problems(recipe: Recipe) -> list[str]:
     """What a causal-lm recipe cannot do (yet), each naming its key."""
     problems = []
     for i, stage in enumerate(recipe.stages):
-        if isinstance(stage, QuantizeConfig) and stage.mode == "static":
+        if isinstance(stage, QuantizeConfig) and stage.mode in ("static", "fp16"):
             problems.append(f"`stages.{i}.mode`: causal-lm quantizes `dynamic` (int8) or `int4` (weight-only)")
         if isinstance(stage, QuantizeConfig) and (stage.sensitivity or stage.max_accuracy_drop):
             problems.append(f"`stages.{i}`: sensitivity and max_accuracy_drop apply to classifiers; remove them")

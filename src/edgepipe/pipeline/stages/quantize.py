@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from edgepipe.export.onnx_export import needs_external_data, save_onnx
 from edgepipe.pipeline import accuracy_aware
 from edgepipe.pipeline.artifacts import Artifact, config_hash, sha256_file, write_atomic, write_json, write_meta
 from edgepipe.pipeline.calibration import CalibrationSet, ImageCalibrationSet, ort_reader
@@ -75,7 +76,7 @@ def op_counts(path: Path) -> dict[str, int]:
 def _copy_companions(source: Path, dest: Path) -> None:
     """Tokenizer and config files travel with the model; the model itself is rewritten."""
     for item in source.iterdir():
-        if item.is_file() and item.name not in ("model.onnx", "edgepipe.json"):
+        if item.is_file() and item.name not in ("model.onnx", "model.onnx.data", "edgepipe.json"):
             shutil.copy2(item, dest / item.name)
 
 
@@ -173,6 +174,8 @@ def _quantizer(model: Path, settings: dict[str, Any], ranges: Path | None) -> ac
     import onnx
     from onnxruntime.quantization import QuantFormat, quantize_dynamic, quantize_static
 
+    large = needs_external_data(model)
+
     def write(exclude: list[str], include: list[str] | None, out: Path) -> None:
         common = {
             "op_types_to_quantize": settings["op_types"] or None,
@@ -181,6 +184,7 @@ def _quantizer(model: Path, settings: dict[str, Any], ranges: Path | None) -> ac
             "weight_type": _qtype(settings["weight_type"]),
             "nodes_to_exclude": settings["nodes_to_exclude"] + settings.get("attention_core", []) + exclude,
             "nodes_to_quantize": include,
+            "use_external_data_format": large,
         }
         if settings["mode"] == "dynamic":
             # fused graphs carry tensors without type info; onnxruntime needs a default to proceed
@@ -234,7 +238,7 @@ def float_residuals(path: Path) -> int:
                 node.input[k] = q.input[0]
                 moved += 1
     if moved:
-        onnx.save(model, str(path))
+        save_onnx(model, path)
     return moved
 
 
@@ -318,6 +322,8 @@ def run_quantize(inputs: dict[ArtifactKind, Artifact], cfg: QuantizeConfig, ctx:
     out.mkdir(parents=True)
     _copy_companions(source.path, out)
     src_model = source.path / "model.onnx"
+    if cfg.mode == "fp16":
+        return _run_fp16(source, cfg, ctx, out)
     settings = resolve_settings(cfg, ctx.task, host_info()["cpu_flags"])
     settings["source"] = source.name
     model, ranges = src_model, None
@@ -327,7 +333,15 @@ def run_quantize(inputs: dict[ArtifactKind, Artifact], cfg: QuantizeConfig, ctx:
         if cfg.preprocess:
             preprocessed = ctx.stage_dir / ".preprocessed.onnx"
             # auto_merge: symbolic shape inference otherwise stops on the BERT export's dynamic axes
-            quant_pre_process(str(model), str(preprocessed), auto_merge=True)
+            large = needs_external_data(model)
+            quant_pre_process(
+                str(model),
+                str(preprocessed),
+                auto_merge=True,
+                save_as_external_data=large,
+                all_tensors_to_one_file=True,
+                external_data_location=f"{preprocessed.name}.data",
+            )
             model = preprocessed
         if ctx.task != "image-classification":
             settings["attention_core"] = attention_core(model)  # kept float
@@ -374,6 +388,7 @@ def run_quantize(inputs: dict[ArtifactKind, Artifact], cfg: QuantizeConfig, ctx:
         quantize([], None, out / "model.onnx")
     for temporary in (".fused-mha.onnx", ".preprocessed.onnx"):
         (ctx.stage_dir / temporary).unlink(missing_ok=True)
+        (ctx.stage_dir / f"{temporary}.data").unlink(missing_ok=True)
     settings["op_types"] = settings["op_types"] or "all (onnxruntime default)"
     precision = f"int8-{cfg.mode}"
     source_meta = json.loads((source.path / "edgepipe.json").read_text(encoding="utf-8"))
@@ -388,6 +403,60 @@ def run_quantize(inputs: dict[ArtifactKind, Artifact], cfg: QuantizeConfig, ctx:
     )
     artifact = Artifact(cfg.artifact_name, ArtifactKind.ONNX_INT8, out, precision)
     return StageResult([artifact], metrics, gate_failure=gate_failure)
+
+
+# Kept fp32 in fp16 models: normalizations and the reductions inside them (a variance of activations above
+# ~256 overflows fp16's 65504), and Softmax's exponent sums; onnxruntime's converter keeps its own list of ops
+# without fp16 kernels on top (float16.DEFAULT_OP_BLOCK_LIST).
+FP16_KEEP_FP32 = ("LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization", "ReduceMean",
+                  "Pow", "Sqrt", "Softmax", "BatchNormalization")  # fmt: skip
+FP16_MIN_AGREEMENT = 0.99  # val argmax agreement with fp32 below which the fp16 model is refused
+
+
+def _run_fp16(source: Artifact, cfg: QuantizeConfig, ctx: StageContext, out: Path) -> StageResult:
+    """float16 weights and compute (onnxruntime's converter), inputs/outputs kept, parity-gated on val."""
+    import onnx
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    from edgepipe.errors import ExportParityError
+
+    src_model = source.path / "model.onnx"
+    keep = sorted({*DEFAULT_OP_BLOCK_LIST, *FP16_KEEP_FP32})
+    converted = convert_float_to_float16(
+        onnx.load(str(src_model)), keep_io_types=True, op_block_list=keep, node_block_list=cfg.nodes_to_exclude
+    )
+    save_onnx(converted, out / "model.onnx")
+    input_names = tuple(i.name for i in converted.graph.input)
+    feeds = _eval_feeds(source.path, cfg, ctx, input_names)
+    reference = accuracy_aware.run_model(src_model, feeds)
+    got = accuracy_aware.run_model(out / "model.onnx", feeds)
+    agreement = float(np.mean(reference.argmax(-1) == got.argmax(-1)))
+    parity = {"val_examples": len(reference), "argmax_agreement": round(agreement, 5),
+              "max_abs_diff": float(np.abs(reference - got).max()), "min_agreement": FP16_MIN_AGREEMENT}  # fmt: skip
+    if agreement < FP16_MIN_AGREEMENT:
+        raise ExportParityError(
+            f"`{cfg.artifact_name}`: the fp16 model agrees with fp32 on {100 * agreement:.2f}% of val examples "
+            f"(< {100 * FP16_MIN_AGREEMENT:.0f}%, max diff {parity['max_abs_diff']:.3g}); add the ops that "
+            "overflow to nodes_to_exclude or ship fp32"
+        )
+    source_meta = json.loads((source.path / "edgepipe.json").read_text(encoding="utf-8"))
+    carried = {k: source_meta[k] for k in ("input",) if k in source_meta}
+    write_meta(out, task=ctx.task, labels=ctx.data.label_names, precision="fp16", fmt="onnx", **carried)
+    settings = {
+        "source": source.name,
+        "keep_io_types": True,
+        "op_block_list": keep,
+        "nodes_to_exclude": cfg.nodes_to_exclude,
+    }
+    write_json(ctx.stage_dir / "quantization.json", settings)
+    metrics = {
+        "settings": settings,
+        "parity": parity,
+        "op_counts": op_counts(out / "model.onnx"),
+        "size_mb_before": round(src_model.stat().st_size / 1e6, 2),
+        "size_mb_after": round((out / "model.onnx").stat().st_size / 1e6, 2),
+    }
+    return StageResult([Artifact(cfg.artifact_name, ArtifactKind.ONNX_FP16, out, "fp16")], metrics)
 
 
 def _method(name: str) -> Any:
