@@ -34,7 +34,11 @@ class BenchItem:
 
     @property
     def size_mb(self) -> float:
-        files = [model_file(self.path)] if self.model_format == "onnx" else list(self.path.glob("*.safetensors"))
+        if self.model_format == "onnx":  # the model with its external data, or OpenVINO's IR
+            model = model_file(self.path)
+            files = [model, model.with_name(f"{model.name}.data"), self.path / "model.xml", self.path / "model.bin"]
+        else:
+            files = list(self.path.glob("*.safetensors"))
         return round(sum(f.stat().st_size for f in files if f.exists()) / 1e6, 2)
 
 

@@ -189,7 +189,9 @@ class OrtBackend:
     model_format: str = "onnx"
 
     def refuses(self, folder: Path) -> str | None:
-        return None
+        if (folder / "model.onnx").is_file() or (folder / "model.ort").is_file():
+            return None
+        return "onnxruntime reads model.onnx or model.ort (this folder holds another engine's format)"
 
     def available(self) -> str | None:
         try:
