@@ -20,7 +20,7 @@ SCHEMA_VERSION = 1
 # Interleaved A/B runs share the machine's drift; only within-run noise and a small margin remain.
 AB_LATENCY_FLOOR = 0.10
 _MACHINE_KEYS = ("cpu", "cpu_flags", "logical_cores", "gpu")
-_VERSION_KEYS = ("python", "torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt")
+_VERSION_KEYS = ("python", "torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "openvino")
 
 
 @dataclass(frozen=True)

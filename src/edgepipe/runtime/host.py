@@ -37,6 +37,8 @@ PACKAGES = (
     "onnxruntime-gpu",
     "numpy",
     "tensorrt",
+    "openvino",
+    "nncf",
 )
 
 
