@@ -86,3 +86,34 @@ def test_bench_rows_for_openvino_beside_onnxruntime(built_run: Path) -> None:
     skipped = {s["artifact"]: s["reason"] for s in report["skipped"]}
     assert "QAttention" in skipped["int8-dynamic"]
     json.dumps(report)  # the runtime settings are plain JSON
+
+
+def test_a_mobile_stage_writes_the_ir_and_the_bench_runs_it_on_openvino(
+    tmp_path: Path, tiny_model_dir: Path, rt_csv: Path
+) -> None:
+    from conftest import tiny_recipe
+
+    from edgepipe.benchmarks.bench import run_bench
+    from edgepipe.pipeline.measure import bench_items, bench_settings, open_run
+    from edgepipe.pipeline.recipe import parse_recipe
+    from edgepipe.pipeline.runner import build
+
+    stages = [
+        {"kind": "finetune", "max_steps": 10, "batch_size": 16, "max_seq_len": 32},
+        {"kind": "export"},
+        {"kind": "quantize", "mode": "static", "calibration": {"samples": 32, "batch_size": 8}},
+        {"kind": "mobile", "source": "int8", "format": "openvino-ir"},
+    ]
+    run = tmp_path / "run"
+    build(parse_recipe(tiny_recipe(tiny_model_dir, rt_csv, stages=stages)), run, benchmark=False)
+    ir = run / "04-mobile" / "int8-static-ir"
+    assert (ir / "model.xml").is_file() and (ir / "model.bin").is_file() and not (ir / "model.onnx").exists()
+    metrics = json.loads((run / "04-mobile" / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["format"] == "openvino-ir" and metrics["max_abs_diff"] < 1e-4
+    assert Predictor.load(ir).session.describe()["model_file"] == "model.xml"  # no engine named: OpenVINO reads it
+    _, recipe, data, artifacts = open_run(run)
+    settings = bench_settings(recipe, data)
+    items = bench_items(artifacts, include_torch=False)
+    report = run_bench(items, data.test.inputs[:16], data.test.labels[:16], settings, items[0].name)
+    engines = {r["artifact"]: r["engine"] for r in report["results"]}
+    assert engines["int8-static-ir@openvino"] == "openvino" and engines["int8-static"] == "ort-cpu"

@@ -16,7 +16,7 @@ import numpy as np
 from edgepipe.benchmarks.harness import LatencyStats, cuda_event_ms, measure_interleaved, summarize
 from edgepipe.benchmarks.metrics import argmax_agreement, metric_name, score
 from edgepipe.errors import EdgepipeError
-from edgepipe.runtime.backends import BACKENDS, DEFAULT_BACKENDS, RuntimeOptions, model_file
+from edgepipe.runtime.backends import BACKENDS, DEFAULT_BACKENDS, RuntimeOptions, default_backend, model_file
 from edgepipe.runtime.host import host_info, versions
 from edgepipe.runtime.predictor import Predictor
 
@@ -82,7 +82,7 @@ def _backends_for(item: BenchItem, target: str, engines: list[str] | None) -> li
     A run on the target's default backend keeps the artifact's name; any other engine adds `@engine`."""
     names = [n for n in engines or [] if n in BACKENDS] if engines is not None else []
     if engines is None:
-        default = DEFAULT_BACKENDS.get((item.model_format, target))
+        default = default_backend(item.model_format, target, item.path)  # an IR: OpenVINO
         names = [default] if default else []
     chosen: list[tuple[str | None, str]] = []
     for name in names:

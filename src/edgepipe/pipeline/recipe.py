@@ -29,6 +29,7 @@ class ArtifactKind(str, enum.Enum):
     ONNX_INT8 = "onnx-int8"
     ONNX_FP16 = "onnx-fp16"  # float16 weights and activations, inputs and outputs kept as they were
     ORT_MOBILE = "ort-mobile"  # the ORT format (model.ort) of an ONNX artifact, for ONNX Runtime Mobile
+    OPENVINO_IR = "openvino-ir"  # OpenVINO's model.xml/.bin of an ONNX artifact
 
     @classmethod
     def _missing_(cls, value: object) -> ArtifactKind | None:
@@ -355,11 +356,15 @@ MOBILE_SOURCES = {
 
 
 class MobileConfig(_Strict):
-    """Convert an ONNX artifact to the ORT format for ONNX Runtime Mobile, with the reduced-build op config."""
+    """Convert an ONNX artifact to the ORT format for ONNX Runtime Mobile (with the reduced-build op config),
+    or to OpenVINO's IR."""
 
     kind: Literal["mobile"]
     source: Literal["fp32", "fp32-fused", "int8", "fp16"] = Field(
         "int8", description="which ONNX artifact to convert (int8: the last quantize stage's)"
+    )
+    format: Literal["ort", "openvino-ir"] = Field(
+        "ort", description="ort: model.ort for ONNX Runtime Mobile; openvino-ir: model.xml/.bin for OpenVINO"
     )
     optimization: Literal["basic", "extended"] = Field(
         "extended", description="graph optimizations baked in (not `all`: its x86 layout kernels do not exist on ARM)"
@@ -371,7 +376,7 @@ class MobileConfig(_Strict):
         return (MOBILE_SOURCES[self.source],)
 
     def produces(self) -> tuple[ArtifactKind, ...]:
-        return (ArtifactKind.ORT_MOBILE,)
+        return (ArtifactKind.OPENVINO_IR if self.format == "openvino-ir" else ArtifactKind.ORT_MOBILE,)
 
 
 StageConfig = Annotated[

@@ -431,8 +431,21 @@ def get_backend(name: str) -> Backend:
     return backend
 
 
-def backend_for(model_format: str, target: str) -> Backend:
+def default_backend(model_format: str, target: str, folder: Path | None = None) -> str | None:
+    """The target's default backend for the format; for a folder it refuses (an OpenVINO IR on the CPU),
+    the first registered backend of that target that is available and reads it."""
     name = DEFAULT_BACKENDS.get((model_format, target))
+    if name is None or folder is None or BACKENDS[name].refuses(folder) is None:
+        return name
+    for other, backend in BACKENDS.items():
+        fits = backend.model_format == model_format and backend.target == target
+        if fits and backend.available() is None and backend.refuses(folder) is None:
+            return other
+    return name
+
+
+def backend_for(model_format: str, target: str, folder: Path | None = None) -> Backend:
+    name = default_backend(model_format, target, folder)
     if name is None:
         raise BackendUnavailableError(f"no backend runs {model_format} models on {target}")
     return get_backend(name)

@@ -130,7 +130,8 @@ class Predictor:
         folder = Path(folder)
         if not folder.is_dir():
             raise InputError(f"artifact folder not found: {folder}")
-        fmt = "onnx" if (folder / "model.onnx").exists() or (folder / "model.ort").exists() else "torch"
+        onnx_files = ("model.onnx", "model.ort", "model.xml")  # model.xml: OpenVINO's IR of an ONNX model
+        fmt = "onnx" if any((folder / name).exists() for name in onnx_files) else "torch"
         if model_task(folder) == LM_TASK:
             from transformers import AutoTokenizer
 
@@ -139,7 +140,7 @@ class Predictor:
             generator = load_causal_lm(folder, fmt, options or RuntimeOptions())
             return cls(None, AutoTokenizer.from_pretrained(folder), [], task=LM_TASK, generator=generator)
         labels = model_labels(folder)
-        chosen = get_backend(backend) if backend is not None else backend_for(fmt, target)
+        chosen = get_backend(backend) if backend is not None else backend_for(fmt, target, folder)
         session = chosen.load(folder, options or RuntimeOptions())
         shape = image_shape(folder)
         if shape is not None:
