@@ -24,7 +24,6 @@ from edgepipe.tasks import Task
 
 @register("mobile", Task.TEXT, Task.TOKEN, Task.IMAGE)
 def run_mobile(inputs: dict[ArtifactKind, Artifact], cfg: MobileConfig, ctx: StageContext) -> StageResult:
-    from edgepipe.runtime.predictor import Predictor
 
     source = inputs[MOBILE_SOURCES[cfg.source]]
     ir = cfg.format == "openvino-ir"
@@ -36,14 +35,7 @@ def run_mobile(inputs: dict[ArtifactKind, Artifact], cfg: MobileConfig, ctx: Sta
     if ir:
         return _run_ir(source, cfg, ctx, out)
     model = convert_to_ort(source.path / "model.onnx", out, level=cfg.optimization, target_platform=cfg.target_platform)
-    original, converted = Predictor.load(source.path), Predictor.load(out)
-    sample: Any = ctx.data.val.inputs[:32]
-    diff = float(np.abs(original.logits(sample) - converted.logits(sample)).max())
-    if diff > cfg.parity_atol:
-        raise ExportParityError(
-            f"{model.name}: logits differ from {source.name}'s by {diff:.3g} (max abs) over parity_atol="
-            f"{cfg.parity_atol:g}; try optimization: basic, or raise parity_atol if expected"
-        )
+    diff = _parity(source, out, cfg, ctx, None, "try optimization: basic, or raise parity_atol if expected")
     metrics = {
         "source": source.name,
         "max_abs_diff": diff,
@@ -54,22 +46,30 @@ def run_mobile(inputs: dict[ArtifactKind, Artifact], cfg: MobileConfig, ctx: Sta
     return StageResult([Artifact(f"{source.name}-ort", ArtifactKind.ORT_MOBILE, out, source.precision)], metrics)
 
 
+def _parity(source: Artifact, out: Path, cfg: MobileConfig, ctx: StageContext, backend: str | None, fix: str) -> float:
+    """Max abs logit difference of the converted model (on `backend`) against the source on ORT, over 32 val
+    inputs; ExportParityError past `parity_atol`."""
+    from edgepipe.runtime.predictor import Predictor
+
+    sample: Any = ctx.data.val.inputs[:32]
+    original, converted = Predictor.load(source.path), Predictor.load(out, backend=backend)
+    diff = float(np.abs(original.logits(sample) - converted.logits(sample)).max())
+    if diff > cfg.parity_atol:
+        raise ExportParityError(
+            f"{out.name}: logits differ from {source.name}'s by {diff:.3g} (max abs) over parity_atol="
+            f"{cfg.parity_atol:g}; {fix}"
+        )
+    return diff
+
+
 def _run_ir(source: Artifact, cfg: MobileConfig, ctx: StageContext, out: Path) -> StageResult:
     """OpenVINO's IR of the source (weights as they are), checked on OpenVINO against the source on ORT."""
     from edgepipe.runtime.backends import get_backend
     from edgepipe.runtime.openvino_backend import save_ir
-    from edgepipe.runtime.predictor import Predictor
 
     get_backend("openvino")  # BackendUnavailableError with the install hint when it is missing
     model = save_ir(source.path / "model.onnx", out)
-    sample: Any = ctx.data.val.inputs[:32]
-    original, converted = Predictor.load(source.path), Predictor.load(out, backend="openvino")
-    diff = float(np.abs(original.logits(sample) - converted.logits(sample)).max())
-    if diff > cfg.parity_atol:
-        raise ExportParityError(
-            f"{model.name}: OpenVINO's logits differ from {source.name}'s on ORT by {diff:.3g} (max abs) over "
-            f"parity_atol={cfg.parity_atol:g}"
-        )
+    diff = _parity(source, out, cfg, ctx, "openvino", "raise parity_atol if expected")
     metrics = {
         "source": source.name,
         "format": "openvino-ir",
