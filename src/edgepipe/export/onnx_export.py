@@ -221,7 +221,7 @@ def check_parity(
 
 
 def fuse_transformer(
-    onnx_path: Path, out_path: Path, config: Any, attention: str = "Attention"
+    onnx_path: Path, out_path: Path, config: Any, attention: str = "Attention", embed_layer_norm: bool = True
 ) -> dict[str, int] | None:
     """Fuse attention/layernorm/gelu with onnxruntime's transformer optimizer.
 
@@ -229,7 +229,8 @@ def fuse_transformer(
     into QAttention); "MultiHeadAttention" leaves the Q/K/V projections as MatMuls, which static QDQ
     quantizes, and fuses only the attention core. Residual Add + LayerNormalization stay unfused:
     onnxruntime's CPU SkipLayerNormalization kernel is the slow one (`runtime.backends`), and the CUDA
-    provider fuses the pair itself when a session is created.
+    provider fuses the pair itself when a session is created. `embed_layer_norm=False` keeps the embedding
+    Gather + LayerNormalization unfused.
     Returns the fused-operator counts, or None when the architecture is not supported.
     """
     from onnxruntime.transformers.fusion_options import FusionOptions
@@ -243,6 +244,9 @@ def fuse_transformer(
     options = FusionOptions(model_type)
     options.use_multi_head_attention = attention == "MultiHeadAttention"
     options.enable_skip_layer_norm = options.enable_bias_skip_layer_norm = False
+    # EmbedLayerNormalization hides the word-embedding Gather inside an op no quantizer reaches; left unfused,
+    # the static path can store the table in int8 (the largest tensor of a small encoder)
+    options.enable_embed_layer_norm = embed_layer_norm
     # a pruned BERT's layers differ in heads: 0 lets the optimizer read each layer's from its Reshape
     pruned = hasattr(config, "layer_heads")
     optimized = optimize_model(

@@ -252,7 +252,8 @@ def _prepare_static_graph(src: Path, source_dir: Path, settings: dict[str, Any],
 
     fused = work / ".fused-mha.onnx"
     config = AutoConfig.from_pretrained(source_dir)
-    if fuse_transformer(src, fused, config, attention="MultiHeadAttention") is None:
+    gather = "Gather" in (settings["op_types"] or [])  # the embedding table in int8: keep its Gather visible
+    if fuse_transformer(src, fused, config, attention="MultiHeadAttention", embed_layer_norm=not gather) is None:
         settings["graph"] = f"source (no fusion for model_type {config.model_type})"
         return src
     return fused
