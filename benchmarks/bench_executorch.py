@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     result = {
         "machine": host_info(),
-        "versions": {**versions(), "executorch": _version("executorch")},
+        "versions": versions(),  # executorch among them
         "shape": "batch 1 x 128 tokens",
         "runs": args.runs,
         "test_examples": len(texts),
@@ -170,15 +170,6 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in notes.items():
         print(f"{key}: {value}")
     return 0
-
-
-def _version(name: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 if __name__ == "__main__":

@@ -76,15 +76,16 @@ def write_report(paths: RunPaths, recipe: Recipe, report: dict[str, Any]) -> lis
         return gate_lines
     gate_lines = gate(recipe, report)
     report["gates"] = gate_lines
-    if paths.manifest.is_file():  # what the prune stages removed, shown beside the measurements
-        stages = load_manifest(paths).get("stages", [])
+    manifest = load_manifest(paths)  # {} before the first build writes it
+    if manifest:  # what the prune stages removed, shown beside the measurements
+        stages = manifest.get("stages", [])
         report["pruning"] = [{"stage": r["dir"], **r["metrics"]} for r in stages if r["kind"] == "prune"]
     limit = recipe.gates.max_accuracy_drop if recipe.gates.max_accuracy_drop is not None else 0.01
     choices = recommend(report, limit)
     report["recommended"] = [asdict(c) for c in choices]
     write_json(paths.root / REPORT_JSON, report)
     markdown = render_markdown(report, recipe.name, gate_lines)
-    folders = {a["name"]: paths.root / a["path"] for a in load_manifest(paths).get("artifacts", [])}
+    folders = {a["name"]: paths.root / a["path"] for a in manifest.get("artifacts", [])}
     markdown += "\n## What to ship\n\n" + "\n".join(render_choices(choices, limit, folders)) + "\n"
     write_atomic(paths.root / REPORT_MD, markdown)
     return gate_lines

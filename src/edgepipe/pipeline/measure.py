@@ -109,14 +109,19 @@ def _bench_generation(paths: RunPaths, recipe: Recipe, items: list[Any], data: D
     return write_report(paths, recipe, report)
 
 
-def open_run(run_dir: Path) -> tuple[RunPaths, Recipe, DataSplits, list[Artifact]]:
+def _finished_run(run_dir: Path) -> tuple[RunPaths, dict[str, Any], Recipe]:
+    """A finished run's paths, manifest and recipe; InputError for a folder that is not one."""
     paths = RunPaths(run_dir.resolve())
     if not run_dir.is_dir() or not paths.manifest.is_file():
         raise InputError(f"{run_dir} is not a run folder (no {MANIFEST}); pass the --out folder of `edgepipe build`")
     manifest = load_manifest(paths)
     if "artifacts" not in manifest or "recipe" not in manifest:
         raise InputError(f"{paths.manifest} is incomplete (the build did not finish); rerun `edgepipe build`")
-    recipe = parse_recipe(manifest["recipe"], str(paths.manifest))
+    return paths, manifest, parse_recipe(manifest["recipe"], str(paths.manifest))
+
+
+def open_run(run_dir: Path) -> tuple[RunPaths, Recipe, DataSplits, list[Artifact]]:
+    paths, manifest, recipe = _finished_run(run_dir)
     data = load_splits(recipe.data, recipe.seed, recipe.task)
     if data.fingerprint != manifest["data"]["fingerprint"]:
         raise InputError(
@@ -132,15 +137,8 @@ def open_run(run_dir: Path) -> tuple[RunPaths, Recipe, DataSplits, list[Artifact
 
 def run_folders(run_dir: Path) -> tuple[Any, dict[str, Path]]:
     """A finished run's recipe gates and its artifact folders by name (`edgepipe recommend`)."""
-    paths = RunPaths(run_dir.resolve())
-    if not paths.manifest.is_file():
-        raise InputError(f"{run_dir} is not a run folder (no {MANIFEST}); pass the --out folder of `edgepipe build`")
-    manifest = load_manifest(paths)
-    recipe = parse_recipe(manifest["recipe"], str(paths.manifest)) if "recipe" in manifest else None
-    if recipe is None or "artifacts" not in manifest:
-        raise InputError(f"{paths.manifest} is incomplete (the build did not finish); rerun `edgepipe build`")
-    folders = {a["name"]: Artifact.from_json(a, paths.root).path for a in manifest["artifacts"]}
-    return recipe.gates, folders
+    paths, manifest, recipe = _finished_run(run_dir)
+    return recipe.gates, {a["name"]: Artifact.from_json(a, paths.root).path for a in manifest["artifacts"]}
 
 
 def bench(run_dir: Path, gates: bool = True) -> Path:

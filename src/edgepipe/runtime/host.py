@@ -39,6 +39,7 @@ PACKAGES = (
     "tensorrt",
     "openvino",
     "nncf",
+    "executorch",
 )
 
 
