@@ -14,7 +14,15 @@ from transformers import LlamaForCausalLM
 
 from edgepipe.errors import ExportParityError
 from edgepipe.export.causal_lm import CausalParityCase, check_causal_parity, export_causal_lm
-from edgepipe.export.lm_quantize import int4_available, op_counts, quantize_int4, quantize_int8
+from edgepipe.export.lm_quantize import (
+    WeightOnly,
+    int4_available,
+    integer_kernel,
+    matmul_nodes,
+    op_counts,
+    quantize_int8,
+    quantize_weight_only,
+)
 from edgepipe.runtime.generate import OnnxCausalLM
 
 LAYERS = 2
@@ -82,8 +90,13 @@ ATTENTION_MATMULS = 2 * LAYERS  # Q K^T and P V: activations on both sides
 
 
 def test_int8_dynamic_quantizes_every_weight_matmul(exported: tuple[LlamaForCausalLM, Path], tmp_path: Path) -> None:
+    from edgepipe.pipeline.presets import PRESETS, select_preset
+    from edgepipe.runtime.host import host_info
+
     _, path = exported
-    ops = quantize_int8(path, tmp_path / "int8.onnx", keep_float=())
+    # without VNNI, u8 x s8 saturates in int16: 7-bit weights there, as the int8 presets choose
+    reduce_range = PRESETS[select_preset(host_info()["cpu_flags"])].reduce_range
+    ops = quantize_int8(path, tmp_path / "int8.onnx", keep_float=(), reduce_range=reduce_range)
     assert ops["MatMulInteger"] == CONST_MATMULS
     assert ops["MatMul"] == ATTENTION_MATMULS
     assert ops["DynamicQuantizeLinear"] >= 1
@@ -99,12 +112,93 @@ def test_int4_matmulnbits_quantizes_every_weight_matmul(
     exported: tuple[LlamaForCausalLM, Path], tmp_path: Path
 ) -> None:
     _, path = exported
-    ops = quantize_int4(path, tmp_path / "int4.onnx", block_size=32, accuracy_level=4)
+    ops = quantize_weight_only(path, tmp_path / "int4.onnx", WeightOnly(bits=4, symmetric=True))
     assert ops["MatMulNBits"] == CONST_MATMULS
     assert ops["MatMul"] == ATTENTION_MATMULS
     assert np.abs(_logits(tmp_path / "int4.onnx") - _logits(path)).max() < INT4_ATOL
     assert (tmp_path / "int4.onnx").stat().st_size < 0.5 * path.stat().st_size  # the embedding Gather stays fp32
     assert op_counts(tmp_path / "int4.onnx") == ops
+
+
+def _nbits(path: Path) -> dict[str, tuple[int, int]]:
+    """MatMulNBits node -> (bits, zero-point element type; 0 without zero points)."""
+    graph = onnx.load(str(path)).graph
+    types = {i.name: i.data_type for i in graph.initializer}
+    return {
+        n.name: (
+            next(a.i for a in n.attribute if a.name == "bits"),
+            types[n.input[3]] if len(n.input) > 3 and n.input[3] else 0,
+        )
+        for n in graph.node
+        if n.op_type == "MatMulNBits"
+    }
+
+
+@pytest.mark.skipif(int4_available() is not None, reason=str(int4_available()))
+@pytest.mark.parametrize("algorithm", ["rtn", "hqq", "k_quant"])
+def test_weight_only_keeps_the_named_matmuls_at_8_bits(
+    exported: tuple[LlamaForCausalLM, Path], tmp_path: Path, algorithm: str
+) -> None:
+    _, path = exported
+    nodes = matmul_nodes(path)
+    head, down = nodes["lm_head"], nodes["model.layers.1.mlp.down_proj"]
+    assert head.endswith("/lm_head/MatMul") and down.endswith("/layers.1/mlp/down_proj/MatMul")
+    out = tmp_path / f"{algorithm}.onnx"
+    ops = quantize_weight_only(path, out, WeightOnly(bits=4, algorithm=algorithm, eight_bit=(head, down)))
+    assert ops["MatMulNBits"] == CONST_MATMULS and ops["MatMul"] == ATTENTION_MATMULS + (
+        CONST_MATMULS - 2 if algorithm == "hqq" else 0  # per-block offsets of the 4-bit HQQ nodes (integer_kernel)
+    )
+    widths = _nbits(out)
+    eight = {name for name, (bits, _) in widths.items() if bits == 8}
+    assert len(eight) == 2 and all(n.startswith((head, down)) for n in eight)
+    # every node on the integer kernel: uint8 zero points (HQQ's float ones rewritten)
+    assert {zp for _, zp in widths.values()} == {onnx.TensorProto.UINT8}
+    assert np.abs(_logits(out) - _logits(path)).max() < INT4_ATOL
+
+
+@pytest.mark.skipif(int4_available() is not None, reason=str(int4_available()))
+def test_hqq_float_zero_points_rewrite_is_exact(exported: tuple[LlamaForCausalLM, Path], tmp_path: Path) -> None:
+    """HQQ's float zero points moved into a per-block offset: the same function, on the integer kernel."""
+    from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+
+    _, path = exported
+    quantizer = nbits.MatMulNBitsQuantizer(
+        onnx.load(str(path)), algo_config=nbits.HQQWeightOnlyQuantConfig(block_size=32, bits=4)
+    )
+    quantizer.process()
+    model = quantizer.model.model
+    onnx.save_model(model, str(tmp_path / "float-zp.onnx"))
+    assert integer_kernel(model, accuracy_level=None) == CONST_MATMULS
+    onnx.save_model(model, str(tmp_path / "integer.onnx"))
+    assert {zp for _, zp in _nbits(tmp_path / "integer.onnx").values()} == {onnx.TensorProto.UINT8}
+    assert np.abs(_logits(tmp_path / "integer.onnx") - _logits(tmp_path / "float-zp.onnx")).max() < 1e-4
+    assert integer_kernel(model, accuracy_level=None) == 0  # nothing left to rewrite
+
+
+def test_fake_quantize_is_what_matmulnbits_stores(tmp_path: Path) -> None:
+    """The sensitivity measurement's simulated rounding equals onnxruntime's RTN kernel (asymmetric and
+    symmetric, 4 and 8 bits): the identity through a quantized MatMul reads its weight back."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgepipe.pipeline.lm import fake_quantize
+
+    torch.manual_seed(0)
+    weight = torch.randn(48, 64) * torch.linspace(0.1, 2.0, 64)  # (out, in) as nn.Linear
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="/proj/MatMul")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 48])],
+        [numpy_helper.from_array(weight.T.contiguous().numpy(), "w")],
+    )
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "w.onnx"))
+    for bits, symmetric in [(4, False), (4, True), (8, False), (8, True)]:
+        out = tmp_path / f"w{bits}{symmetric}.onnx"
+        quantize_weight_only(tmp_path / "w.onnx", out, WeightOnly(bits=bits, symmetric=symmetric, accuracy_level=0))
+        read_back = ort.InferenceSession(str(out)).run(None, {"x": np.eye(64, dtype=np.float32)})[0].T
+        expected = fake_quantize(weight, bits, 32, symmetric).numpy()
+        assert np.abs(read_back - expected).max() < 1e-5 * float(weight.abs().max()), (bits, symmetric)
 
 
 def test_export_leaves_a_model_with_dropout_in_eval_mode_and_decodes_like_it(tmp_path: Path) -> None:

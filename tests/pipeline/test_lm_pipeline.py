@@ -105,6 +105,55 @@ def test_a_causal_lm_goes_through_distill_export_int8_and_bench(
         predictor.logits(prompts)
 
 
+def test_weight_only_stages_measure_their_cost_and_the_bench_gates_kl(
+    tmp_path: Path, tiny_llama_dir: Path, rt_csv: Path
+) -> None:
+    """8-bit RTN, 4-bit HQQ with the most sensitive MatMuls at 8 bits (measured), 4-bit GPTQ on calibration
+    text; each stage reports KL and top-1 against its fp32 source, the bench KL and top-1 against the teacher."""
+    import onnx
+
+    from edgepipe.pipeline.cli import main
+
+    stages = [
+        *lm_recipe(tiny_llama_dir, rt_csv)["stages"][:2],
+        {"kind": "quantize", "mode": "weight-only", "weights": {"bits": 8}},
+        {
+            "kind": "quantize",
+            "mode": "weight-only",
+            "weights": {"algorithm": "hqq", "sensitive_8bit": 0.2, "eight_bit": ["lm_head"], "calibration_texts": 8},
+        },
+        {"kind": "quantize", "mode": "weight-only", "weights": {"algorithm": "gptq", "calibration_texts": 4}},
+    ]
+    gates = {"max_perplexity_increase": 10.0, "max_kl_divergence": 5.0}
+    recipe = write_recipe(tmp_path / "lm.yaml", lm_recipe(tiny_llama_dir, rt_csv, stages=stages, gates=gates))
+    run = tmp_path / "run"
+    assert main(["build", str(recipe), "--out", str(run)]) == 0
+
+    def metrics(stage: str) -> dict[str, Any]:
+        return json.loads((run / stage / "metrics.json").read_text(encoding="utf-8"))
+
+    w8, mixed, gptq = metrics("03-quantize"), metrics("04-quantize"), metrics("05-quantize")
+    assert w8["op_counts"]["MatMulNBits"] == 2 * 7 + 1 and w8["val_kl"] < mixed["val_kl"]
+    assert w8["val_kl"] >= 0 and 0.5 < w8["val_top1"] <= 1 and w8["source_val_perplexity"] > 1
+    # sensitivity: every Linear of the student measured; 20% of them (3 of 15) plus the head at 8 bits
+    assert len(mixed["sensitivity_kl"]) == 15 and "lm_head" in mixed["sensitivity_kl"]
+    ranked = list(mixed["sensitivity_kl"])
+    chosen = mixed["weights"]["eight_bit"]
+    assert len(chosen) in (3, 4) and any("lm_head" in name for name in chosen)
+    assert all(any(name.replace("/", ".").endswith(f".{m}.MatMul") for name in chosen) for m in ranked[:3])
+    graph = onnx.load(str(run / "04-quantize" / "w4-hqq-mixed" / "model.onnx")).graph
+    bits = [next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"]
+    assert sorted(bits).count(8) == len(chosen) and bits.count(4) == 15 - len(chosen)
+    assert gptq["op_counts"]["MatMulNBits"] == 15 and gptq["weights"]["algorithm"] == "gptq"
+
+    report = json.loads((run / "report.json").read_text(encoding="utf-8"))
+    rows = {r["artifact"]: r for r in report["results"]}
+    assert set(rows) == {"teacher", "student", "fp32", "w8-rtn", "w4-hqq-mixed", "w4-gptq"}
+    assert rows["teacher"]["kl_divergence"] == 0 and rows["teacher"]["top1_agreement"] == 1
+    assert rows["fp32"]["kl_divergence"] == pytest.approx(rows["student"]["kl_divergence"], abs=1e-4)
+    assert sum(line.startswith("pass") and "KL divergence" in line for line in report["gates"]) == 5
+
+
 def test_causal_lm_recipes_reject_what_does_not_apply(tiny_llama_dir: Path, rt_csv: Path) -> None:
     from edgepipe.pipeline.recipe import parse_recipe
     from edgepipe.pipeline.runner import check_recipe
@@ -118,7 +167,7 @@ def test_causal_lm_recipes_reject_what_does_not_apply(tiny_llama_dir: Path, rt_c
     assert problems == [
         "`stages.0`: finetune does not apply to causal-lm; its stages are distill, export, quantize",
         "`stages.1.transfer`: causal-lm distills on its own text; remove it",
-        "`stages.4.mode`: causal-lm quantizes `dynamic` (int8) or `int4` (weight-only)",
+        "`stages.4.mode`: causal-lm quantizes `weight-only` (MatMulNBits), `int4` or `dynamic` (int8)",
         "`gates.max_accuracy_drop`: causal-lm is gated on perplexity: use gates.max_perplexity_increase",
         "`stages.1.student.num_layers`: 9 is not between 1 and the teacher's 4 layers",
     ]

@@ -18,7 +18,7 @@ import numpy as np
 
 from edgepipe.benchmarks.harness import summarize
 from edgepipe.runtime.backends import RuntimeOptions, model_file
-from edgepipe.runtime.generate import Batch, load_causal_lm, perplexity, prompt_windows
+from edgepipe.runtime.generate import Batch, load_causal_lm, prompt_windows, token_quality
 from edgepipe.runtime.host import host_info, versions
 
 log = logging.getLogger(__name__)
@@ -29,19 +29,15 @@ def tokenize_texts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return [list(tokenizer(t)["input_ids"]) for t in texts]
 
 
-def perplexity_of(model: Any, token_lists: list[list[int]], batch_size: int, max_len: int, pad_id: int) -> float:
-    """Perplexity over the texts in right-padded batches (`edgepipe.runtime.generate.perplexity`)."""
-
-    def batches() -> Iterator[Batch]:
-        for start in range(0, len(token_lists), batch_size):
-            chunk = [ids[:max_len] for ids in token_lists[start : start + batch_size]]
-            ids = np.full((len(chunk), max(len(c) for c in chunk)), pad_id, dtype=np.int64)
-            mask = np.zeros_like(ids)
-            for row, tokens in enumerate(chunk):
-                ids[row, : len(tokens)], mask[row, : len(tokens)] = tokens, 1
-            yield ids, mask
-
-    return perplexity(model.logits, batches())
+def padded_batches(token_lists: list[list[int]], batch_size: int, max_len: int, pad_id: int) -> Iterator[Batch]:
+    """The texts' token lists (each cut to `max_len`) in right-padded batches with their masks."""
+    for start in range(0, len(token_lists), batch_size):
+        chunk = [ids[:max_len] for ids in token_lists[start : start + batch_size]]
+        ids = np.full((len(chunk), max(len(c) for c in chunk)), pad_id, dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for row, tokens in enumerate(chunk):
+            ids[row, : len(tokens)], mask[row, : len(tokens)] = tokens, 1
+        yield ids, mask
 
 
 def run_generation_bench(
@@ -56,17 +52,26 @@ def run_generation_bench(
     token_lists = tokenize_texts(tokenizer, texts)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     models = {item.name: load_causal_lm(item.path, item.model_format, options) for item in items}
-    quality: dict[str, dict[str, float]] = {}
     greedy: dict[tuple[str, int, int], np.ndarray] = {}
     shapes = [(b, s) for b in settings.batch_sizes for s in settings.seq_lens]
+    started = time.perf_counter()
+    # teacher-forced, as llama.cpp's `perplexity --kl-divergence`: against the first item, the reference
+    quality = token_quality(
+        {name: model.logits for name, model in models.items()},
+        padded_batches(token_lists, settings.eval_batch_size, settings.eval_max_seq_len, pad_id),
+    )
+    quality_seconds = round(time.perf_counter() - started, 1)
     for name, model in models.items():
-        started = time.perf_counter()
-        ppl = perplexity_of(model, token_lists, settings.eval_batch_size, settings.eval_max_seq_len, pad_id)
-        quality[name] = {"perplexity": round(ppl, 4), "perplexity_seconds": round(time.perf_counter() - started, 1)}
         for batch, length in shapes:
             ids = prompt_windows(token_lists, batch, length, tokenizer.eos_token_id)
             greedy[(name, batch, length)] = model.generate(ids, np.ones_like(ids), new_tokens).tokens
-        log.info("generation bench: %s perplexity %.3f", name, ppl)
+        log.info(
+            "generation bench: %s perplexity %.3f, KL %.4f, top-1 %.3f",
+            name,
+            quality[name].perplexity,
+            quality[name].kl,
+            quality[name].top1,
+        )
     samples: dict[tuple[str, int, int], dict[str, list[float]]] = {}
     per_round = max(1, settings.runs // settings.rounds)
     for batch, length in shapes:
@@ -102,7 +107,9 @@ def run_generation_bench(
                     "batch": batch,
                     "prompt_len": length,
                     "new_tokens": new_tokens,
-                    "perplexity": quality[item.name]["perplexity"],
+                    "perplexity": round(quality[item.name].perplexity, 4),
+                    "kl_divergence": round(quality[item.name].kl, 6),
+                    "top1_agreement": round(quality[item.name].top1, 4),
                     "greedy_agreement": round(agree, 4),
                     "ttft_ms": summarize(got["ttft_ms"]).to_json(),
                     "decode_tokens_per_s": summarize(got["tok_s"]).to_json(),
@@ -119,24 +126,35 @@ def run_generation_bench(
         "eval_examples": len(texts),
         "reference": reference,
         "results": results,
-        "quality_seconds": {name: q["perplexity_seconds"] for name, q in quality.items()},
+        "quality_tokens": quality[reference].tokens,
+        "quality_seconds": quality_seconds,
     }
 
 
-def perplexity_gate(report: dict[str, Any], limit: float, artifacts: list[str] | None) -> list[str]:
-    """One line per artifact: its perplexity's relative increase over the reference's; FAIL over `limit`."""
-    ppl = {r["artifact"]: r["perplexity"] for r in report["results"]}
+def generation_gate(
+    report: dict[str, Any], max_increase: float | None, max_kl: float | None, artifacts: list[str] | None
+) -> list[str]:
+    """One line per artifact and limit set: its perplexity's relative increase over the reference's (`max_increase`)
+    and its mean KL divergence from the reference (`max_kl`, nats per token); FAIL over the limit."""
+    rows = {r["artifact"]: r for r in report["results"]}
     ref_name = report["reference"]
+    ref_ppl = rows[ref_name]["perplexity"]
     lines = []
-    for name, value in ppl.items():
+    for name, row in rows.items():
         if name == ref_name or (artifacts is not None and name not in artifacts):
             continue
-        increase = value / ppl[ref_name] - 1
-        verdict = "FAIL" if increase > limit else "pass"
-        lines.append(
-            f"{verdict}: `{name}` perplexity {value:.3f} vs `{ref_name}` {ppl[ref_name]:.3f} "
-            f"({100 * increase:+.1f}%, limit +{100 * limit:.1f}%)"
-        )
+        if max_increase is not None:
+            increase = row["perplexity"] / ref_ppl - 1
+            lines.append(
+                f"{'FAIL' if increase > max_increase else 'pass'}: `{name}` perplexity {row['perplexity']:.3f} vs "
+                f"`{ref_name}` {ref_ppl:.3f} ({100 * increase:+.1f}%, limit +{100 * max_increase:.1f}%)"
+            )
+        if max_kl is not None:
+            kl = row["kl_divergence"]
+            lines.append(
+                f"{'FAIL' if kl > max_kl else 'pass'}: `{name}` KL divergence from `{ref_name}` {kl:.4f} "
+                f"(limit {max_kl:.4f}), top-1 agreement {100 * row['top1_agreement']:.1f}%"
+            )
     return lines
 
 
@@ -148,14 +166,16 @@ def render_generation_markdown(report: dict[str, Any], title: str, gate_lines: l
     out.append(
         f"Generation: greedy, {settings['new_tokens']} new tokens per run, {settings['runs']} timed runs per "
         f"artifact and shape interleaved over {settings['rounds']} rounds after warm-up; threads {report['threads']}. "
-        f"Perplexity on {report['eval_examples']} test texts (<= {settings['eval_max_seq_len']} tokens)."
+        f"Perplexity on {report['eval_examples']} test texts (<= {settings['eval_max_seq_len']} tokens); KL "
+        "divergence (nats per token) from and top-1 agreement with the reference's next-token distributions on the "
+        "same tokens, teacher-forced, as llama.cpp's `perplexity --kl-divergence`; greedy agreement: free-running."
     )
     ref = report["reference"]
     out += [
         "",
-        f"| artifact | engine | precision | size MB | batch | prompt | perplexity | greedy agreement vs {ref} | "
-        "TTFT p50 ms | decode tok/s p50 (min-max) | x vs reference |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| artifact | engine | precision | size MB | batch | prompt | perplexity | KL vs {ref} | top-1 vs {ref} | "
+        f"greedy agreement vs {ref} | TTFT p50 ms | decode tok/s p50 (min-max) | x vs reference |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     rows = report["results"]
     base = {(r["batch"], r["prompt_len"]): r["decode_tokens_per_s"]["p50"] for r in rows if r["artifact"] == ref}
@@ -164,7 +184,8 @@ def render_generation_markdown(report: dict[str, Any], title: str, gate_lines: l
         speed = tok["p50"] / base[(r["batch"], r["prompt_len"])]
         out.append(
             f"| {r['artifact']} | {r['engine']} | {r['precision']} | {r['size_mb']:.1f} | {r['batch']} | "
-            f"{r['prompt_len']} | {r['perplexity']:.3f} | {100 * r['greedy_agreement']:.1f}% | "
+            f"{r['prompt_len']} | {r['perplexity']:.3f} | {r['kl_divergence']:.4f} | "
+            f"{100 * r['top1_agreement']:.1f}% | {100 * r['greedy_agreement']:.1f}% | "
             f"{r['ttft_ms']['p50']:.1f} | {tok['p50']:.1f} ({tok['min']:.1f}-{tok['max']:.1f}) | {speed:.2f} |"
         )
     if gate_lines:

@@ -8,9 +8,11 @@
   outlier channels that one per-tensor activation scale cannot cover (LLM.int8(), Dettmers et al. 2022;
   SmoothQuant, Xiao et al. 2023). Measured on the distilled SmolLM2 student (RESULTS.md): held-out
   perplexity 310 fp32, 403 all-int8 (+30%), 331 with the 10 down projections fp32 (+7%).
-- `quantize_int4`: 4-bit weight-only (`MatMulNBitsQuantizer`, round-to-nearest, blockwise): each
-  constant MatMul becomes MatMulNBits; `accuracy_level` 4 lets the CPU kernel quantize activations
-  to int8 per block and use int8 dot products (VNNI) instead of dequantizing weights to fp32.
+- `quantize_weight_only`: 8- or 4-bit weight-only (`MatMulNBitsQuantizer`, blockwise; RTN, HQQ, GPTQ or
+  k-quant; some MatMuls at 8 bits in a 4-bit model): each constant MatMul becomes MatMulNBits;
+  `accuracy_level` 4 lets the CPU kernel quantize activations to int8 per block and use int8 dot products
+  (VNNI) instead of dequantizing weights to fp32. HQQ's float zero points are rewritten for that kernel
+  (`integer_kernel`).
 
 The LM head (a MatMul on the tied embedding) is the largest single weight of a small LM (28 M of
 SmolLM2-135M's 134.5 M parameters), so both quantize it by default; `head=False` keeps it fp32.
@@ -19,12 +21,16 @@ Models are written as one file (no external data): a 135 M-parameter model is fa
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import logging
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from edgepipe.errors import BackendUnavailableError
+from edgepipe.errors import BackendUnavailableError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +51,37 @@ def _head_nodes(path: Path) -> list[str]:
     return [n.name for n in graph.node if n.op_type == "MatMul" and "logits" in n.output]
 
 
+def matmul_nodes(path: Path) -> dict[str, str]:
+    """Module name (`model.layers.0.mlp.down_proj`, `lm_head`) -> name of its constant-weight MatMul node, from
+    the scope names torch.onnx writes (`/model/model/layers.0/mlp/down_proj/MatMul`)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    constant = {i.name for i in graph.initializer}
+    found: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type == "MatMul" and node.input[1] in constant and node.name.endswith("/MatMul"):
+            scope = node.name[: -len("/MatMul")].strip("/").split("/")
+            for start in range(len(scope)):  # every suffix of the scope: the wrapper's prefix is unknown
+                found.setdefault(".".join(scope[start:]), node.name)
+    return found
+
+
 FLOAT_MATMULS = ("down_proj",)  # name parts of the MatMuls quantize_int8 keeps fp32 (see the module doc)
 
 
 def quantize_int8(
-    src: Path, dst: Path, *, head: bool = True, embedding: bool = False, keep_float: tuple[str, ...] = FLOAT_MATMULS
+    src: Path,
+    dst: Path,
+    *,
+    head: bool = True,
+    embedding: bool = False,
+    keep_float: tuple[str, ...] = FLOAT_MATMULS,
+    reduce_range: bool = False,
 ) -> dict[str, int]:
     """Dynamic int8, per-channel MatMul weights, except MatMuls whose name contains a `keep_float` part;
-    returns the op counts of the result."""
+    returns the op counts of the result. `reduce_range` (7-bit weights) for x86 without VNNI, whose u8 x s8
+    instruction sums pairs in int16 and saturates (`pipeline.presets`)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -64,6 +93,7 @@ def quantize_int8(
         dst,
         op_types_to_quantize=["MatMul", *(["Gather"] if embedding else [])],
         per_channel=True,
+        reduce_range=reduce_range,
         weight_type=QuantType.QInt8,
         nodes_to_exclude=kept + ([] if head else _head_nodes(src)),
         # activation x activation products (attention) stay fp32
@@ -79,16 +109,32 @@ def int4_available() -> str | None:
     return None
 
 
-def quantize_int4(
-    src: Path,
-    dst: Path,
-    *,
-    block_size: int = 32,
-    symmetric: bool = True,
-    accuracy_level: int | None = 4,
-    head: bool = True,
+WEIGHT_ONLY_ALGORITHMS = ("rtn", "hqq", "gptq", "k_quant")
+
+
+@dataclass(frozen=True)
+class WeightOnly:
+    """Weight-only MatMulNBits settings (onnxruntime's `matmul_nbits_quantizer`).
+
+    `bits` for every constant MatMul, except `eight_bit` (node names) at 8 bits: the per-node widths of a
+    mixed recipe such as llama.cpp's Q4_K_M. `block_size` weights share one scale (and zero point unless
+    `symmetric`). `accuracy_level` 4 lets the CPU kernel quantize activations to int8 per block and use
+    int8 dot products; it needs integer zero points, which HQQ does not write (`hqq_integer_zero`)."""
+
+    bits: int = 4
+    algorithm: str = "rtn"
+    block_size: int = 32
+    symmetric: bool = False
+    accuracy_level: int | None = 4
+    eight_bit: tuple[str, ...] = ()
+    head: bool = True
+
+
+def quantize_weight_only(
+    src: Path, dst: Path, settings: WeightOnly, calibration: list[dict[str, Any]] | None = None
 ) -> dict[str, int]:
-    """4-bit weight-only MatMulNBits (blockwise RTN); returns the op counts of the result."""
+    """`src` with its constant MatMuls as MatMulNBits per `settings`; `calibration` (model feeds) for GPTQ.
+    Returns the op counts of the result."""
     reason = int4_available()
     if reason:
         raise BackendUnavailableError(reason)
@@ -98,14 +144,147 @@ def quantize_int4(
     from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
     logging.getLogger(nbits.__name__).setLevel(logging.WARNING)
+    logging.getLogger("neural_compressor").setLevel(logging.WARNING)  # k-quant and GPTQ log every node
+    excluded = [] if settings.head else _head_nodes(src)
+    model = onnx.load(str(src))
+    config = _algorithm(nbits, settings, calibration)
+    per_node = settings.algorithm in ("k_quant", "gptq")  # neural-compressor's path: widths per node, one pass
+    if per_node:
+        matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul"]
+        config.customized_weight_config = {
+            name: {"bits": 8 if name in settings.eight_bit else settings.bits} for name in matmuls
+        }
     quantizer = nbits.MatMulNBitsQuantizer(
-        onnx.load(str(src)),
-        bits=4,
-        block_size=block_size,
-        is_symmetric=symmetric,
-        accuracy_level=accuracy_level,
-        nodes_to_exclude=[] if head else _head_nodes(src),
+        model,
+        bits=settings.bits,
+        block_size=settings.block_size,
+        is_symmetric=settings.symmetric,
+        accuracy_level=settings.accuracy_level,
+        nodes_to_exclude=excluded + ([] if per_node else list(settings.eight_bit)),
+        algo_config=config,
     )
-    quantizer.process()
-    quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
+    with contextlib.redirect_stdout(io.StringIO()):  # neural-compressor's progress bar prints to stdout
+        quantizer.process()
+    model = quantizer.model.model
+    if settings.algorithm == "hqq":
+        integer_kernel(model, settings.accuracy_level)
+    if settings.eight_bit and settings.bits != 8 and not per_node:  # second pass: the eight_bit nodes alone
+        others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in settings.eight_bit]
+        quantizer = nbits.MatMulNBitsQuantizer(
+            model,
+            bits=8,
+            block_size=settings.block_size,
+            is_symmetric=settings.symmetric,
+            accuracy_level=settings.accuracy_level,
+            nodes_to_exclude=others + excluded,
+        )
+        quantizer.process()
+        model = quantizer.model.model
+    onnx.save_model(model, str(dst))
     return op_counts(dst)
+
+
+def _algorithm(nbits: Any, settings: WeightOnly, calibration: list[dict[str, Any]] | None) -> Any:
+    """onnxruntime's algorithm config for `settings.algorithm`; None is its default (RTN, C++ kernels)."""
+    if settings.algorithm == "rtn":
+        return None
+    if settings.algorithm == "hqq":
+        return nbits.HQQWeightOnlyQuantConfig(block_size=settings.block_size, bits=settings.bits)
+    if settings.algorithm == "k_quant":
+        return nbits.KQuantWeightOnlyQuantConfig()
+    if settings.algorithm == "gptq":
+        if not calibration:
+            raise InputError("weight-only GPTQ needs calibration feeds (the recipe's calibration texts)")
+        return nbits.GPTQWeightOnlyQuantConfig(calibration_data_reader=_Feeds(calibration))
+    raise InputError(f"weight-only algorithm {settings.algorithm!r}: use one of {WEIGHT_ONLY_ALGORITHMS}")
+
+
+class _Feeds:
+    """onnxruntime's CalibrationDataReader protocol over a list of model feeds (GPTQ deep-copies and iterates it)."""
+
+    def __init__(self, feeds: list[dict[str, Any]]) -> None:
+        self.feeds = feeds
+        self._next = iter(feeds)
+
+    def get_next(self) -> dict[str, Any] | None:
+        return next(self._next, None)
+
+    def __iter__(self) -> Any:
+        return iter(self.feeds)
+
+
+def integer_kernel(model: Any, accuracy_level: int | None) -> int:
+    """Rewrite every MatMulNBits with float zero points (what HQQ writes) for the integer kernel; returns how many.
+
+    onnxruntime's CPU MatMulNBits runs its blocked int8/int4 kernels (and `accuracy_level`) only with integer
+    zero points; float ones fall back to dequantizing the whole weight on every call (SmolLM2-135M int4 HQQ:
+    5 tok/s against 83 for RTN). Rounding the zero points would undo what HQQ optimized. Instead the weight
+    splits exactly: W = s (q - z) = s q - s z, so y = x W = MatMulNBits(x; q, s, zero point 0)
+    - blocksum(x) O, with O[b, n] = s[n, b] z[n, b], a (K / block_size, N) float matrix (1/block_size of the
+    weight's elements). The block sums of an input are computed once for every MatMul reading it (q, k, v).
+    Inputs are (batch, sequence, K), as a causal-LM export has them; nodes whose K is not a multiple of the
+    block size keep their float zero points."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    init = {i.name: i for i in graph.initializer}
+    nodes: list[Any] = []
+    sums: dict[tuple[str, int, int], str] = {}  # (input, blocks, block) -> its block sums
+    rewritten = 0
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        zp = init.get(node.input[3]) if node.op_type == "MatMulNBits" and len(node.input) > 3 else None
+        if zp is None or zp.data_type == onnx.TensorProto.UINT8 or attrs["K"] % attrs["block_size"]:
+            nodes.append(node)
+            continue
+        k, n, bits, block = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
+        blocks, base = k // block, node.name or node.output[0]
+        scales = numpy_helper.to_array(init[node.input[2]]).astype(np.float32).reshape(n, blocks)
+        zeros = numpy_helper.to_array(zp).astype(np.float32).reshape(n, blocks)
+        key = (node.input[0], blocks, block)
+        if key not in sums:
+            prefix = f"{node.input[0]}/blocksum{block}"
+            graph.initializer.extend(
+                [
+                    numpy_helper.from_array(np.asarray([0, 0, blocks, block], dtype=np.int64), f"{prefix}/shape"),
+                    numpy_helper.from_array(np.asarray([-1], dtype=np.int64), f"{prefix}/axes"),
+                ]
+            )
+            nodes += [
+                helper.make_node("Reshape", [node.input[0], f"{prefix}/shape"], [f"{prefix}/grouped"], name=prefix),
+                helper.make_node(
+                    "ReduceSum", [f"{prefix}/grouped", f"{prefix}/axes"], [prefix], name=f"{prefix}/sum", keepdims=0
+                ),
+            ]
+            sums[key] = prefix
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.zeros(n * ((blocks * bits + 7) // 8), dtype=np.uint8), f"{base}/zp0"),
+                numpy_helper.from_array(np.ascontiguousarray((scales * zeros).T), f"{base}/offset"),
+            ]
+        )
+        kernel = {name: value for name, value in attrs.items() if name != "accuracy_level"}
+        if accuracy_level:
+            kernel["accuracy_level"] = accuracy_level
+        nodes += [
+            helper.make_node(
+                "MatMulNBits",
+                [node.input[0], node.input[1], node.input[2], f"{base}/zp0"],
+                [f"{base}/integer"],
+                name=f"{base}/integer",
+                domain="com.microsoft",
+                **kernel,
+            ),
+            helper.make_node("MatMul", [sums[key], f"{base}/offset"], [f"{base}/shift"], name=f"{base}/offset"),
+            helper.make_node("Sub", [f"{base}/integer", f"{base}/shift"], [node.output[0]], name=f"{base}/sub"),
+        ]
+        rewritten += 1
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    used = {name for node in graph.node for name in node.input}
+    kept = [i for i in graph.initializer if i.name in used]
+    graph.ClearField("initializer")
+    graph.initializer.extend(kept)
+    return rewritten

@@ -62,14 +62,16 @@ def gate(recipe: Recipe, report: dict[str, Any]) -> list[str]:
 
 
 def write_report(paths: RunPaths, recipe: Recipe, report: dict[str, Any]) -> list[str]:
-    from edgepipe.benchmarks.generation import perplexity_gate, render_generation_markdown
+    from edgepipe.benchmarks.generation import generation_gate, render_generation_markdown
     from edgepipe.benchmarks.recommend import recommend
     from edgepipe.benchmarks.recommend import render as render_choices
     from edgepipe.benchmarks.report import render_markdown
 
     if recipe.task == LM_TASK:
-        limit = recipe.gates.max_perplexity_increase
-        gate_lines = [] if limit is None else perplexity_gate(report, limit, recipe.gates.artifacts)
+        limits = recipe.gates
+        gate_lines = generation_gate(
+            report, limits.max_perplexity_increase, limits.max_kl_divergence, recipe.gates.artifacts
+        )
         report["gates"] = gate_lines
         write_json(paths.root / REPORT_JSON, report)
         write_atomic(paths.root / REPORT_MD, render_generation_markdown(report, recipe.name, gate_lines))

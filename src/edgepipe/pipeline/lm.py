@@ -145,3 +145,62 @@ def greedy_agreement(teacher_tokens: np.ndarray, student_tokens: np.ndarray) -> 
     shared = min(teacher_tokens.shape[1], student_tokens.shape[1])
     equal = (teacher_tokens[:, :shared] == student_tokens[:, :shared]).sum()
     return float(equal / (teacher_tokens.shape[0] * length))
+
+
+def fake_quantize(weight: Any, bits: int, block_size: int, symmetric: bool) -> Any:
+    """`weight` (out, in) rounded to `bits` in blocks of `block_size` along the input dimension and back to
+    float, as MatMulNBits' round-to-nearest stores it (symmetric: the block's largest-magnitude value, with its
+    sign, maps to -2^(b-1), so that side gets the extra step; else a zero point per block, the range widened to
+    include 0)."""
+    import torch
+
+    rows, cols = weight.shape
+    blocks = torch.nn.functional.pad(weight.float(), (0, (-cols) % block_size)).reshape(rows, -1, block_size)
+    if symmetric:
+        half = 2 ** (bits - 1)
+        extreme = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True))
+        scale = extreme / -half
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        quantized = torch.clamp(torch.round(blocks / scale), -half, half - 1) * scale
+    else:
+        low, high = blocks.amin(-1, keepdim=True).clamp(max=0), blocks.amax(-1, keepdim=True).clamp(min=0)
+        scale = (high - low) / (2**bits - 1)
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        zero = torch.round(-low / scale)
+        quantized = (torch.clamp(torch.round(blocks / scale) + zero, 0, 2**bits - 1) - zero) * scale
+    return quantized.reshape(rows, -1)[:, :cols].to(weight.dtype)
+
+
+def matmul_sensitivity(
+    model: Any, batches: list[tuple[Any, Any]], *, bits: int = 4, block_size: int = 32, symmetric: bool = False
+) -> dict[str, float]:
+    """Each nn.Linear's sensitivity to weight-only quantization: the mean KL divergence (nats per token) of
+    the model's next-token distributions from its float ones on `batches` (input_ids, attention_mask tensors)
+    with that Linear's weight alone fake-quantized; every other weight stays float. Keys are module names
+    (`model.layers.3.mlp.down_proj`, `lm_head`), most sensitive first. A tied LM head is measured untied: its
+    embedding rows stay float."""
+    import torch
+
+    def log_probs(ids: Any, mask: Any) -> Any:
+        return torch.log_softmax(model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float(), -1)
+
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    counted = [(mask[:, 1:] * mask[:, :-1]).bool() for _, mask in batches]
+    tokens = sum(int(c.sum()) for c in counted)
+    if tokens == 0:
+        raise InputError("matmul_sensitivity: no predicted tokens in the calibration batches")
+    scores: dict[str, float] = {}
+    with torch.inference_mode():
+        reference = [log_probs(ids, mask)[:, :-1][c] for (ids, mask), c in zip(batches, counted, strict=True)]
+        for name, module in linears:
+            original = module.weight
+            module.weight = torch.nn.Parameter(fake_quantize(original, bits, block_size, symmetric), False)
+            try:
+                total = 0.0
+                for (ids, mask), c, ref in zip(batches, counted, reference, strict=True):
+                    logp = log_probs(ids, mask)[:, :-1][c]
+                    total += float((ref.exp() * (ref - logp)).sum())
+            finally:
+                module.weight = original
+            scores[name] = total / tokens
+    return dict(sorted(scores.items(), key=lambda kv: -kv[1]))

@@ -289,12 +289,51 @@ class CalibrationConfig(_Strict):
     _check_len = field_validator("max_seq_len")(_positive_seq_len)
 
 
+class WeightOnlyConfig(_Strict):
+    """Weight-only MatMulNBits (causal-lm): onnxruntime's matmul_nbits_quantizer with its algorithms."""
+
+    bits: Literal[4, 8] = 4
+    algorithm: Literal["rtn", "hqq", "gptq", "k_quant"] = Field(
+        "rtn", description="rtn (round to nearest), hqq (half-quadratic), gptq (calibrated), k_quant"
+    )
+    block_size: int = Field(32, ge=16, le=256, description="weights per scale, along the input dimension")
+    symmetric: bool = Field(False, description="no zero points; asymmetric blocks fit skewed weights better")
+    accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
+        4, description="MatMulNBits compute: 4 quantizes activations to int8 (int8 dot products), 0 lets ORT choose"
+    )
+    sensitive_8bit: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="fraction of the MatMuls kept at 8 bits (bits: 4): the most sensitive, by measured KL "
+        "divergence on calibration text with each quantized alone (a mixed recipe like Q4_K_M)",
+    )
+    eight_bit: list[str] = Field(
+        default_factory=list, description="MatMuls at 8 bits by name part (e.g. lm_head, down_proj), beside those"
+    )
+    head: bool = Field(True, description="quantize the LM head (the tied embedding's MatMul)")
+    calibration_texts: int = Field(32, ge=1, description="train texts for GPTQ and the sensitivity measurement")
+
+    @model_validator(mode="after")
+    def _widths(self) -> WeightOnlyConfig:
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two (16-256), got {self.block_size}")
+        if self.bits == 8 and (self.sensitive_8bit or self.eight_bit):
+            raise ValueError("sensitive_8bit and eight_bit choose 8-bit MatMuls in a 4-bit model; set bits: 4")
+        return self
+
+
+WEIGHT_ONLY_MODES = ("int4", "weight-only")
+
+
 class QuantizeConfig(_Strict):
     kind: Literal["quantize"]
-    mode: Literal["dynamic", "static", "int4", "fp16"] = Field(
-        description="dynamic/static int8, int4: 4-bit weight-only MatMulNBits (causal-lm), or fp16: float16 "
-        "weights and compute for GPUs, NPUs and ARM (numerically sensitive ops kept fp32, parity-gated)"
+    mode: Literal["dynamic", "static", "int4", "weight-only", "fp16"] = Field(
+        description="dynamic/static int8; weight-only: MatMulNBits per `weights` (causal-lm; int4 is its 4-bit "
+        "symmetric RTN); fp16: float16 weights and compute for GPUs, NPUs and ARM (numerically sensitive ops "
+        "kept fp32, parity-gated)"
     )
+    weights: WeightOnlyConfig | None = Field(None, description="mode: weight-only settings")
     source: Literal["fp32", "fp32-fused"] | None = Field(
         None, description="which fp32 export to quantize; default: fused for dynamic, plain for static"
     )
@@ -329,6 +368,8 @@ class QuantizeConfig(_Strict):
             raise ValueError("graph applies to mode: static only; dynamic quantizes its `source` as is")
         if self.mode == "fp16" and (self.calibration or self.graph or self.sensitivity or self.max_accuracy_drop):
             raise ValueError("fp16 converts every float op; calibration, graph, sensitivity and fallback are int8 keys")
+        if self.weights is not None and self.mode != "weight-only":
+            raise ValueError(f"weights applies to mode: weight-only, not {self.mode}; remove it or set the mode")
         return self
 
     @property
@@ -338,9 +379,18 @@ class QuantizeConfig(_Strict):
 
     @property
     def artifact_name(self) -> str:
-        return self.name or (self.mode if self.mode in ("int4", "fp16") else f"int8-{self.mode}")
+        if self.name or self.mode in ("int4", "fp16"):
+            return self.name or self.mode
+        if self.mode == "weight-only":
+            weights = self.weights or WeightOnlyConfig()
+            return f"w{weights.bits}-{weights.algorithm.replace('_', '')}" + (
+                "-mixed" if weights.sensitive_8bit else ""
+            )
+        return f"int8-{self.mode}"
 
     def consumes(self) -> tuple[ArtifactKind, ...]:
+        if self.mode == "weight-only" and self.weights is not None and self.weights.sensitive_8bit:
+            return (self.source_kind, ArtifactKind.TORCH_MODEL)  # sensitivity is measured in PyTorch
         return (self.source_kind,)
 
     def produces(self) -> tuple[ArtifactKind, ...]:
@@ -483,6 +533,9 @@ class GatesConfig(_Strict):
     max_perplexity_increase: float | None = Field(
         None, gt=0, description="causal-lm: largest relative perplexity increase over the teacher (0.15 = 15%)"
     )
+    max_kl_divergence: float | None = Field(
+        None, gt=0, description="causal-lm: largest mean KL divergence from the teacher, nats per token (0.01)"
+    )
 
 
 class Recipe(_Strict):
@@ -510,7 +563,7 @@ class Recipe(_Strict):
         for i, stage in enumerate(self.stages):
             if isinstance(stage, ExportConfig) and self.task == LM_TASK:
                 self.stages[i] = stage = stage.model_copy(update={"fuse": False})  # no fusion of KV-cache graphs
-            if isinstance(stage, QuantizeConfig) and stage.mode == "int4" and stage.source is None:
+            if isinstance(stage, QuantizeConfig) and stage.mode in WEIGHT_ONLY_MODES and stage.source is None:
                 self.stages[i] = stage.model_copy(update={"source": "fp32"})
             if isinstance(stage, ExportConfig):
                 fused = stage.fuse
@@ -536,7 +589,9 @@ def _lm_problems(recipe: Recipe) -> list[str]:
     problems = []
     for i, stage in enumerate(recipe.stages):
         if isinstance(stage, QuantizeConfig) and stage.mode in ("static", "fp16"):
-            problems.append(f"`stages.{i}.mode`: causal-lm quantizes `dynamic` (int8) or `int4` (weight-only)")
+            problems.append(
+                f"`stages.{i}.mode`: causal-lm quantizes `weight-only` (MatMulNBits), `int4` or `dynamic` (int8)"
+            )
         if isinstance(stage, QuantizeConfig) and (stage.sensitivity or stage.max_accuracy_drop):
             problems.append(f"`stages.{i}`: sensitivity and max_accuracy_drop apply to classifiers; remove them")
         if isinstance(stage, DistillConfig):
@@ -572,7 +627,7 @@ def task_problems(recipe: Recipe) -> list[str]:
                         f"`stages.{i}.{key}`: applies to transformers; an image model is pruned by conv "
                         "channels: use `ratio`"
                     )
-        if isinstance(stage, QuantizeConfig) and stage.mode == "int4":
+        if isinstance(stage, QuantizeConfig) and stage.mode in WEIGHT_ONLY_MODES:
             problems.append(
                 f"`stages.{i}.mode`: int4 (weight-only MatMulNBits) applies to causal-lm; use dynamic/static"
             )
@@ -602,8 +657,9 @@ def task_problems(recipe: Recipe) -> list[str]:
                     f"`stages.{i}.student.model`: applies to image-classification; text students are "
                     "shaped by layers, num_layers, hidden_size, num_heads, intermediate_size"
                 )
-    if recipe.gates.max_perplexity_increase is not None:
-        problems.append("`gates.max_perplexity_increase`: applies to causal-lm; use gates.max_accuracy_drop")
+    for key in ("max_perplexity_increase", "max_kl_divergence"):
+        if getattr(recipe.gates, key) is not None:
+            problems.append(f"`gates.{key}`: applies to causal-lm; use gates.max_accuracy_drop")
     if image and recipe.bench.seq_lens is not None:
         problems.append("`bench.seq_lens`: applies to text tasks; image models are timed at their input size")
     return problems

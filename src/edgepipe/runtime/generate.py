@@ -11,7 +11,7 @@ The ONNX model is the one `edgepipe.export.causal_lm` writes: it takes `past_key
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,6 +155,11 @@ class OnnxCausalLM(_Generation):
         logits, *present = self.session.run(self.output_names, feeds)
         return logits, present
 
+    def feeds(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
+        """The model's inputs for a prompt from an empty cache (e.g. calibration data for GPTQ)."""
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids(attention_mask)}
+        return feeds | dict(zip(self.past_names, self.empty_past(len(input_ids)), strict=True))
+
     def describe(self) -> dict[str, Any]:
         return {"engine": "onnxruntime", "provider": "CPUExecutionProvider", "threads": self.options.resolved_threads}
 
@@ -196,23 +201,67 @@ def load_causal_lm(folder: Path, fmt: str, options: RuntimeOptions | None = None
     return TorchCausalLM(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True))
 
 
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    """float64 log-probabilities of (tokens, vocab) logits."""
+    shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+    return np.asarray(shifted - np.log(np.exp(shifted).sum(-1, keepdims=True)))
+
+
+def _predicted(logits_fn: LogitsFn, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, Any]:
+    """(tokens, vocab) logits of every counted position (context and target real tokens) and the counted mask."""
+    counted = (attention_mask[:, 1:] * attention_mask[:, :-1]).astype(bool)
+    # only counted rows: a (batch, seq, 49152) float64 copy would be ~300 MB per batch
+    return np.asarray(logits_fn(input_ids, attention_mask))[:, :-1][counted], counted
+
+
 def perplexity(logits_fn: LogitsFn, batches: Iterable[Batch]) -> float:
     """exp(mean next-token NLL) over every predicted token whose context and target are real tokens.
 
     `logits_fn` is any model's `logits` (`OnnxCausalLM`, `TorchCausalLM`, `edgepipe.pipeline.lm.torch_logits`)."""
-    total, count = 0.0, 0
+    return token_quality({"model": logits_fn}, batches)["model"].perplexity
+
+
+@dataclass(frozen=True)
+class TokenQuality:
+    """Teacher-forced quality on held-out text, as llama.cpp's `perplexity --kl-divergence` reports it."""
+
+    perplexity: float
+    kl: float  # mean KL(reference || model) per predicted token, nats; 0 for the reference itself
+    top1: float  # fraction of predicted tokens whose argmax equals the reference's
+    tokens: int
+
+
+def token_quality(
+    models: Mapping[str, LogitsFn], batches: Iterable[Batch], reference: str | None = None
+) -> dict[str, TokenQuality]:
+    """Perplexity of every model, and its KL divergence from and top-1 agreement with `reference` (default: the
+    first model), on the same batches: one pass, each batch's reference distribution computed once."""
+    reference = reference or next(iter(models))
+    if reference not in models:
+        raise InputError(f"token_quality: reference {reference!r} is not one of the models {sorted(models)}")
+    nll = dict.fromkeys(models, 0.0)
+    kl = dict.fromkeys(models, 0.0)
+    top1 = dict.fromkeys(models, 0)
+    count = 0
     for input_ids, attention_mask in batches:
-        counted = (attention_mask[:, 1:] * attention_mask[:, :-1]).astype(bool)
-        # only counted rows: a (batch, seq, 49152) float64 copy would be ~300 MB per batch
-        logits = np.asarray(logits_fn(input_ids, attention_mask))[:, :-1][counted]
+        ref_logits, counted = _predicted(models[reference], input_ids, attention_mask)
+        ref_logp = _log_softmax(ref_logits)
+        ref_p, ref_top = np.exp(ref_logp), ref_logits.argmax(-1)
         targets = input_ids[:, 1:][counted]
-        peak = logits.max(-1, keepdims=True)
-        log_z = np.log(np.exp(logits - peak).sum(-1, dtype=np.float64)) + peak[:, 0]
-        total += float((log_z - logits[np.arange(len(targets)), targets]).sum())
-        count += int(counted.sum())
+        rows = np.arange(len(targets))
+        for name, logits_fn in models.items():
+            logits = ref_logits if name == reference else _predicted(logits_fn, input_ids, attention_mask)[0]
+            logp = ref_logp if name == reference else _log_softmax(logits)
+            nll[name] += float(-logp[rows, targets].sum())
+            kl[name] += float((ref_p * (ref_logp - logp)).sum())
+            top1[name] += int((logits.argmax(-1) == ref_top).sum())
+        count += len(targets)
     if count == 0:
         raise InputError("perplexity: no predicted tokens (every text is shorter than 2 tokens)")
-    return float(np.exp(total / count))
+    return {
+        name: TokenQuality(float(np.exp(nll[name] / count)), kl[name] / count, top1[name] / count, count)
+        for name in models
+    }
 
 
 def prompt_windows(token_lists: list[list[int]], count: int, length: int, separator: int | None = None) -> np.ndarray:

@@ -16,7 +16,15 @@ from typing import Any
 
 from edgepipe.errors import InputError
 from edgepipe.pipeline.artifacts import Artifact, write_meta
-from edgepipe.pipeline.recipe import LM_TASK, ArtifactKind, DistillConfig, ExportConfig, QuantizeConfig
+from edgepipe.pipeline.recipe import (
+    LM_TASK,
+    WEIGHT_ONLY_MODES,
+    ArtifactKind,
+    DistillConfig,
+    ExportConfig,
+    QuantizeConfig,
+    WeightOnlyConfig,
+)
 from edgepipe.pipeline.stages import StageContext, StageResult, register
 from edgepipe.tasks import Task
 
@@ -190,10 +198,58 @@ def float_matmuls(folder: Path) -> tuple[str, ...]:
     return ("/" + arch.ffn.down.replace(".", "/") + "/",)
 
 
+QUALITY_TEXTS = 64  # val texts the quantize stage measures its artifact on against its source
+QUALITY_TOKENS = 64
+CALIBRATION_TOKENS = 64
+
+
+def weight_only_settings(cfg: QuantizeConfig, onnx_path: Path, sensitivity: dict[str, float]) -> Any:
+    """The MatMulNBits settings of a weight-only stage: `int4` is 4-bit symmetric RTN; `weights.eight_bit`
+    name parts and the most sensitive `weights.sensitive_8bit` of the MatMuls go to 8 bits."""
+    import math
+
+    from edgepipe.export.lm_quantize import WeightOnly, matmul_nodes
+
+    if cfg.mode == "int4":
+        return WeightOnly(bits=4, symmetric=True)
+    weights = cfg.weights or WeightOnlyConfig()
+    nodes = matmul_nodes(onnx_path)
+    chosen = [name for name in nodes.values() if any(part in name.replace("/", ".") for part in weights.eight_bit)]
+    if weights.sensitive_8bit:
+        ranked = [nodes[module] for module in sensitivity if module in nodes]
+        chosen += ranked[: math.ceil(weights.sensitive_8bit * len(ranked))]
+    return WeightOnly(
+        bits=weights.bits,
+        algorithm=weights.algorithm,
+        block_size=weights.block_size,
+        symmetric=weights.symmetric,
+        accuracy_level=weights.accuracy_level,
+        eight_bit=tuple(dict.fromkeys(chosen)),
+        head=weights.head,
+    )
+
+
+def _sensitivity(inputs: dict[ArtifactKind, Artifact], weights: WeightOnlyConfig, texts: list[str]) -> dict[str, float]:
+    """Per-Linear KL sensitivity of the stage's torch model (`lm.matmul_sensitivity`) on calibration text."""
+    import torch
+
+    from edgepipe.pipeline.adapters import text_batches
+    from edgepipe.pipeline.lm import matmul_sensitivity
+
+    model, tokenizer = load_lm(inputs[ArtifactKind.TORCH_MODEL].path)
+    batches = [
+        (torch.from_numpy(ids), torch.from_numpy(mask))
+        for ids, mask in text_batches(tokenizer, texts, 8, CALIBRATION_TOKENS)
+    ]
+    return matmul_sensitivity(model, batches, bits=4, block_size=weights.block_size, symmetric=weights.symmetric)
+
+
 @register("quantize", Task.LM)
 def run_lm_quantize(inputs: dict[ArtifactKind, Artifact], cfg: QuantizeConfig, ctx: StageContext) -> StageResult:
     source = inputs[cfg.source_kind]
-    from edgepipe.export.lm_quantize import quantize_int4, quantize_int8
+    from edgepipe.export.lm_quantize import quantize_int8, quantize_weight_only
+    from edgepipe.pipeline.adapters import text_batches
+    from edgepipe.runtime.generate import OnnxCausalLM
 
     out = ctx.stage_dir / cfg.artifact_name
     out.mkdir(parents=True)
@@ -201,17 +257,68 @@ def run_lm_quantize(inputs: dict[ArtifactKind, Artifact], cfg: QuantizeConfig, c
         if item.is_file() and item.name not in ("model.onnx", "edgepipe.json"):
             shutil.copy2(item, out / item.name)
     src = source.path / "model.onnx"
-    if cfg.mode == "int4":
-        counts = quantize_int4(src, out / "model.onnx")
-        precision = "int4-weights"
+    metrics: dict[str, Any] = {"mode": cfg.mode}
+    started = time.perf_counter()
+    if cfg.mode in WEIGHT_ONLY_MODES:
+        weights = cfg.weights or WeightOnlyConfig()
+        calibration = list(ctx.data.train.inputs)[: weights.calibration_texts]
+        sensitivity = _sensitivity(inputs, weights, calibration) if weights.sensitive_8bit else {}
+        settings = weight_only_settings(cfg, src, sensitivity)
+        feeds = None
+        if settings.algorithm == "gptq":
+            from transformers import AutoTokenizer
+
+            tokenizer, model = AutoTokenizer.from_pretrained(source.path), OnnxCausalLM(src)
+            feeds = [
+                model.feeds(ids, mask) for ids, mask in text_batches(tokenizer, calibration, 1, CALIBRATION_TOKENS)
+            ]
+        counts = quantize_weight_only(src, out / "model.onnx", settings, feeds)
+        precision = f"int{settings.bits}-weights" + ("+int8" if settings.eight_bit and settings.bits != 8 else "")
+        metrics |= {
+            "weights": {**asdict(settings), "eight_bit": list(settings.eight_bit)},
+            "sensitivity_kl": {name: round(kl, 6) for name, kl in sensitivity.items()},
+        }
     else:
-        counts = quantize_int8(src, out / "model.onnx", keep_float=float_matmuls(source.path))
+        counts = quantize_int8(
+            src, out / "model.onnx", keep_float=float_matmuls(source.path), reduce_range=cfg.reduce_range
+        )
         precision = "int8-dynamic"
+    metrics["quantize_seconds"] = round(time.perf_counter() - started, 1)
+    metrics |= _quality_against(source.path, out, list(ctx.data.val.inputs)[:QUALITY_TEXTS])
     write_meta(out, task=LM_TASK, labels=[], precision=precision, fmt="onnx")
-    metrics = {
-        "mode": cfg.mode,
+    metrics |= {
         "op_counts": dict(sorted(counts.items())),
         "size_mb_before": round(src.stat().st_size / 1e6, 2),
         "size_mb_after": round((out / "model.onnx").stat().st_size / 1e6, 2),
     }
+    log.info(
+        "quantize (causal-lm, %s): val perplexity %.3f (source %.3f), KL %.4f, top-1 %.3f, %.1f -> %.1f MB",
+        cfg.artifact_name,
+        metrics["val_perplexity"],
+        metrics["source_val_perplexity"],
+        metrics["val_kl"],
+        metrics["val_top1"],
+        metrics["size_mb_before"],
+        metrics["size_mb_after"],
+    )
     return StageResult([Artifact(cfg.artifact_name, ArtifactKind.ONNX_INT8, out, precision)], metrics)
+
+
+def _quality_against(source: Path, quantized: Path, texts: list[str]) -> dict[str, Any]:
+    """Teacher-forced perplexity, KL divergence and top-1 agreement of the quantized model against its source
+    (`runtime.generate.token_quality`) on val texts: the stage's own check that the artifact runs and what it
+    cost, before the benchmark measures it on the test split."""
+    from transformers import AutoTokenizer
+
+    from edgepipe.pipeline.adapters import text_batches
+    from edgepipe.runtime.generate import OnnxCausalLM, token_quality
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    models = {"source": OnnxCausalLM(source).logits, "quantized": OnnxCausalLM(quantized).logits}
+    quality = token_quality(models, text_batches(tokenizer, texts, 16, QUALITY_TOKENS))
+    return {
+        "val_perplexity": round(quality["quantized"].perplexity, 4),
+        "source_val_perplexity": round(quality["source"].perplexity, 4),
+        "val_kl": round(quality["quantized"].kl, 6),
+        "val_top1": round(quality["quantized"].top1, 4),
+    }
