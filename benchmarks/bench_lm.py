@@ -34,7 +34,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from edgepipe.benchmarks.harness import summarize
 from edgepipe.export.causal_lm import check_causal_parity, export_causal_lm
-from edgepipe.export.lm_quantize import quantize_int4, quantize_int8
+from edgepipe.export.lm_quantize import WeightOnly, quantize_int8, quantize_weight_only
 from edgepipe.pipeline.adapters import text_batches
 from edgepipe.pipeline.lm import (
     distill_lm,
@@ -185,7 +185,7 @@ def run_lm(
     quantizers: dict[str, tuple[str, Callable[[Path, Path], dict[str, int]]]] = {
         "teacher-int8": ("teacher-onnx", quantize_int8),
         "student-int8": ("student-onnx", quantize_int8),
-        "student-int4": ("student-onnx", quantize_int4),
+        "student-int4": ("student-onnx", lambda s, d: quantize_weight_only(s, d, WeightOnly(bits=4, symmetric=True))),
     }
     ops = {}
     for name, (source, quantize) in quantizers.items():

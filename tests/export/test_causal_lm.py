@@ -12,10 +12,17 @@ import torch
 from conftest import tiny_llama
 from transformers import LlamaForCausalLM
 
-from edgepipe.errors import ExportParityError
-from edgepipe.export.causal_lm import CausalParityCase, check_causal_parity, export_causal_lm
+from edgepipe.errors import ExportParityError, InputError
+from edgepipe.export.causal_lm import (
+    FUSED_CASES,
+    CausalParityCase,
+    check_causal_parity,
+    export_causal_lm,
+    fused_available,
+)
 from edgepipe.export.lm_quantize import (
     WeightOnly,
+    head_nodes,
     int4_available,
     integer_kernel,
     matmul_nodes,
@@ -199,6 +206,55 @@ def test_fake_quantize_is_what_matmulnbits_stores(tmp_path: Path) -> None:
         read_back = ort.InferenceSession(str(out)).run(None, {"x": np.eye(64, dtype=np.float32)})[0].T
         expected = fake_quantize(weight, bits, 32, symmetric).numpy()
         assert np.abs(read_back - expected).max() < 1e-5 * float(weight.abs().max()), (bits, symmetric)
+
+
+@pytest.fixture(scope="module")
+def fused(exported: tuple[LlamaForCausalLM, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same model through onnxruntime-genai's builder (it reads the folder's tokenizer too)."""
+    from transformers import AutoTokenizer
+
+    from edgepipe.export.causal_lm import export_fused
+    from edgepipe.pipeline.models import resolve_model
+
+    model, _ = exported
+    folder = tmp_path_factory.mktemp("fused")
+    model.save_pretrained(folder / "hf")
+    AutoTokenizer.from_pretrained(resolve_model("minilm-l6")).save_pretrained(folder / "hf")
+    return export_fused(folder / "hf", folder / "fp32-fused", folder / "builder.log")
+
+
+@pytest.mark.skipif(fused_available() is not None, reason=str(fused_available()))
+def test_fused_export_decodes_like_pytorch_and_refuses_left_padding(
+    exported: tuple[LlamaForCausalLM, Path], fused: Path
+) -> None:
+    model, path = exported
+    ops = op_counts(fused)
+    assert ops["GroupQueryAttention"] == LAYERS and ops["MatMul"] == 5 * LAYERS + 1  # qkv merged
+    assert sum(ops.values()) < 0.1 * sum(op_counts(path).values())
+    results = check_causal_parity(model, fused, atol=1e-4, cases=FUSED_CASES)
+    assert all(r.argmax_agreement == 1.0 for r in results)
+    lm = OnnxCausalLM(fused)
+    ids = np.array([[5, 6, 7, 8], [0, 0, 9, 10]], dtype=np.int64)
+    with pytest.raises(InputError, match="right-padded or equal-length prompts"):
+        lm.generate(ids, (ids > 0).astype(np.int64), 2)
+    np.testing.assert_array_equal(
+        lm.generate(ids[:1], np.ones_like(ids[:1]), 4).tokens,
+        OnnxCausalLM(path).generate(ids[:1], np.ones_like(ids[:1]), 4).tokens,
+    )
+
+
+@pytest.mark.skipif(fused_available() is not None, reason=str(fused_available()))
+def test_weight_only_quantizes_the_fused_graph(fused: Path, tmp_path: Path) -> None:
+    import shutil
+
+    shutil.copy2(fused.with_name("genai_config.json"), tmp_path)  # the cache's head size (a symbolic dimension)
+    out = tmp_path / "w4.onnx"
+    ops = quantize_weight_only(fused, out, WeightOnly(bits=4, algorithm="hqq", eight_bit=tuple(head_nodes(fused))))
+    assert ops["MatMulNBits"] == 5 * LAYERS + 1 and ops["GroupQueryAttention"] == LAYERS
+    assert {zp for _, zp in _nbits(out).values()} == {onnx.TensorProto.UINT8}
+    ids = np.arange(1, 21, dtype=np.int64).reshape(2, 10) % 250
+    reference = OnnxCausalLM(fused).logits(ids, np.ones_like(ids))
+    assert np.abs(OnnxCausalLM(out).logits(ids, np.ones_like(ids)) - reference).max() < INT4_ATOL
 
 
 def test_export_leaves_a_model_with_dropout_in_eval_mode_and_decodes_like_it(tmp_path: Path) -> None:

@@ -108,14 +108,16 @@ def test_a_causal_lm_goes_through_distill_export_int8_and_bench(
 def test_weight_only_stages_measure_their_cost_and_the_bench_gates_kl(
     tmp_path: Path, tiny_llama_dir: Path, rt_csv: Path
 ) -> None:
-    """8-bit RTN, 4-bit HQQ with the most sensitive MatMuls at 8 bits (measured), 4-bit GPTQ on calibration
-    text; each stage reports KL and top-1 against its fp32 source, the bench KL and top-1 against the teacher."""
+    """The fused export (onnxruntime-genai's GroupQueryAttention graph) quantized weight-only: 8-bit RTN, 4-bit HQQ
+    with the most sensitive MatMuls at 8 bits (measured), 4-bit GPTQ on calibration text; each stage reports KL
+    and top-1 against its fp32 source, the bench KL and top-1 against the teacher."""
     import onnx
 
     from edgepipe.pipeline.cli import main
 
     stages = [
-        *lm_recipe(tiny_llama_dir, rt_csv)["stages"][:2],
+        lm_recipe(tiny_llama_dir, rt_csv)["stages"][0],
+        {"kind": "export", "parity_atol": 1e-4, "fuse": True},
         {"kind": "quantize", "mode": "weight-only", "weights": {"bits": 8}},
         {
             "kind": "quantize",
@@ -132,26 +134,34 @@ def test_weight_only_stages_measure_their_cost_and_the_bench_gates_kl(
     def metrics(stage: str) -> dict[str, Any]:
         return json.loads((run / stage / "metrics.json").read_text(encoding="utf-8"))
 
+    export = metrics("02-export")
+    assert export["fused"]["parity"] and all(p["max_abs_diff"] <= 1e-4 for p in export["fused"]["parity"])
     w8, mixed, gptq = metrics("03-quantize"), metrics("04-quantize"), metrics("05-quantize")
-    assert w8["op_counts"]["MatMulNBits"] == 2 * 7 + 1 and w8["val_kl"] < mixed["val_kl"]
+    # the fused graph: q, k and v one MatMul, so 5 per layer and the head
+    assert w8["op_counts"]["MatMulNBits"] == 2 * 5 + 1 and w8["op_counts"]["GroupQueryAttention"] == 2
+    assert w8["val_kl"] < mixed["val_kl"]
     assert w8["val_kl"] >= 0 and 0.5 < w8["val_top1"] <= 1 and w8["source_val_perplexity"] > 1
-    # sensitivity: every Linear of the student measured; 20% of them (3 of 15) plus the head at 8 bits
+    # sensitivity: every torch Linear of the student measured; 20% of the 11 MatMuls (3) plus the head at 8 bits,
+    # the most sensitive first (a q, k or v projection stands for the fused qkv MatMul)
     assert len(mixed["sensitivity_kl"]) == 15 and "lm_head" in mixed["sensitivity_kl"]
-    ranked = list(mixed["sensitivity_kl"])
     chosen = mixed["weights"]["eight_bit"]
     assert len(chosen) in (3, 4) and any("lm_head" in name for name in chosen)
-    assert all(any(name.replace("/", ".").endswith(f".{m}.MatMul") for name in chosen) for m in ranked[:3])
+    top = next(iter(mixed["sensitivity_kl"])).replace("self_attn.", "attn.")
+    top = top[: -len("q_proj")] + "qkv_proj" if top.endswith(("q_proj", "k_proj", "v_proj")) else top
+    assert any(name.replace("/", ".").endswith(f".{top}.MatMul") for name in chosen), (top, chosen)
     graph = onnx.load(str(run / "04-quantize" / "w4-hqq-mixed" / "model.onnx")).graph
     bits = [next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"]
-    assert sorted(bits).count(8) == len(chosen) and bits.count(4) == 15 - len(chosen)
-    assert gptq["op_counts"]["MatMulNBits"] == 15 and gptq["weights"]["algorithm"] == "gptq"
+    assert bits.count(8) == len(chosen) and bits.count(4) == 11 - len(chosen)
+    assert gptq["op_counts"]["MatMulNBits"] == 11 and gptq["weights"]["algorithm"] == "gptq"
 
     report = json.loads((run / "report.json").read_text(encoding="utf-8"))
     rows = {r["artifact"]: r for r in report["results"]}
-    assert set(rows) == {"teacher", "student", "fp32", "w8-rtn", "w4-hqq-mixed", "w4-gptq"}
+    assert set(rows) == {"teacher", "student", "fp32", "fp32-fused", "w8-rtn", "w4-hqq-mixed", "w4-gptq"}
     assert rows["teacher"]["kl_divergence"] == 0 and rows["teacher"]["top1_agreement"] == 1
-    assert rows["fp32"]["kl_divergence"] == pytest.approx(rows["student"]["kl_divergence"], abs=1e-4)
-    assert sum(line.startswith("pass") and "KL divergence" in line for line in report["gates"]) == 5
+    for name in ("fp32", "fp32-fused"):  # both exports compute the student's function
+        assert rows[name]["kl_divergence"] == pytest.approx(rows["student"]["kl_divergence"], abs=1e-4)
+    assert rows["fp32-fused"]["size_mb"] == pytest.approx(rows["fp32"]["size_mb"], rel=0.3)  # external data counted
+    assert sum(line.startswith("pass") and "KL divergence" in line for line in report["gates"]) == 6
 
 
 def test_causal_lm_recipes_reject_what_does_not_apply(tiny_llama_dir: Path, rt_csv: Path) -> None:

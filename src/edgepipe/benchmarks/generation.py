@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from edgepipe.benchmarks.harness import summarize
-from edgepipe.runtime.backends import RuntimeOptions, model_file
+from edgepipe.runtime.backends import RuntimeOptions
 from edgepipe.runtime.generate import Batch, load_causal_lm, prompt_windows, token_quality
 from edgepipe.runtime.host import host_info, versions
 
@@ -96,14 +96,12 @@ def run_generation_bench(
         for item in items:
             got = samples[(item.name, batch, length)]
             agree = float((greedy[(item.name, batch, length)] == greedy[(reference, batch, length)]).mean())
-            path = model_file(item.path) if item.model_format == "onnx" else None
-            files = [path] if path is not None else list(item.path.glob("*.safetensors"))
             results.append(
                 {
                     "artifact": item.name,
                     "precision": item.precision,
                     "engine": "onnxruntime" if item.model_format == "onnx" else "torch",
-                    "size_mb": round(sum(f.stat().st_size for f in files) / 1e6, 2),
+                    "size_mb": item.size_mb,
                     "batch": batch,
                     "prompt_len": length,
                     "new_tokens": new_tokens,

@@ -17,6 +17,7 @@ sequence, at batch sizes and lengths other than the traced ones and with left pa
 from __future__ import annotations
 
 import logging
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,3 +170,46 @@ def check_causal_parity(
                 f"left_pad={case.left_pad}, over atol={atol:g}; check the opset or the cache wiring"
             )
     return results
+
+
+GENAI_INSTALL = "pip install onnxruntime-genai==0.18.0"
+# the fused graph's GroupQueryAttention takes right-padded (or unpadded) prompts, not left-padded ones
+FUSED_CASES = (CausalParityCase(1, 5, 4), CausalParityCase(2, 7, 4))
+
+
+def fused_available() -> str | None:
+    """Why the fused export cannot run here, or None."""
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        return f"the fused causal-LM export uses onnxruntime-genai's model builder: {GENAI_INSTALL}"
+    return None
+
+
+def export_fused(model_dir: Path, out_dir: Path, log_path: Path) -> Path:
+    """A transformers causal-LM folder as onnxruntime-genai's fused fp32 graph for the CPU (its model builder):
+    GroupQueryAttention with rotary embeddings inside, SkipSimplifiedLayerNormalization, q/k/v and gate/up
+    MatMuls merged; weights in `model.onnx.data`. Decode runs ~430 nodes instead of ~10,000, so per-op overhead
+    stops dominating batch-1 decode. The builder runs as its own process (its command line is its stable
+    interface; it prints per tensor), its output in `log_path`. Returns the model file."""
+    import subprocess
+    import sys
+
+    from edgepipe.errors import BackendUnavailableError
+
+    reason = fused_available()
+    if reason:
+        raise BackendUnavailableError(reason)
+    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(out_dir)]
+    command += ["-p", "fp32", "-e", "cpu", "-c", str(out_dir.parent / f".{out_dir.name}-builder-cache")]
+    with log_path.open("w", encoding="utf-8") as log_file:
+        done = subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT, check=False)
+    path = out_dir / "model.onnx"
+    shutil.rmtree(out_dir.parent / f".{out_dir.name}-builder-cache", ignore_errors=True)
+    if done.returncode or not path.is_file():
+        tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:]
+        raise InputError(
+            f"onnxruntime-genai's model builder does not take {model_dir} (exit {done.returncode}: "
+            f"{tail[0] if tail else 'no output'}; log {log_path}); set the export's fuse: false"
+        )
+    return path

@@ -43,7 +43,7 @@ def op_counts(path: Path) -> dict[str, int]:
     return dict(Counter(node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node))
 
 
-def _head_nodes(path: Path) -> list[str]:
+def head_nodes(path: Path) -> list[str]:
     """The MatMul(s) producing `logits` (the LM head), by graph structure rather than by name."""
     import onnx
 
@@ -95,7 +95,7 @@ def quantize_int8(
         per_channel=True,
         reduce_range=reduce_range,
         weight_type=QuantType.QInt8,
-        nodes_to_exclude=kept + ([] if head else _head_nodes(src)),
+        nodes_to_exclude=kept + ([] if head else head_nodes(src)),
         # activation x activation products (attention) stay fp32
         extra_options={"MatMulConstBOnly": True},
     )
@@ -145,7 +145,7 @@ def quantize_weight_only(
 
     logging.getLogger(nbits.__name__).setLevel(logging.WARNING)
     logging.getLogger("neural_compressor").setLevel(logging.WARNING)  # k-quant and GPTQ log every node
-    excluded = [] if settings.head else _head_nodes(src)
+    excluded = [] if settings.head else head_nodes(src)
     model = onnx.load(str(src))
     config = _algorithm(nbits, settings, calibration)
     per_node = settings.algorithm in ("k_quant", "gptq")  # neural-compressor's path: widths per node, one pass

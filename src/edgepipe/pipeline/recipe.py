@@ -258,7 +258,11 @@ class ExportConfig(_Strict):
         default_factory=lambda: [(1, 7), (3, 45)], min_length=2, description="(batch, seq_len) checked"
     )
     parity_atol: float = Field(1e-4, gt=0)
-    fuse: bool = Field(True, description="also write a transformer-fused fp32 model where supported")
+    fuse: bool = Field(
+        True,
+        description="also write a fused fp32 model: onnxruntime's transformer fusion for encoders; for causal-lm "
+        "(default off) onnxruntime-genai's GroupQueryAttention graph, which weight-only quantization then takes",
+    )
 
     @model_validator(mode="after")
     def _shapes(self) -> ExportConfig:
@@ -335,7 +339,9 @@ class QuantizeConfig(_Strict):
     )
     weights: WeightOnlyConfig | None = Field(None, description="mode: weight-only settings")
     source: Literal["fp32", "fp32-fused"] | None = Field(
-        None, description="which fp32 export to quantize; default: fused for dynamic, plain for static"
+        None,
+        description="which fp32 export to quantize; default: fused for dynamic (plain for causal-lm) and "
+        "weight-only, plain for static",
     )
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="artifact name")
     per_channel: bool = True
@@ -561,13 +567,19 @@ class Recipe(_Strict):
         # dynamic int8 defaults to the fused export; without one (fuse: false, image models) to the plain one
         fused = False
         for i, stage in enumerate(self.stages):
-            if isinstance(stage, ExportConfig) and self.task == LM_TASK:
-                self.stages[i] = stage = stage.model_copy(update={"fuse": False})  # no fusion of KV-cache graphs
+            if isinstance(stage, ExportConfig) and self.task == LM_TASK and "fuse" not in stage.model_fields_set:
+                # a causal LM's fused graph comes from onnxruntime-genai's builder: only when asked for
+                self.stages[i] = stage = stage.model_copy(update={"fuse": False})
             if isinstance(stage, QuantizeConfig) and stage.mode in WEIGHT_ONLY_MODES and stage.source is None:
-                self.stages[i] = stage.model_copy(update={"source": "fp32"})
+                self.stages[i] = stage.model_copy(update={"source": "fp32-fused" if fused else "fp32"})
             if isinstance(stage, ExportConfig):
                 fused = stage.fuse
-            elif isinstance(stage, QuantizeConfig) and stage.source is None and stage.mode == "dynamic" and not fused:
+            elif (
+                isinstance(stage, QuantizeConfig)
+                and stage.source is None
+                and stage.mode == "dynamic"
+                and (not fused or self.task == LM_TASK)  # a causal LM's dynamic int8 is measured on the plain graph
+            ):
                 self.stages[i] = stage.model_copy(update={"source": "fp32"})
         return self
 

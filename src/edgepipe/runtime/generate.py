@@ -122,6 +122,25 @@ class _Generation:
         return GenerationResult(np.stack(tokens, axis=1), ttft, tuple(decode_s))
 
 
+def _head_dim(model_path: Path, dim: Any) -> int:
+    """The cache's head dimension: from the graph, else (a symbolic dimension, as onnxruntime-genai writes it) from
+    the folder's genai_config.json or config.json."""
+    if isinstance(dim, int):
+        return dim
+    import json
+
+    for name in ("genai_config.json", "config.json"):
+        path = model_path.parent / name
+        if path.is_file():
+            config = json.loads(path.read_text(encoding="utf-8"))
+            decoder = config.get("model", {}).get("decoder", {})
+            if "head_size" in decoder:
+                return int(decoder["head_size"])
+            if "hidden_size" in config:
+                return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+    raise InputError(f"{model_path}: the KV cache's head dimension is symbolic ({dim}) and no config.json gives it")
+
+
 class OnnxCausalLM(_Generation):
     """An exported causal LM (model.onnx of a folder, or the file) in an onnxruntime CPU session."""
 
@@ -133,13 +152,15 @@ class OnnxCausalLM(_Generation):
         self.session = ort_cpu_session(self.path, self.options)
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [name for name in inputs if name.startswith(PAST_PREFIX)]
-        if not self.past_names or not {"input_ids", "attention_mask", "position_ids"} <= set(inputs):
+        if not self.past_names or not {"input_ids", "attention_mask"} <= set(inputs):
             raise InputError(
                 f"{self.path}: not a KV-cache causal LM (inputs {sorted(inputs)}); export it with "
                 "edgepipe.export.causal_lm.export_causal_lm"
             )
+        # onnxruntime-genai's fused graphs (GroupQueryAttention) take no position_ids: positions come from the mask
+        self.takes_positions = "position_ids" in inputs
         shape = inputs[self.past_names[0]].shape  # batch, kv_heads, past_sequence, head_dim
-        self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
+        self.kv_heads, self.head_dim = int(shape[1]), _head_dim(self.path, shape[3])
         self.output_names = ["logits", *(n.replace(PAST_PREFIX, "present.") for n in self.past_names)]
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
@@ -149,7 +170,14 @@ class OnnxCausalLM(_Generation):
         self, input_ids: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray, past: list[np.ndarray] | None
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """Logits of the new tokens and the grown cache; `past` None is an empty cache."""
-        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": positions}
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.takes_positions:
+            feeds["position_ids"] = positions
+        elif past is None and not attention_mask[:, 0].all():
+            raise InputError(
+                f"{self.path}: a fused graph (GroupQueryAttention) takes right-padded or equal-length prompts, "
+                "not left-padded ones; generate one prompt at a time or use the plain export (fp32)"
+            )
         past = self.empty_past(len(input_ids)) if past is None else past
         feeds.update(zip(self.past_names, past, strict=True))
         logits, *present = self.session.run(self.output_names, feeds)
@@ -157,7 +185,9 @@ class OnnxCausalLM(_Generation):
 
     def feeds(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
         """The model's inputs for a prompt from an empty cache (e.g. calibration data for GPTQ)."""
-        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids(attention_mask)}
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.takes_positions:
+            feeds["position_ids"] = position_ids(attention_mask)
         return feeds | dict(zip(self.past_names, self.empty_past(len(input_ids)), strict=True))
 
     def describe(self) -> dict[str, Any]:

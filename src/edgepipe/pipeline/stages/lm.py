@@ -168,19 +168,34 @@ def run_lm_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx
 @register("export", Task.LM)
 def run_lm_export(inputs: dict[ArtifactKind, Artifact], cfg: ExportConfig, ctx: StageContext) -> StageResult:
     source = inputs[ArtifactKind.TORCH_MODEL].path
-    from edgepipe.export.causal_lm import check_causal_parity, export_causal_lm
+    from edgepipe.export.causal_lm import FUSED_CASES, check_causal_parity, export_causal_lm, export_fused
 
     model, tokenizer = load_lm(source)
     out = ctx.stage_dir / "fp32"
     out.mkdir(parents=True)
     export_causal_lm(model, out / "model.onnx", opset=cfg.opset)
     parity = check_causal_parity(model, out / "model.onnx", atol=cfg.parity_atol, seed=ctx.seed)
-    tokenizer.save_pretrained(out)
-    model.config.save_pretrained(out)
-    model.generation_config.save_pretrained(out)
-    write_meta(out, task=LM_TASK, labels=[], precision="fp32", fmt="onnx")
-    metrics = {"opset": cfg.opset, "kv_cache": True, "parity": [asdict(p) for p in parity]}
-    return StageResult([Artifact("fp32", ArtifactKind.ONNX_FP32, out, "fp32")], metrics)
+    artifacts = [Artifact("fp32", ArtifactKind.ONNX_FP32, out, "fp32")]
+    metrics: dict[str, Any] = {"opset": cfg.opset, "kv_cache": True, "parity": [asdict(p) for p in parity]}
+    folders = [out]
+    if cfg.fuse:
+        fused = ctx.stage_dir / "fp32-fused"
+        started = time.perf_counter()
+        path = export_fused(source, fused, ctx.stage_dir / "builder.log")
+        fused_parity = check_causal_parity(model, path, atol=cfg.parity_atol, cases=FUSED_CASES, seed=ctx.seed)
+        metrics["fused"] = {
+            "producer": "onnxruntime-genai model builder",
+            "export_seconds": round(time.perf_counter() - started, 1),
+            "parity": [asdict(p) for p in fused_parity],
+        }
+        artifacts.append(Artifact("fp32-fused", ArtifactKind.ONNX_FP32_FUSED, fused, "fp32"))
+        folders.append(fused)
+    for folder in folders:
+        tokenizer.save_pretrained(folder)
+        model.config.save_pretrained(folder)
+        model.generation_config.save_pretrained(folder)
+        write_meta(folder, task=LM_TASK, labels=[], precision="fp32", fmt="onnx")
+    return StageResult(artifacts, metrics)
 
 
 def float_matmuls(folder: Path) -> tuple[str, ...]:
@@ -214,10 +229,11 @@ def weight_only_settings(cfg: QuantizeConfig, onnx_path: Path, sensitivity: dict
         return WeightOnly(bits=4, symmetric=True)
     weights = cfg.weights or WeightOnlyConfig()
     nodes = matmul_nodes(onnx_path)
-    chosen = [name for name in nodes.values() if any(part in name.replace("/", ".") for part in weights.eight_bit)]
-    if weights.sensitive_8bit:
-        ranked = [nodes[module] for module in sensitivity if module in nodes]
-        chosen += ranked[: math.ceil(weights.sensitive_8bit * len(ranked))]
+    distinct = list(dict.fromkeys(nodes.values()))
+    chosen = [name for name in distinct if any(part in name.replace("/", ".") for part in weights.eight_bit)]
+    if weights.sensitive_8bit:  # a merged MatMul (q/k/v) ranks by its most sensitive part
+        ranked = list(dict.fromkeys(n for n in (_node_of(module, nodes) for module in sensitivity) if n))
+        chosen += ranked[: math.ceil(weights.sensitive_8bit * len(distinct))]
     return WeightOnly(
         bits=weights.bits,
         algorithm=weights.algorithm,
@@ -227,6 +243,18 @@ def weight_only_settings(cfg: QuantizeConfig, onnx_path: Path, sensitivity: dict
         eight_bit=tuple(dict.fromkeys(chosen)),
         head=weights.head,
     )
+
+
+def _node_of(module: str, nodes: dict[str, str]) -> str | None:
+    """The MatMul node computing a torch Linear: by its scope name, or in onnxruntime-genai's fused graph, where
+    q, k and v are one `attn.qkv_proj` (gate and up one `mlp.gate_up_proj` in some families)."""
+    import re
+
+    merged = re.sub(r"self_attn\.[qkv]_proj$", "attn.qkv_proj", module).replace("self_attn.", "attn.")
+    for name in (module, merged, re.sub(r"mlp\.(gate|up)_proj$", "mlp.gate_up_proj", merged)):
+        if name in nodes:
+            return nodes[name]
+    return None
 
 
 def _sensitivity(inputs: dict[ArtifactKind, Artifact], weights: WeightOnlyConfig, texts: list[str]) -> dict[str, float]:
@@ -247,6 +275,7 @@ def _sensitivity(inputs: dict[ArtifactKind, Artifact], weights: WeightOnlyConfig
 @register("quantize", Task.LM)
 def run_lm_quantize(inputs: dict[ArtifactKind, Artifact], cfg: QuantizeConfig, ctx: StageContext) -> StageResult:
     source = inputs[cfg.source_kind]
+    from edgepipe.benchmarks.bench import BenchItem
     from edgepipe.export.lm_quantize import quantize_int8, quantize_weight_only
     from edgepipe.pipeline.adapters import text_batches
     from edgepipe.runtime.generate import OnnxCausalLM
@@ -254,7 +283,7 @@ def run_lm_quantize(inputs: dict[ArtifactKind, Artifact], cfg: QuantizeConfig, c
     out = ctx.stage_dir / cfg.artifact_name
     out.mkdir(parents=True)
     for item in source.path.iterdir():  # tokenizer and configs travel with the model
-        if item.is_file() and item.name not in ("model.onnx", "edgepipe.json"):
+        if item.is_file() and item.name not in ("model.onnx", "model.onnx.data", "edgepipe.json"):
             shutil.copy2(item, out / item.name)
     src = source.path / "model.onnx"
     metrics: dict[str, Any] = {"mode": cfg.mode}
@@ -288,8 +317,8 @@ def run_lm_quantize(inputs: dict[ArtifactKind, Artifact], cfg: QuantizeConfig, c
     write_meta(out, task=LM_TASK, labels=[], precision=precision, fmt="onnx")
     metrics |= {
         "op_counts": dict(sorted(counts.items())),
-        "size_mb_before": round(src.stat().st_size / 1e6, 2),
-        "size_mb_after": round((out / "model.onnx").stat().st_size / 1e6, 2),
+        "size_mb_before": BenchItem(source.name, source.path, source.precision, "onnx").size_mb,
+        "size_mb_after": BenchItem(cfg.artifact_name, out, precision, "onnx").size_mb,
     }
     log.info(
         "quantize (causal-lm, %s): val perplexity %.3f (source %.3f), KL %.4f, top-1 %.3f, %.1f -> %.1f MB",
