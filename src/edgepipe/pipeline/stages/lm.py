@@ -232,7 +232,7 @@ def weight_only_settings(cfg: QuantizeConfig, onnx_path: Path, sensitivity: dict
     distinct = list(dict.fromkeys(nodes.values()))
     chosen = [name for name in distinct if any(part in name.replace("/", ".") for part in weights.eight_bit)]
     if weights.sensitive_8bit:  # a merged MatMul (q/k/v) ranks by its most sensitive part
-        ranked = list(dict.fromkeys(n for n in (_node_of(module, nodes) for module in sensitivity) if n))
+        ranked = list(dict.fromkeys(n for n in (node_of(module, nodes) for module in sensitivity) if n))
         chosen += ranked[: math.ceil(weights.sensitive_8bit * len(distinct))]
     return WeightOnly(
         bits=weights.bits,
@@ -245,7 +245,7 @@ def weight_only_settings(cfg: QuantizeConfig, onnx_path: Path, sensitivity: dict
     )
 
 
-def _node_of(module: str, nodes: dict[str, str]) -> str | None:
+def node_of(module: str, nodes: dict[str, str]) -> str | None:
     """The MatMul node computing a torch Linear: by its scope name, or in onnxruntime-genai's fused graph, where
     q, k and v are one `attn.qkv_proj` (gate and up one `mlp.gate_up_proj` in some families)."""
     import re
