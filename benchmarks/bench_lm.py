@@ -6,7 +6,7 @@ against llama.cpp on the teacher's own GGUF, in one run.
 
 Converts the shipped SmolLM2-135M GGUF once (cached in WORK/cache), builds the student from a subset of the
 teacher's decoder layers and distills it with `distill_lm` on the shipped review snippets (train split) with
-the distill settings of `recipes/smollm2.yaml` (the flags override them; cached in WORK/student by settings).
+the distill settings of `recipes/smollm2-student.yaml` (the flags override them; cached in WORK/student by settings).
 Exports teacher and student twice: our torch.onnx export (the fp32 baseline every ratio is against) and
 onnxruntime-genai's fused graph (GroupQueryAttention), both parity-checked step by step against PyTorch.
 Quantizes the fused graphs weight-only (MatMulNBits: 8-bit RTN; 4-bit RTN, HQQ, GPTQ; HQQ with the most
@@ -62,7 +62,7 @@ SENSITIVE_FRACTION = 0.1  # of the MatMuls kept at 8 bits in the mixed artifact
 
 def recipe_distill() -> DistillConfig:
     """The distill stage of the shipped causal-lm recipe: the benchmark's default student and settings."""
-    recipe = load_recipe(default_recipe_path().parent / "smollm2.yaml")
+    recipe = load_recipe(default_recipe_path().parent / "smollm2-student.yaml")
     return next(s for s in recipe.stages if isinstance(s, DistillConfig))
 
 
@@ -461,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--work", type=Path, default=Path("runs/lm"))
-    # unset flags keep recipes/smollm2.yaml's distill settings
+    # unset flags keep recipes/smollm2-student.yaml's distill settings
     parser.add_argument("--layers", type=int, nargs="+", help="teacher layers the student keeps")
     parser.add_argument("--kind", choices=["forward_kl", "reverse_kl", "jsd"])
     parser.add_argument("--temperature", type=float)

@@ -133,13 +133,13 @@ def recipe(model: Path, layers: int, steps: int, runs: int, batch_size: int) -> 
 
 
 def lm_recipe(model: Path, layers: int, steps: int, batch_size: int) -> dict[str, Any]:
-    """recipes/smollm2.yaml with this model, half its layers (the first ones and the last three: what the
+    """recipes/smollm2-student.yaml with this model, half its layers (the first ones and the last three: what the
     SmolLM2 measurements favoured) and the given budget."""
     import yaml
 
     from edgepipe.pipeline.recipe import default_recipe_path
 
-    raw = yaml.safe_load((default_recipe_path().parent / "smollm2.yaml").read_text(encoding="utf-8"))
+    raw = yaml.safe_load((default_recipe_path().parent / "smollm2-student.yaml").read_text(encoding="utf-8"))
     keep = max(4, layers // 2)
     raw.pop("gates", None)
     raw.update(name=f"bench-models-{json.loads((model / 'config.json').read_text())['model_type']}", model=str(model))
