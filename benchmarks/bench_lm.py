@@ -45,10 +45,17 @@ from edgepipe.benchmarks.harness import summarize
 from edgepipe.export.causal_lm import FUSED_CASES, check_causal_parity, export_causal_lm, export_fused
 from edgepipe.export.lm_quantize import WeightOnly, head_nodes, matmul_nodes, quantize_int8, quantize_weight_only
 from edgepipe.pipeline.adapters import text_batches
-from edgepipe.pipeline.lm import distill_lm, greedy_agreement, layer_subset, lm_texts, matmul_sensitivity
+from edgepipe.pipeline.lm import (
+    distill_lm,
+    greedy_agreement,
+    layer_subset,
+    lm_texts,
+    matmul_sensitivity,
+    prune_ffn_width,
+)
 from edgepipe.pipeline.models import SMOLLM2_GGUF, SMOLLM2_PACKAGE, package_dir, smollm2_folder
 from edgepipe.pipeline.recipe import DistillConfig, default_recipe_path, load_recipe
-from edgepipe.pipeline.stages.lm import node_of
+from edgepipe.pipeline.stages.lm import WIDTH_CALIBRATION_TEXTS, node_of
 from edgepipe.runtime.backends import RuntimeOptions
 from edgepipe.runtime.generate import OnnxCausalLM, TorchCausalLM, prompt_windows, token_quality
 from edgepipe.runtime.host import host_info, versions
@@ -72,19 +79,34 @@ def _prompts(tokenizer: Any, texts: list[str], count: int, length: int) -> np.nd
 
 
 def _student(
-    teacher: Any, tokenizer: Any, folder: Path, layers: list[int], train: list[str], settings: dict[str, Any]
+    teacher: Any,
+    tokenizer: Any,
+    folder: Path,
+    layers: list[int],
+    train: list[str],
+    settings: dict[str, Any],
+    ffn_width: int | None = None,
 ) -> tuple[Any, dict[str, Any]]:
-    """The distilled student, from `folder` when it was trained with the same settings."""
+    """The distilled student, from `folder` when it was trained with the same settings; with `ffn_width` its FFN
+    is first width-pruned by activation importance on train texts (Minitron), then distilled the same way."""
+    import torch
     from transformers import AutoModelForCausalLM
 
-    key = {"layers": layers, **settings}
+    key = {"layers": layers, **settings, **({"ffn_width": ffn_width} if ffn_width else {})}
     meta = folder / "distill.json"
     if meta.is_file() and json.loads(meta.read_text())["settings"] == key:
         return AutoModelForCausalLM.from_pretrained(folder).eval(), json.loads(meta.read_text())["metrics"]
     student = layer_subset(teacher, layers)
+    kept = None
+    if ffn_width:
+        texts = train[:WIDTH_CALIBRATION_TEXTS]
+        batches = [(torch.from_numpy(i), torch.from_numpy(m)) for i, m in text_batches(tokenizer, texts, 8, 64)]
+        kept = prune_ffn_width(student, ffn_width, batches)
     start = time.perf_counter()
     metrics = distill_lm(teacher, student, train, tokenizer, progress=True, **settings)
     metrics["train_s"] = round(time.perf_counter() - start, 1)
+    metrics["parameters"] = sum(p.numel() for p in student.parameters())
+    metrics["ffn_importance_kept"] = kept
     student.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     meta.write_text(json.dumps({"settings": key, "metrics": metrics}))
@@ -232,6 +254,52 @@ def _choose(rows: dict[str, dict[str, Any]], base: str, names: list[str]) -> dic
     }
 
 
+Quantizer = Callable[[Path, Path], dict[str, int]]
+
+
+def _head(folder: Path) -> tuple[str, ...]:
+    return tuple(head_nodes(folder / "model.onnx"))
+
+
+def _weights(settings: WeightOnly, **extra: Any) -> Quantizer:
+    return lambda src, dst: quantize_weight_only(src, dst, settings, **extra)
+
+
+def _teacher_quantizers(
+    teacher: Any, tokenizer: Any, f: dict[str, Path], train: list[str], seq_len: int, timings: dict[str, float]
+) -> tuple[dict[str, tuple[str, Quantizer]], dict[str, float], tuple[str, ...]]:
+    """The teacher's artifacts: dynamic int8 of the plain graph, weight-only variants of the fused one (GPTQ
+    calibrated on train texts; the mixed one keeps the most sensitive MatMuls, by measured KL, at 8 bits)."""
+    import torch
+
+    calibration = train[:CALIBRATION_TEXTS]
+    fused = OnnxCausalLM(f["teacher-fused"])
+    feeds = [fused.feeds(ids, mask) for ids, mask in text_batches(tokenizer, calibration, 1, seq_len)]
+    start = time.perf_counter()
+    batches = [(torch.from_numpy(i), torch.from_numpy(m)) for i, m in text_batches(tokenizer, calibration, 8, seq_len)]
+    sensitivity = matmul_sensitivity(teacher, batches, bits=4, block_size=32, symmetric=False)
+    timings["sensitivity_s"] = round(time.perf_counter() - start, 1)
+    nodes = matmul_nodes(f["teacher-fused"] / "model.onnx")
+    ranked = list(dict.fromkeys(n for n in (node_of(m, nodes) for m in sensitivity) if n))
+    mixed = tuple(ranked[: int(np.ceil(SENSITIVE_FRACTION * len(set(nodes.values()))))])
+    head = _head(f["teacher-fused"])
+    quantizers: dict[str, tuple[str, Quantizer]] = {
+        "teacher-int8-dynamic": ("teacher-onnx", quantize_int8),
+        "teacher-w8": ("teacher-fused", _weights(WeightOnly(bits=8))),
+        "teacher-w4-rtn": ("teacher-fused", _weights(WeightOnly(bits=4))),
+        "teacher-w4-gptq": (
+            "teacher-fused",
+            _weights(WeightOnly(bits=4, algorithm="gptq", eight_bit=head), calibration=feeds),
+        ),
+        "teacher-w4-hqq": ("teacher-fused", _weights(WeightOnly(bits=4, algorithm="hqq", eight_bit=head))),
+        "teacher-w4-hqq-mixed": (
+            "teacher-fused",
+            _weights(WeightOnly(bits=4, algorithm="hqq", eight_bit=tuple(dict.fromkeys(head + mixed)))),
+        ),
+    }
+    return quantizers, sensitivity, mixed
+
+
 def run_lm(
     work: Path,
     *,
@@ -246,6 +314,8 @@ def run_lm(
     seed: int = 0,
     torch_threads: int | None = None,
     llamacpp_python: Path | None = None,
+    ffn_width: int | None = None,
+    student_only: bool = False,
 ) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -279,65 +349,45 @@ def run_lm(
     overrides = dict(overrides or {})
     layers = overrides.pop("layers", None) or layers
     settings.update(overrides)
-    student, distill = _student(teacher, tokenizer, work / "student", layers, train, settings)
+    student, distill = _student(teacher, tokenizer, work / "student", layers, train, settings, ffn_width)
 
-    f = {name: work / name for name in ("teacher-onnx", "teacher-fused", "student-onnx", "student-fused")}
+    exports = (
+        ("teacher-onnx", "student-onnx", "student-fused")
+        if student_only
+        else ("teacher-onnx", "teacher-fused", "student-onnx", "student-fused")
+    )
+    f = {name: work / name for name in exports}
     parity = {
         "teacher-onnx": _export(teacher, f["teacher-onnx"], parity_atol),
-        "teacher-fused": _export_fused(teacher, teacher_dir, f["teacher-fused"], parity_atol),
         "student-onnx": _export(student, f["student-onnx"], parity_atol),
         "student-fused": _export_fused(student, work / "student", f["student-fused"], parity_atol),
     }
+    if not student_only:
+        parity["teacher-fused"] = _export_fused(teacher, teacher_dir, f["teacher-fused"], parity_atol)
     for name in f:  # tokenizer and config beside every graph (the fused graph's cache head size, Predictor)
         tokenizer.save_pretrained(f[name])
         (teacher if name.startswith("teacher") else student).config.save_pretrained(f[name])
 
-    calibration = train[:CALIBRATION_TEXTS]
-    fused_teacher = OnnxCausalLM(f["teacher-fused"])
-    feeds = [fused_teacher.feeds(ids, mask) for ids, mask in text_batches(tokenizer, calibration, 1, seq_len)]
-    del fused_teacher
-    start = time.perf_counter()
-    batches = [(torch.from_numpy(i), torch.from_numpy(m)) for i, m in text_batches(tokenizer, calibration, 8, seq_len)]
-    sensitivity = matmul_sensitivity(teacher, batches, bits=4, block_size=32, symmetric=False)
-    timings["sensitivity_s"] = round(time.perf_counter() - start, 1)
-    nodes = matmul_nodes(f["teacher-fused"] / "model.onnx")
-    ranked = list(dict.fromkeys(n for n in (node_of(m, nodes) for m in sensitivity) if n))
-    distinct = set(nodes.values())
-    mixed = tuple(ranked[: int(np.ceil(SENSITIVE_FRACTION * len(distinct)))])
-
-    def head(folder: Path) -> tuple[str, ...]:
-        return tuple(head_nodes(folder / "model.onnx"))
-
-    def weights(settings: WeightOnly, **extra: Any) -> Callable[[Path, Path], dict[str, int]]:
-        return lambda src, dst: quantize_weight_only(src, dst, settings, **extra)
-
-    hqq_head8 = WeightOnly(bits=4, algorithm="hqq", eight_bit=head(f["teacher-fused"]))
-    quantizers: dict[str, tuple[str, Callable[[Path, Path], dict[str, int]]]] = {
-        "teacher-int8-dynamic": ("teacher-onnx", quantize_int8),
-        "teacher-w8": ("teacher-fused", weights(WeightOnly(bits=8))),
-        "teacher-w4-rtn": ("teacher-fused", weights(WeightOnly(bits=4))),
-        "teacher-w4-gptq": (
-            "teacher-fused",
-            weights(WeightOnly(bits=4, algorithm="gptq", eight_bit=hqq_head8.eight_bit), calibration=feeds),
-        ),
-        "teacher-w4-hqq": ("teacher-fused", weights(hqq_head8)),
-        "teacher-w4-hqq-mixed": (
-            "teacher-fused",
-            weights(WeightOnly(bits=4, algorithm="hqq", eight_bit=tuple(dict.fromkeys(hqq_head8.eight_bit + mixed)))),
-        ),
-        "student-w8": ("student-fused", weights(WeightOnly(bits=8))),
+    quantizers: dict[str, tuple[str, Quantizer]] = {
+        "student-w8": ("student-fused", _weights(WeightOnly(bits=8))),
         "student-w4-hqq": (
             "student-fused",
-            weights(WeightOnly(bits=4, algorithm="hqq", eight_bit=head(f["student-fused"]))),
+            _weights(WeightOnly(bits=4, algorithm="hqq", eight_bit=_head(f["student-fused"]))),
         ),
     }
+    sensitivity: dict[str, float] = {}
+    mixed: tuple[str, ...] = ()
+    if not student_only:
+        teacher_quantizers, sensitivity, mixed = _teacher_quantizers(teacher, tokenizer, f, train, seq_len, timings)
+        quantizers = teacher_quantizers | quantizers
     quantized = {}
     for name, (source, quantize) in quantizers.items():
+        log.info("quantize %s", name)
         f[name] = work / name
         quantized[name] = _quantize(f[source], f[name], quantize)
         timings[f"{name}_s"] = quantized[name]["seconds"]
     del student
-    problem = llamacpp_problem(llamacpp_python)
+    problem = "--student-only" if student_only else llamacpp_problem(llamacpp_python)
     gguf = (package_dir(SMOLLM2_PACKAGE) or Path()) / SMOLLM2_GGUF
     peer = (
         None
@@ -346,6 +396,7 @@ def run_lm(
     )
 
     names = ["teacher-torch", *f]
+    log.info("teacher-forced quality of %d artifacts on %d texts", len(names), len(held_out))
     token_lists = [list(tokenizer(t)["input_ids"])[:seq_len] for t in held_out]
     start = time.perf_counter()
     loaded = {name: OnnxCausalLM(f[name]) for name in f}
@@ -384,6 +435,7 @@ def run_lm(
     def opener(name: str) -> Callable[[], Any]:
         return lambda: TorchCausalLM(teacher) if name == "teacher-torch" else OnnxCausalLM(f[name])
 
+    log.info("timing %d artifacts%s: keep the machine quiet", len(names), " and llama.cpp" if peer else "")
     speed = _speed({name: opener(name) for name in names}, peer, prompts[:1], new_tokens, runs, rounds)
     for name in rows:
         rows[name] |= speed[name]
@@ -406,7 +458,7 @@ def run_lm(
         }
     )
     return {
-        "teacher_int8": _choose(rows, base, ["teacher-w8"]),
+        "teacher_int8": _choose(rows, base, [n for n in ("teacher-w8",) if n in rows]),
         "best_int4": best_int4,
         "best_3x": _choose(rows, base, fast),
         "llamacpp": llamacpp,
@@ -473,6 +525,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=9)
     parser.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's own)")
     parser.add_argument("--llamacpp-python", type=Path, help="python of the llama-cpp-python environment (the peer)")
+    parser.add_argument("--ffn-width", type=int, help="also width-prune the student's FFN to this (Minitron)")
+    parser.add_argument("--student-only", action="store_true", help="the student's artifacts and the fp32 teacher")
     args = parser.parse_args(argv)
     # onnxruntime.quantization logs every tensor at INFO on the root logger: INFO only for ours
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
@@ -498,6 +552,8 @@ def main(argv: list[str] | None = None) -> int:
         runs=args.runs,
         torch_threads=args.torch_threads,
         llamacpp_python=args.llamacpp_python,
+        ffn_width=args.ffn_width,
+        student_only=args.student_only,
     )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))

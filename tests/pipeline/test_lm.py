@@ -237,3 +237,29 @@ def test_smollm2_converts_to_a_plain_fp32_folder(tmp_path: Path) -> None:
     text = lm_texts("test")[:8]
     assert tokenizer.decode(tokenizer(text[0])["input_ids"]) == text[0]
     assert perplexity(torch_logits(model), text_batches(tokenizer, text, 8, 64)) < 1000  # a real LM, not noise
+
+
+def test_ffn_width_pruning_keeps_the_most_active_neurons_and_reloads(tmp_path: Path) -> None:
+    """Minitron's activation importance: the kept neurons carry most of the activation mass, the config says
+    the new width, and the pruned model reloads with a plain from_pretrained."""
+    import torch
+    from conftest import tiny_llama
+    from transformers import AutoModelForCausalLM
+
+    from edgepipe.pipeline.lm import ffn_activation_importance, prune_ffn_width
+
+    model = tiny_llama(layers=2)
+    ids = torch.randint(0, 256, (4, 16))
+    mask = torch.ones_like(ids)
+    mask[1, 10:] = 0  # padding is not counted
+    importance = ffn_activation_importance(model, [(ids, mask)])
+    assert [len(i) for i in importance] == [128, 128] and all((i >= 0).all() for i in importance)
+    kept = prune_ffn_width(model, 48, [(ids, mask)])
+    assert all(48 / 128 < share < 1 for share in kept)  # the top 48 hold more than their count's share
+    assert model.config.intermediate_size == 48 and model.model.layers[0].mlp.down_proj.in_features == 48
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.inference_mode():
+        assert torch.allclose(reloaded(ids).logits, model(ids).logits, atol=1e-5)
+    with pytest.raises(InputError, match="intermediate_size"):
+        prune_ffn_width(model, 100, [(ids, mask)])

@@ -115,8 +115,10 @@ def test_weight_only_stages_measure_their_cost_and_the_bench_gates_kl(
 
     from edgepipe.pipeline.cli import main
 
+    distill = lm_recipe(tiny_llama_dir, rt_csv)["stages"][0]
+    distill["student"] = {"num_layers": 2, "intermediate_size": 96}  # and its FFN width-pruned (Minitron)
     stages = [
-        lm_recipe(tiny_llama_dir, rt_csv)["stages"][0],
+        distill,
         {"kind": "export", "parity_atol": 1e-4, "fuse": True},
         {"kind": "quantize", "mode": "weight-only", "weights": {"bits": 8}},
         {
@@ -134,6 +136,9 @@ def test_weight_only_stages_measure_their_cost_and_the_bench_gates_kl(
     def metrics(stage: str) -> dict[str, Any]:
         return json.loads((run / stage / "metrics.json").read_text(encoding="utf-8"))
 
+    student = metrics("01-distill")
+    assert student["ffn_width"] == 96 and len(student["ffn_importance_kept"]) == 2
+    assert json.loads((run / "01-distill" / "model" / "config.json").read_text())["intermediate_size"] == 96
     export = metrics("02-export")
     assert export["fused"]["parity"] and all(p["max_abs_diff"] <= 1e-4 for p in export["fused"]["parity"])
     w8, mixed, gptq = metrics("03-quantize"), metrics("04-quantize"), metrics("05-quantize")
@@ -169,7 +174,7 @@ def test_causal_lm_recipes_reject_what_does_not_apply(tiny_llama_dir: Path, rt_c
     from edgepipe.pipeline.runner import check_recipe
 
     recipe = lm_recipe(tiny_llama_dir, rt_csv, gates={"max_accuracy_drop": 0.1})
-    recipe["stages"][0]["student"] = {"num_layers": 9}
+    recipe["stages"][0]["student"] = {"num_layers": 9, "intermediate_size": 500}
     recipe["stages"][0]["transfer"] = {"source": "rotten-tomatoes"}
     recipe["stages"].append({"kind": "quantize", "mode": "static"})
     recipe["stages"].insert(0, {"kind": "finetune"})
@@ -181,6 +186,10 @@ def test_causal_lm_recipes_reject_what_does_not_apply(tiny_llama_dir: Path, rt_c
         "`gates.max_accuracy_drop`: causal-lm is gated on perplexity: use gates.max_perplexity_increase",
         "`stages.1.student.num_layers`: 9 is not between 1 and the teacher's 4 layers",
     ]
+    recipe["stages"][1]["student"] = {"num_layers": 2, "intermediate_size": 500}
+    assert check_recipe(parse_recipe(recipe))[-1] == (
+        "`stages.1.student.intermediate_size`: 500 is not between 1 and the teacher's 128"
+    )
 
 
 @pytest.mark.parametrize(

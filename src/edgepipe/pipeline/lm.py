@@ -204,3 +204,60 @@ def matmul_sensitivity(
                 module.weight = original
             scores[name] = total / tokens
     return dict(sorted(scores.items(), key=lambda kv: -kv[1]))
+
+
+def ffn_activation_importance(model: Any, batches: list[tuple[Any, Any]]) -> list[Any]:
+    """Every FFN neuron's activation importance (Minitron, Sreenivas et al. 2024): the mean magnitude of its
+    activation, the down projection's input, over the real tokens of `batches` (input_ids, attention_mask
+    tensors); one tensor per decoder layer."""
+    import torch
+
+    from edgepipe.arch import Capability, refusal, spec_of
+    from edgepipe.arch.ops import blocks, ffn_width
+
+    spec = spec_of(model.config)
+    if spec is None or spec.ffn is None or not spec.can(Capability.FFN_PRUNING):
+        raise InputError(str(refusal(model.config.to_dict(), Capability.FFN_PRUNING, "student.intermediate_size")))
+    layers = blocks(model, spec)
+    sums = [torch.zeros(ffn_width(block, spec)) for block in layers]
+    mask: dict[str, Any] = {}
+
+    def hook(index: int) -> Any:
+        def accumulate(module: Any, args: tuple[Any, ...]) -> None:
+            sums[index] += (args[0].detach().abs().float() * mask["real"][..., None]).sum((0, 1))
+
+        return accumulate
+
+    handles = [block.get_submodule(spec.ffn.down).register_forward_pre_hook(hook(i)) for i, block in enumerate(layers)]
+    tokens = 0
+    try:
+        with torch.inference_mode():
+            for ids, attention_mask in batches:
+                mask["real"] = attention_mask.float()
+                model(input_ids=ids, attention_mask=attention_mask, use_cache=False)
+                tokens += int(attention_mask.sum())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [s / max(tokens, 1) for s in sums]
+
+
+def prune_ffn_width(model: Any, width: int, batches: list[tuple[Any, Any]]) -> list[float]:
+    """Keep the `width` most important FFN neurons of every layer (`ffn_activation_importance`; the same width
+    everywhere, so the config stays plain and reloads); returns each layer's kept share of the importance."""
+    import torch
+
+    from edgepipe.arch import spec_of
+    from edgepipe.arch.ops import prune_ffn
+
+    importance = ffn_activation_importance(model, batches)
+    if not 1 <= width <= min(len(i) for i in importance):
+        raise InputError(
+            f"`student.intermediate_size`: {width} is not between 1 and the FFN width {len(importance[0])}"
+        )
+    keep = [torch.sort(torch.topk(scores, width).indices).values for scores in importance]
+    spec = spec_of(model.config)
+    if spec is None:
+        raise InputError(f"{model.config.model_type}: no architecture spec to prune the FFN by")
+    prune_ffn(model, spec, keep)
+    return [float(s[k].sum() / s.sum()) for s, k in zip(importance, keep, strict=True)]

@@ -30,6 +30,7 @@ from edgepipe.tasks import Task
 
 log = logging.getLogger(__name__)
 
+WIDTH_CALIBRATION_TEXTS = 64  # train texts whose activations rank the FFN neurons of a width-pruned student
 AGREEMENT_PROMPTS = 16  # val texts whose first PROMPT_TOKENS tokens prompt the greedy-agreement check
 PROMPT_TOKENS = 16
 AGREEMENT_TOKENS = 16
@@ -70,9 +71,22 @@ def lm_student_problems(cfg: DistillConfig, config: dict[str, Any], key: str) ->
     bad = [i for i in spec.layers or [] if not 0 <= i < total]
     if bad:
         return [f"`{key}.student.layers`: {bad} out of range; the teacher has {total} layers (0-{total - 1})"]
-    for name in ("hidden_size", "num_heads", "intermediate_size"):
+    for name in ("hidden_size", "num_heads"):
         if getattr(spec, name) is not None:
-            return [f"`{key}.student.{name}`: a causal-lm student keeps the teacher's widths (a layer subset)"]
+            return [
+                f"`{key}.student.{name}`: a causal-lm student keeps the teacher's hidden size and heads (a layer "
+                "subset, its FFN width optionally pruned: intermediate_size)"
+            ]
+    if spec.intermediate_size is not None:
+        refused = refusal(config, Capability.FFN_PRUNING, f"{key}.student.intermediate_size")
+        width = int((teacher_shape(config) or {}).get("ffn", 0))
+        if refused:
+            return [refused]
+        if not 1 <= spec.intermediate_size <= width:
+            return [
+                f"`{key}.student.intermediate_size`: {spec.intermediate_size} is not between 1 and the teacher's "
+                f"{width}"
+            ]
     return []
 
 
@@ -105,6 +119,18 @@ def run_lm_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx
         raise InputError("; ".join(problems))
     layers = lm_layers(cfg, teacher.config.num_hidden_layers)
     student = layer_subset(teacher, layers)
+    kept_importance = None
+    if cfg.student.intermediate_size is not None:  # Minitron: width-prune by activation importance, then KD
+        import torch
+
+        from edgepipe.pipeline.adapters import text_batches
+        from edgepipe.pipeline.lm import prune_ffn_width
+
+        texts = list(ctx.data.train.inputs)[:WIDTH_CALIBRATION_TEXTS]
+        batches = [
+            (torch.from_numpy(i), torch.from_numpy(m)) for i, m in text_batches(tokenizer, texts, 8, cfg.max_seq_len)
+        ]
+        kept_importance = prune_ffn_width(student, cfg.student.intermediate_size, batches)
     for param in teacher.parameters():
         param.requires_grad_(False)
     started = time.perf_counter()
@@ -152,6 +178,8 @@ def run_lm_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx
         "divergence": cfg.divergence,
         "temperature": cfg.temperature,
         "layers": layers,
+        "ffn_width": student.config.intermediate_size,
+        "ffn_importance_kept": None if kept_importance is None else [round(k, 4) for k in kept_importance],
         "student_parameters": sum(p.numel() for p in student.parameters()),
         "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
         "val_perplexity": round(student_ppl, 4),
