@@ -116,7 +116,7 @@ def test_weight_only_stages_measure_their_cost_and_the_bench_gates_kl(
     from edgepipe.pipeline.cli import main
 
     distill = lm_recipe(tiny_llama_dir, rt_csv)["stages"][0]
-    distill["student"] = {"num_layers": 2, "intermediate_size": 96}  # and its FFN width-pruned (Minitron)
+    distill["student"] = {"num_layers": 2, "intermediate_size": 64}  # and its FFN width-pruned (Minitron)
     stages = [
         distill,
         {"kind": "export", "parity_atol": 1e-4, "fuse": True},
@@ -137,8 +137,8 @@ def test_weight_only_stages_measure_their_cost_and_the_bench_gates_kl(
         return json.loads((run / stage / "metrics.json").read_text(encoding="utf-8"))
 
     student = metrics("01-distill")
-    assert student["ffn_width"] == 96 and len(student["ffn_importance_kept"]) == 2
-    assert json.loads((run / "01-distill" / "model" / "config.json").read_text())["intermediate_size"] == 96
+    assert student["ffn_width"] == 64 and len(student["ffn_importance_kept"]) == 2
+    assert json.loads((run / "01-distill" / "model" / "config.json").read_text())["intermediate_size"] == 64
     export = metrics("02-export")
     assert export["fused"]["parity"] and all(p["max_abs_diff"] <= 1e-4 for p in export["fused"]["parity"])
     w8, mixed, gptq = metrics("03-quantize"), metrics("04-quantize"), metrics("05-quantize")
