@@ -113,17 +113,20 @@ def _student(
     return student, metrics
 
 
+def _parity_summary(parity: list[Any]) -> dict[str, Any]:
+    return {
+        "parity_max_abs": max(r.max_abs_diff for r in parity),
+        "parity_argmax": min(r.argmax_agreement for r in parity),
+    }
+
+
 def _export(model: Any, folder: Path, atol: float) -> dict[str, Any]:
     """Our torch.onnx export with the KV cache, once; its step-by-step parity against PyTorch."""
     path = folder / "model.onnx"
     if not path.is_file():
         folder.mkdir(parents=True, exist_ok=True)
         export_causal_lm(model, path)
-    parity = check_causal_parity(model, path, atol=atol)
-    return {
-        "parity_max_abs": max(r.max_abs_diff for r in parity),
-        "parity_argmax": min(r.argmax_agreement for r in parity),
-    }
+    return _parity_summary(check_causal_parity(model, path, atol=atol))
 
 
 def _export_fused(model: Any, source: Path, folder: Path, atol: float) -> dict[str, Any]:
@@ -131,11 +134,7 @@ def _export_fused(model: Any, source: Path, folder: Path, atol: float) -> dict[s
     if not (folder / "model.onnx").is_file():
         shutil.rmtree(folder, ignore_errors=True)
         export_fused(source, folder, folder.with_name(f"{folder.name}-builder.log"))
-    parity = check_causal_parity(model, folder / "model.onnx", atol=atol, cases=FUSED_CASES)
-    return {
-        "parity_max_abs": max(r.max_abs_diff for r in parity),
-        "parity_argmax": min(r.argmax_agreement for r in parity),
-    }
+    return _parity_summary(check_causal_parity(model, folder / "model.onnx", atol=atol, cases=FUSED_CASES))
 
 
 def _quantize(src: Path, dst: Path, quantize: Callable[[Path, Path], dict[str, int]]) -> dict[str, Any]:
