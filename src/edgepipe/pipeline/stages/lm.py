@@ -178,7 +178,7 @@ def run_lm_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx
         "divergence": cfg.divergence,
         "temperature": cfg.temperature,
         "layers": layers,
-        "ffn_width": student.config.intermediate_size,
+        "ffn_width": cfg.student.intermediate_size,  # None: the teacher's width
         "ffn_importance_kept": None if kept_importance is None else [round(k, 4) for k in kept_importance],
         "student_parameters": sum(p.numel() for p in student.parameters()),
         "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
