@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from edgepipe.errors import InputError
+from edgepipe.runtime.backends import set_caller_denormals
 
 IR_MODEL = "model.xml"  # + model.bin: OpenVINO's own format, written by `save_ir`
 _REPORTED = (
@@ -68,6 +69,7 @@ class _OpenvinoSession:
             self._compiled = ov.Core().compile_model(str(path), "CPU", config)
         except RuntimeError as error:
             raise InputError(f"OpenVINO cannot load {path}: {_cause(error)}") from None
+        self._denormal_as_zero = denormal_as_zero
         self._request = self._compiled.create_infer_request()
         self._output = self._compiled.output(0)
         self.input_names = tuple(port.get_any_name() for port in self._compiled.inputs)
@@ -80,7 +82,15 @@ class _OpenvinoSession:
         }
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        result = self._request.infer({name: feeds[name] for name in self.input_names})
+        # OpenVINO 2026.4's CPU plugin infers dynamic shapes on the calling thread, and with flush-to-zero /
+        # denormals-are-zero set there (as ORT and torch sessions leave it) it fails on our BERT export's
+        # attention-mask Expand: "Broadcast node ... Value -1 not in range". Its own threads keep
+        # CPU_DENORMALS_OPTIMIZATION; the caller's mode is cleared for the call and put back after.
+        set_caller_denormals(False)
+        try:
+            result = self._request.infer({name: feeds[name] for name in self.input_names})
+        finally:
+            set_caller_denormals(self._denormal_as_zero)
         return np.array(result[self._output], copy=True)
 
     def describe(self) -> dict[str, Any]:
