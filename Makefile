@@ -45,11 +45,13 @@ demo-ner: $(STAMP)  # token classification: MiniLM teacher, 3-layer student, int
 demo-lm: $(STAMP)
 	$(BIN)/edgepipe build src/edgepipe/recipes/smollm2.yaml --out runs/smollm2
 
+# one worker per core, a test file per worker (its module fixtures built once); one torch thread per worker
+PYTEST_PARALLEL = -n auto --dist loadfile
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_PARALLEL)
 
 test-all: $(STAMP)  # adds the slow tests (20 interleaved A/B benchmarks of identical artifacts: ~5 min)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q  # serial: the slow tests time A/B runs
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

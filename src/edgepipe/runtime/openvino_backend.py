@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 
 from edgepipe.errors import InputError
-from edgepipe.runtime.backends import set_caller_denormals
 
 IR_MODEL = "model.xml"  # + model.bin: OpenVINO's own format, written by `save_ir`
 _REPORTED = (
@@ -86,11 +85,13 @@ class _OpenvinoSession:
         # denormals-are-zero set there (as ORT and torch sessions leave it) it fails on our BERT export's
         # attention-mask Expand: "Broadcast node ... Value -1 not in range". Its own threads keep
         # CPU_DENORMALS_OPTIMIZATION; the caller's mode is cleared for the call and put back after.
-        set_caller_denormals(False)
+        import torch  # its switch sets the thread's MXCSR flags, as `backends.set_caller_denormals` does
+
+        torch.set_flush_denormal(False)
         try:
             result = self._request.infer({name: feeds[name] for name in self.input_names})
         finally:
-            set_caller_denormals(self._denormal_as_zero)
+            torch.set_flush_denormal(self._denormal_as_zero)
         return np.array(result[self._output], copy=True)
 
     def describe(self) -> dict[str, Any]:
