@@ -103,7 +103,7 @@ def _student(
         batches = [(torch.from_numpy(i), torch.from_numpy(m)) for i, m in text_batches(tokenizer, texts, 8, 64)]
         kept = prune_ffn_width(student, ffn_width, batches)
     start = time.perf_counter()
-    metrics = distill_lm(teacher, student, train, tokenizer, progress=True, **settings)
+    metrics = distill_lm(teacher, student, train, tokenizer, **settings)
     metrics["train_s"] = round(time.perf_counter() - start, 1)
     metrics["parameters"] = sum(p.numel() for p in student.parameters())
     metrics["ffn_importance_kept"] = kept

@@ -36,7 +36,7 @@ def test_every_problem_is_reported_at_once_naming_its_key() -> None:
     assert "`stages.0.max_seq_len`: sequence length must be > 0 (got 0)" in problems
     assert any(p.startswith("`stages.0.lr`: Input should be a valid number") for p in problems)
     assert any(p.startswith("`stages.1.opset`: Input should be greater than or equal to 17") for p in problems)
-    kinds = "'finetune', 'distill', 'prune', 'export', 'quantize'"
+    kinds = "'finetune', 'distill', 'prune', 'vocab', 'export', 'quantize'"
     assert any(p.startswith("`stages.2`") and kinds in p for p in problems)
     assert len(problems) == 5
 

@@ -38,7 +38,11 @@ def test_report_json_schema(built_run: Path) -> None:
         assert set(row["latency_ms"]) >= {"p50", "p90", "p99", "mean", "std"}
         assert row["latency_ms"]["p50"] <= row["latency_ms"]["p90"] <= row["latency_ms"]["p99"]
         assert row["latency_ms"]["n"] == 6 and row["throughput_per_s"] > 0 and 0 <= row["accuracy"] <= 1
-    assert "| artifact | p50 | p90 | p99 |" in (built_run / "report.md").read_text()
+    markdown = (built_run / "report.md").read_text()
+    assert "| artifact | p50 | p90 | p99 |" in markdown
+    assert "![accuracy against latency, every artifact](accuracy_latency.png)" in markdown
+    assert (built_run / "accuracy_latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(built_run.glob(".*partial*"))
 
 
 def test_rerun_skips_completed_stages_and_reruns_a_changed_one(run_copy: Path) -> None:

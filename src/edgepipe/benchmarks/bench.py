@@ -16,6 +16,7 @@ import numpy as np
 from edgepipe.benchmarks.harness import LatencyStats, cuda_event_ms, measure_interleaved, summarize
 from edgepipe.benchmarks.metrics import argmax_agreement, metric_name, score
 from edgepipe.errors import EdgepipeError
+from edgepipe.progress import bar
 from edgepipe.runtime.backends import BACKENDS, DEFAULT_BACKENDS, RuntimeOptions, default_backend, model_file
 from edgepipe.runtime.host import host_info, versions
 from edgepipe.runtime.predictor import Predictor
@@ -117,7 +118,7 @@ def _measure_target(
         return predictor
 
     logits = {}
-    for label in usable:
+    for label in bar(usable, desc="evaluate", unit="artifact"):
         logits[label] = predict_logits(load(label), inputs, settings.eval_batch_size)
         gc.collect()
 

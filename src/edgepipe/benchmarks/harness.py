@@ -74,21 +74,25 @@ def measure_interleaved(
     before the next artifact opens. Only one artifact is alive at a time: idle onnxruntime sessions keep
     their worker threads spinning for a while, and on a 2-core machine that once stole enough time from
     the session being timed to push std/mean to 0.3-0.4 (benchmarks/RESULTS.md). Each block is warmed up
-    again, by count and by time, after opening.
+    again, by count and by time, after opening. The progress bar moves between blocks, never inside one.
     """
+    from edgepipe.progress import bar
+
     samples: dict[tuple[str, Hashable], list[float]] = {}
     per_round = math.ceil(runs / rounds)
-    for r in range(rounds):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            with open_runners(name) as runners:
-                for key, fn in runners.items():
-                    taken = samples.setdefault((name, key), [])
-                    warm_up(fn, warmup_runs, warmup_s)
-                    for _ in range(min(per_round, runs - len(taken))):
-                        start = time.perf_counter_ns()
-                        fn()
-                        taken.append((time.perf_counter_ns() - start) / 1e6)
+    with bar(desc="benchmark", total=rounds * len(names), unit="block") as blocks:
+        for r in range(rounds):
+            shift = r % len(names)
+            for name in names[shift:] + names[:shift]:
+                with open_runners(name) as runners:
+                    for key, fn in runners.items():
+                        taken = samples.setdefault((name, key), [])
+                        warm_up(fn, warmup_runs, warmup_s)
+                        for _ in range(min(per_round, runs - len(taken))):
+                            start = time.perf_counter_ns()
+                            fn()
+                            taken.append((time.perf_counter_ns() - start) / 1e6)
+                blocks.update()
     return {key: summarize(values) for key, values in samples.items()}
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 BASELINE = "fp32"  # ORT fp32 without fusion: the speedup column is relative to it
@@ -105,7 +107,10 @@ def _pruning_tables(stages: list[dict[str, Any]] | None) -> list[str]:
     return out
 
 
-def render_markdown(report: dict[str, Any], title: str, gate_lines: list[str] | None = None) -> str:
+def render_markdown(
+    report: dict[str, Any], title: str, gate_lines: list[str] | None = None, plot: str | None = None
+) -> str:
+    """The report as Markdown; `plot` is the accuracy-vs-latency PNG's path relative to the report."""
     machine, vers = report["machine"], report["versions"]
     out = [f"# edgepipe report: {title}", ""]
     out.append(
@@ -139,6 +144,8 @@ def render_markdown(report: dict[str, Any], title: str, gate_lines: list[str] | 
             f"| {name} | {row['engine']} | {row['precision']} | {row['size_mb']:.1f} | "
             f"{100 * row['accuracy']:.2f}% | {delta} | {agree} |"
         )
+    if plot:
+        out += ["", f"![{metric} against latency, every artifact]({plot})"]
     groups: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
     for row in report["results"]:
         groups.setdefault(_row_key(row), []).append(row)
@@ -168,3 +175,80 @@ def render_markdown(report: dict[str, Any], title: str, gate_lines: list[str] | 
     if gate_lines:
         out += ["", "## Gates", ""] + [f"- {line}" for line in gate_lines]
     return "\n".join(out) + "\n"
+
+
+PLOT_PNG = "accuracy_latency.png"
+
+
+def headline(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per artifact and engine at batch 1 and the longest input measured: size, accuracy, p50 and
+    how many times faster and smaller than the reference (the teacher) at that shape."""
+    rows = [r for r in report.get("results", []) if r.get("batch") == 1 and "latency_ms" in r]
+    if not rows:
+        return []
+    seq_len = max(r["seq_len"] for r in rows)
+    rows = [r for r in rows if r["seq_len"] == seq_len]
+    ref = next((r for r in rows if r["artifact"] == report.get("reference")), None)
+    return [
+        {
+            "artifact": r["artifact"],
+            "engine": r["engine"],
+            "input": r.get("input", f"sequence {seq_len}"),
+            "size_mb": r["size_mb"],
+            "accuracy": r["accuracy"],
+            "p50_ms": r["latency_ms"]["p50"],
+            "speedup": None if ref is None else ref["latency_ms"]["p50"] / r["latency_ms"]["p50"],
+            "smaller": None if ref is None else ref["size_mb"] / r["size_mb"],
+        }
+        for r in rows
+    ]
+
+
+def render_summary(report: dict[str, Any]) -> str:
+    """The headline rows as a fixed-width table for the terminal."""
+    rows = headline(report)
+    if not rows:
+        return ""
+    metric, ref = report.get("metric", "accuracy"), report.get("reference", "reference")
+    head = f"{'artifact':<24} {'engine':<12} {'MB':>7} {metric:>9} {'p50 ms':>8} {'x ' + ref:>10} {'1/size':>7}"
+    lines = [f"batch 1, {rows[0]['input']}:", head, "-" * len(head)]
+    for r in rows:
+        speed = "" if r["speedup"] is None else f"{r['speedup']:.2f}"
+        smaller = "" if r["smaller"] is None else f"{r['smaller']:.1f}"
+        lines.append(
+            f"{r['artifact']:<24} {r['engine']:<12} {r['size_mb']:>7.1f} {100 * r['accuracy']:>8.2f}% "
+            f"{r['p50_ms']:>8.2f} {speed:>10} {smaller:>7}"
+        )
+    return "\n".join(lines)
+
+
+def plot_accuracy_latency(report: dict[str, Any], path: Path) -> Path | None:
+    """Accuracy against p50 latency of every artifact (batch 1, longest input) as a PNG, written atomically;
+    None when the report has no such rows."""
+    rows = headline(report)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = report.get("metric", "accuracy")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        is_ref = r["artifact"] == report.get("reference")
+        ax.scatter(r["p50_ms"], 100 * r["accuracy"], s=20 + 2 * r["size_mb"], alpha=0.7, marker="s" if is_ref else "o")
+        label = f"{r['artifact']} ({r['engine']}, {r['size_mb']:.0f} MB)"
+        ax.annotate(label, (r["p50_ms"], 100 * r["accuracy"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel(f"p50 latency, batch 1, {rows[0]['input']} (ms, log scale)")
+    ax.set_ylabel(f"test {metric} (%)")
+    ax.set_title("every artifact: test accuracy against latency (marker area ~ size)", fontsize=9)
+    fig.tight_layout()
+    partial = path.with_name(f".{path.name}.partial.png")
+    fig.savefig(partial, dpi=110)
+    plt.close(fig)
+    os.replace(partial, path)
+    return path

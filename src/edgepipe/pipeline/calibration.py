@@ -83,15 +83,17 @@ def ort_reader(calibration: CalibrationSet | ImageCalibrationSet) -> Any:
     """Adapt a `CalibrationSet` to onnxruntime's `CalibrationDataReader`."""
     from onnxruntime.quantization import CalibrationDataReader
 
+    from edgepipe.progress import bar
+
     class _Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self._it = iter(calibration)
+            self.rewind()
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self._it, None)
 
         def rewind(self) -> None:
-            self._it = iter(calibration)
+            self._it = iter(bar(calibration, desc="calibrate", total=len(calibration), unit="batch"))
 
         def __len__(self) -> int:
             return len(calibration)

@@ -179,7 +179,10 @@ def _build(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / recipe.name
     report = build(recipe, out, force=args.force)
     if report is not None:  # None on torchrun ranks other than 0
-        print(f"report: {report}")
+        from edgepipe.benchmarks.report import render_summary
+
+        summary = render_summary(_read_report(report.with_name("report.json")))
+        print(f"{summary}\n\nreport: {report}" if summary else f"report: {report}")
     return 0
 
 

@@ -65,7 +65,7 @@ def write_report(paths: RunPaths, recipe: Recipe, report: dict[str, Any]) -> lis
     from edgepipe.benchmarks.generation import generation_gate, render_generation_markdown
     from edgepipe.benchmarks.recommend import recommend
     from edgepipe.benchmarks.recommend import render as render_choices
-    from edgepipe.benchmarks.report import render_markdown
+    from edgepipe.benchmarks.report import PLOT_PNG, plot_accuracy_latency, render_markdown
 
     if recipe.task == LM_TASK:
         limits = recipe.gates
@@ -86,7 +86,8 @@ def write_report(paths: RunPaths, recipe: Recipe, report: dict[str, Any]) -> lis
     choices = recommend(report, limit)
     report["recommended"] = [asdict(c) for c in choices]
     write_json(paths.root / REPORT_JSON, report)
-    markdown = render_markdown(report, recipe.name, gate_lines)
+    plot = plot_accuracy_latency(report, paths.root / PLOT_PNG)
+    markdown = render_markdown(report, recipe.name, gate_lines, plot.name if plot else None)
     folders = {a["name"]: paths.root / a["path"] for a in manifest.get("artifacts", [])}
     markdown += "\n## What to ship\n\n" + "\n".join(render_choices(choices, limit, folders)) + "\n"
     write_atomic(paths.root / REPORT_MD, markdown)

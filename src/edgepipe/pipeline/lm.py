@@ -77,7 +77,6 @@ def distill_lm(
     kd_weight: float = 1.0,
     ce_weight: float = 0.0,
     seed: int = 0,
-    progress: bool = False,
 ) -> dict[str, Any]:
     """Train `student` (in place) on `kd_weight` * the divergence from `teacher`'s next-token
     distributions + `ce_weight` * the cross-entropy of the texts' own next tokens (the classifiers'
@@ -115,7 +114,7 @@ def distill_lm(
         return loss
 
     schedule = Schedule(lr, weight_decay, warmup_ratio, steps, batch_size)
-    fitted = fit(student, step_loss, schedule, len(train_texts), seed, desc="distill-lm", progress=progress)
+    fitted = fit(student, step_loss, schedule, len(train_texts), seed, desc="distill-lm")
     losses = fitted.losses
     window = max(1, steps // 10)
     return {

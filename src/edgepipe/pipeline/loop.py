@@ -85,15 +85,15 @@ def fit(
     outside: Sequence[Any] = (),
     world: Any = None,
     desc: str = "train",
-    progress: bool = False,
 ) -> Fitted:
     """Train `model` in place for `cfg.max_steps` steps of `step_loss` over `examples` train examples.
 
     `outside`: trained parameters that are not `model`'s (hidden-state projections); they are optimized
     with it, and as DDP does not see them their gradients are averaged over `world` here. The model is
-    left in eval mode."""
+    left in eval mode. `desc` names its progress bar."""
     import torch
-    from tqdm.auto import tqdm
+
+    from edgepipe.progress import bar
 
     params = [p for p in model.parameters() if p.requires_grad] + list(outside)
     optimizer, schedule = optimizer_and_schedule(params, cfg)
@@ -102,7 +102,7 @@ def fit(
     losses, step_s = [], []
     started = time.perf_counter()
     plan = batches(examples, cfg.batch_size, cfg.max_steps, seed)
-    for step, index in enumerate(tqdm(plan, desc=desc, disable=not progress)):
+    for step, index in enumerate(bar(plan, desc=desc, unit="step")):
         begun = time.perf_counter()
         loss = step_loss(trained, step, world.shard(index) if world is not None else index)
         loss.backward()

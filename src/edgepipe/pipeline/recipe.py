@@ -250,6 +250,29 @@ class PruneConfig(_Strict):
         return (ArtifactKind.TORCH_MODEL,)
 
 
+class VocabConfig(_Strict):
+    """Vocabulary pruning of a WordPiece text model: keep the tokens the train split uses, so the
+    word-embedding table (most of a small student's size) shrinks; the tokenizer is rewritten to match."""
+
+    kind: Literal["vocab"]
+    min_count: int = Field(1, ge=1, description="a token is kept when the train split uses it this many times")
+    keep_chars: bool = Field(
+        True,
+        description="keep every single-character token (and its ## form): an unseen word then splits into "
+        "characters instead of becoming [UNK]",
+    )
+    max_seq_len: int = Field(128, description="tokens per train text counted, as the model reads them")
+    eval_batch_size: int = Field(64, ge=1)
+
+    _check_len = field_validator("max_seq_len")(_positive_seq_len)
+
+    def consumes(self) -> tuple[ArtifactKind, ...]:
+        return (ArtifactKind.TORCH_MODEL,)
+
+    def produces(self) -> tuple[ArtifactKind, ...]:
+        return (ArtifactKind.TORCH_MODEL,)
+
+
 class ExportConfig(_Strict):
     kind: Literal["export"]
     opset: int = Field(17, ge=17, le=21)
@@ -436,7 +459,7 @@ class MobileConfig(_Strict):
 
 
 StageConfig = Annotated[
-    FinetuneConfig | DistillConfig | PruneConfig | ExportConfig | QuantizeConfig | MobileConfig,
+    FinetuneConfig | DistillConfig | PruneConfig | VocabConfig | ExportConfig | QuantizeConfig | MobileConfig,
     Field(discriminator="kind"),
 ]
 

@@ -6,7 +6,6 @@ completes), never mutates its inputs, is deterministic for a seed and does not p
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,10 +32,6 @@ class StageContext:
     def writes(self) -> bool:
         """Only rank 0's stage folder becomes the artifact; other ranks only train."""
         return self.world.is_main
-
-    @property
-    def progress(self) -> bool:
-        return sys.stderr.isatty()
 
 
 @dataclass
@@ -88,6 +83,7 @@ def load_stages() -> dict[tuple[str, str], StageEntry]:
         prune,
         prune_cnn,
         quantize,
+        vocab,
     )
 
     return STAGES

@@ -263,7 +263,6 @@ def run_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx: S
         outside=extra,
         world=ctx.world,
         desc="distill",
-        progress=ctx.progress,
     )
     if not ctx.writes:
         return StageResult([])

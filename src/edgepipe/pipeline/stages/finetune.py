@@ -49,7 +49,7 @@ def run_finetune(inputs: dict[ArtifactKind, Artifact], cfg: FinetuneConfig, ctx:
         batch: Batch = task.batch(train, index)
         return task.loss(task.logits(task.forward(trained, batch), batch), batch)
 
-    fitted = fit(model, step_loss, cfg, len(train), ctx.seed, world=ctx.world, desc="finetune", progress=ctx.progress)
+    fitted = fit(model, step_loss, cfg, len(train), ctx.seed, world=ctx.world, desc="finetune")
     out = ctx.stage_dir / "model"
     if not ctx.writes:
         return StageResult([])

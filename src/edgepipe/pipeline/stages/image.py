@@ -63,7 +63,7 @@ def run_image_finetune(inputs: dict[ArtifactKind, Artifact], cfg: FinetuneConfig
         batch = task.batch(train, index)
         return task.loss(task.logits(task.forward(trained, batch), batch), batch)
 
-    fitted = fit(model, step_loss, cfg, len(train), ctx.seed, world=ctx.world, desc="finetune", progress=ctx.progress)
+    fitted = fit(model, step_loss, cfg, len(train), ctx.seed, world=ctx.world, desc="finetune")
     if not ctx.writes:
         return StageResult([])
     val_accuracy = task.metric(model, ctx.data.val)
@@ -218,7 +218,6 @@ def run_image_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, 
         outside=extra,
         world=ctx.world,
         desc="distill",
-        progress=ctx.progress,
     )
     for capture in captures:
         capture.close()

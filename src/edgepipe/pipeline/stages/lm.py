@@ -150,7 +150,6 @@ def run_lm_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx
         kd_weight=cfg.loss.kd,
         ce_weight=cfg.loss.ce,
         seed=ctx.seed,
-        progress=ctx.progress,
     )
     train_s = time.perf_counter() - started
     task, val = CausalLM(tokenizer, cfg.max_seq_len, cfg.eval_batch_size), list(ctx.data.val.inputs)

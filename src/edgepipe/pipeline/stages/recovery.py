@@ -34,7 +34,7 @@ def recover(
         logits, t_logits, labels = task.samples(batch, logits, t_logits)
         return logit_objective(spec, step, logits, t_logits, labels)[0]
 
-    return fit(model, step_loss, spec, len(train), seed).losses
+    return fit(model, step_loss, spec, len(train), seed, desc="recover").losses
 
 
 def ort_latency(models: dict[str, Any], feeds: Callable[..., Any], spec: Any, work: Path) -> dict[str, Any]:
