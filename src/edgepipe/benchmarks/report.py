@@ -235,14 +235,15 @@ def plot_accuracy_latency(report: dict[str, Any], path: Path) -> Path | None:
 
     metric = report.get("metric", "accuracy")
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
+    for i, r in enumerate(sorted(rows, key=lambda r: r["p50_ms"])):
         is_ref = r["artifact"] == report.get("reference")
         ax.scatter(r["p50_ms"], 100 * r["accuracy"], s=20 + 2 * r["size_mb"], alpha=0.7, marker="s" if is_ref else "o")
-        label = f"{r['artifact']} ({r['engine']}, {r['size_mb']:.0f} MB)"
-        ax.annotate(label, (r["p50_ms"], 100 * r["accuracy"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        label = f"{r['artifact']} {r['size_mb']:.0f} MB"  # neighbours alternate above and below
+        where = (4, 4) if i % 2 == 0 else (4, -10)
+        ax.annotate(label, (r["p50_ms"], 100 * r["accuracy"]), fontsize=7, xytext=where, textcoords="offset points")
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.set_xlabel(f"p50 latency, batch 1, {rows[0]['input']} (ms, log scale)")
     ax.set_ylabel(f"test {metric} (%)")
     ax.set_title("every artifact: test accuracy against latency (marker area ~ size)", fontsize=9)
