@@ -180,6 +180,10 @@ def render_markdown(
 PLOT_PNG = "accuracy_latency.png"
 
 
+def _ratio(reference: float | None, value: float) -> float | None:
+    return reference / value if reference and value else None
+
+
 def headline(report: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per artifact and engine at batch 1 and the longest input measured: size, accuracy, p50 and
     how many times faster and smaller than the reference (the teacher) at that shape."""
@@ -197,8 +201,8 @@ def headline(report: dict[str, Any]) -> list[dict[str, Any]]:
             "size_mb": r["size_mb"],
             "accuracy": r["accuracy"],
             "p50_ms": r["latency_ms"]["p50"],
-            "speedup": None if ref is None else ref["latency_ms"]["p50"] / r["latency_ms"]["p50"],
-            "smaller": None if ref is None else ref["size_mb"] / r["size_mb"],
+            "speedup": _ratio(ref and ref["latency_ms"]["p50"], r["latency_ms"]["p50"]),
+            "smaller": _ratio(ref and ref["size_mb"], r["size_mb"]),  # a tiny model rounds to 0.0 MB
         }
         for r in rows
     ]

@@ -181,7 +181,7 @@ def _build(args: argparse.Namespace) -> int:
     if report is not None:  # None on torchrun ranks other than 0
         from edgepipe.benchmarks.report import render_summary
 
-        summary = render_summary(_read_report(report.with_name("report.json")))
+        summary = render_summary(read_json(report.with_name("report.json"), "report", "rerun the build"))
         print(f"{summary}\n\nreport: {report}" if summary else f"report: {report}")
     return 0
 
