@@ -51,7 +51,7 @@ from edgepipe.pipeline.lm import (
     layer_subset,
     lm_texts,
     matmul_sensitivity,
-    prune_ffn_width,
+    prune_width,
 )
 from edgepipe.pipeline.models import SMOLLM2_GGUF, SMOLLM2_PACKAGE, package_dir, smollm2_folder
 from edgepipe.pipeline.recipe import DistillConfig, default_recipe_path, load_recipe
@@ -86,27 +86,30 @@ def _student(
     train: list[str],
     settings: dict[str, Any],
     ffn_width: int | None = None,
+    hidden_width: int | None = None,
 ) -> tuple[Any, dict[str, Any]]:
-    """The distilled student, from `folder` when it was trained with the same settings; with `ffn_width` its FFN
-    is first width-pruned by activation importance on train texts (Minitron), then distilled the same way."""
+    """The distilled student, from `folder` when it was trained with the same settings; with `ffn_width` /
+    `hidden_width` its FFN / residual channels are first width-pruned by activation importance on train texts
+    (Minitron), then distilled the same way."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    key = {"layers": layers, **settings, **({"ffn_width": ffn_width} if ffn_width else {})}
+    widths = {"ffn_width": ffn_width, "hidden_width": hidden_width}
+    key = {"layers": layers, **settings, **{k: v for k, v in widths.items() if v}}
     meta = folder / "distill.json"
     if meta.is_file() and json.loads(meta.read_text())["settings"] == key:
         return AutoModelForCausalLM.from_pretrained(folder).eval(), json.loads(meta.read_text())["metrics"]
     student = layer_subset(teacher, layers)
     kept = None
-    if ffn_width:
+    if ffn_width or hidden_width:
         texts = train[:WIDTH_CALIBRATION_TEXTS]
         batches = [(torch.from_numpy(i), torch.from_numpy(m)) for i, m in text_batches(tokenizer, texts, 8, 64)]
-        kept = prune_ffn_width(student, ffn_width, batches)
+        kept = prune_width(student, batches, intermediate_size=ffn_width, hidden_size=hidden_width)
     start = time.perf_counter()
     metrics = distill_lm(teacher, student, train, tokenizer, **settings)
     metrics["train_s"] = round(time.perf_counter() - start, 1)
     metrics["parameters"] = sum(p.numel() for p in student.parameters())
-    metrics["ffn_importance_kept"] = kept
+    metrics["importance_kept"] = kept
     student.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     meta.write_text(json.dumps({"settings": key, "metrics": metrics}))
@@ -314,6 +317,7 @@ def run_lm(
     torch_threads: int | None = None,
     llamacpp_python: Path | None = None,
     ffn_width: int | None = None,
+    hidden_width: int | None = None,
     student_only: bool = False,
 ) -> dict[str, Any]:
     import torch
@@ -348,7 +352,7 @@ def run_lm(
     overrides = dict(overrides or {})
     layers = overrides.pop("layers", None) or layers
     settings.update(overrides)
-    student, distill = _student(teacher, tokenizer, work / "student", layers, train, settings, ffn_width)
+    student, distill = _student(teacher, tokenizer, work / "student", layers, train, settings, ffn_width, hidden_width)
 
     exports = (
         ("teacher-onnx", "student-onnx", "student-fused")
@@ -525,6 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's own)")
     parser.add_argument("--llamacpp-python", type=Path, help="python of the llama-cpp-python environment (the peer)")
     parser.add_argument("--ffn-width", type=int, help="also width-prune the student's FFN to this (Minitron)")
+    parser.add_argument("--hidden-width", type=int, help="also prune the student's residual channels to this")
     parser.add_argument("--student-only", action="store_true", help="the student's artifacts and the fp32 teacher")
     args = parser.parse_args(argv)
     # onnxruntime.quantization logs every tensor at INFO on the root logger: INFO only for ours
@@ -552,6 +557,7 @@ def main(argv: list[str] | None = None) -> int:
         torch_threads=args.torch_threads,
         llamacpp_python=args.llamacpp_python,
         ffn_width=args.ffn_width,
+        hidden_width=args.hidden_width,
         student_only=args.student_only,
     )
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -246,15 +246,15 @@ def test_ffn_width_pruning_keeps_the_most_active_neurons_and_reloads(tmp_path: P
     from conftest import tiny_llama
     from transformers import AutoModelForCausalLM
 
-    from edgepipe.pipeline.lm import ffn_activation_importance, prune_ffn_width
+    from edgepipe.pipeline.lm import activation_importance, prune_width
 
     model = tiny_llama(layers=2)
     ids = torch.randint(0, 256, (4, 16))
     mask = torch.ones_like(ids)
     mask[1, 10:] = 0  # padding is not counted
-    importance = ffn_activation_importance(model, [(ids, mask)])
+    importance = activation_importance(model, [(ids, mask)], ffn=True, hidden=False)["ffn"]
     assert [len(i) for i in importance] == [128, 128] and all((i >= 0).all() for i in importance)
-    kept = prune_ffn_width(model, 48, [(ids, mask)])
+    kept = prune_width(model, [(ids, mask)], intermediate_size=48)["ffn"]
     assert all(48 / 128 < share < 1 for share in kept)  # the top 48 hold more than their count's share
     assert model.config.intermediate_size == 48 and model.model.layers[0].mlp.down_proj.in_features == 48
     model.save_pretrained(tmp_path)
@@ -262,4 +262,71 @@ def test_ffn_width_pruning_keeps_the_most_active_neurons_and_reloads(tmp_path: P
     with torch.inference_mode():
         assert torch.allclose(reloaded(ids).logits, model(ids).logits, atol=1e-5)
     with pytest.raises(InputError, match="intermediate_size"):
-        prune_ffn_width(model, 100, [(ids, mask)])
+        prune_width(model, [(ids, mask)], intermediate_size=100)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_hidden_pruning_drops_the_idle_channels_everywhere_the_stream_goes(tmp_path: Path, tie: bool) -> None:
+    """Embedding channels (Minitron): a channel the model never uses (zero in the embedding and in everything
+    that writes the stream) scores 0 and goes first; the embedding, every projection reading or writing the
+    stream, the norms and the LM head shrink with it; the head size is kept (config head_dim); a tied head
+    stays tied; the folder reloads with a plain from_pretrained and gives the same logits."""
+    import torch
+    from conftest import tiny_llama
+    from transformers import AutoModelForCausalLM
+
+    from edgepipe.pipeline.lm import activation_importance, prune_width
+
+    model = tiny_llama(layers=2, tie=tie)
+    idle = [3, 17, 40]
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, idle] = 0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[idle] = 0
+            layer.mlp.down_proj.weight[idle] = 0
+    ids = torch.randint(0, 256, (4, 16))
+    mask = torch.ones_like(ids)
+    scores = activation_importance(model, [(ids, mask)], ffn=False, hidden=True)["hidden"]
+    assert (
+        scores.shape == (64,)
+        and (scores[idle] == 0).all()
+        and (scores[[i for i in range(64) if i not in idle]] > 0).all()
+    )
+
+    kept = prune_width(model, [(ids, mask)], hidden_size=48, intermediate_size=96)
+    assert 48 / 64 < kept["hidden"] < 1 and len(kept["ffn"]) == 2
+    layer = model.model.layers[0]
+    assert model.model.embed_tokens.weight.shape == (256, 48) and model.lm_head.in_features == 48
+    assert layer.self_attn.q_proj.in_features == 48 and layer.self_attn.o_proj.out_features == 48
+    assert layer.mlp.up_proj.weight.shape == (96, 48) and layer.input_layernorm.weight.shape == (48,)
+    assert model.model.norm.weight.shape == (48,) and layer.self_attn.head_dim == 16
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tie
+    assert (model.config.hidden_size, model.config.head_dim, model.config.intermediate_size) == (48, 16, 96)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.inference_mode():
+        assert torch.allclose(reloaded(ids).logits, model(ids).logits, atol=1e-5)
+        model(ids, use_cache=True)  # the KV cache takes the kept head size
+    with pytest.raises(InputError, match="hidden_size"):
+        prune_width(model, [(ids, mask)], hidden_size=100)
+
+
+def test_hidden_pruning_refuses_a_family_without_a_residual_spec() -> None:
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+    )
+    model = Gemma3ForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (1, 8))
+    with pytest.raises(InputError, match="embedding channel pruning support: llama, mistral, qwen2, qwen3"):
+        from edgepipe.pipeline.lm import prune_width
+
+        prune_width(model, [(ids, torch.ones_like(ids))], hidden_size=16)

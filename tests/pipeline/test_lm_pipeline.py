@@ -116,7 +116,8 @@ def test_weight_only_stages_measure_their_cost_and_the_bench_gates_kl(
     from edgepipe.pipeline.cli import main
 
     distill = lm_recipe(tiny_llama_dir, rt_csv)["stages"][0]
-    distill["student"] = {"num_layers": 2, "intermediate_size": 64}  # and its FFN width-pruned (Minitron)
+    # its FFN and residual channels width-pruned (Minitron): hidden 48 with 4 heads of 16 (head_dim != hidden / heads)
+    distill["student"] = {"num_layers": 2, "intermediate_size": 64, "hidden_size": 48}
     stages = [
         distill,
         {"kind": "export", "parity_atol": 1e-4, "fuse": True},
@@ -137,8 +138,10 @@ def test_weight_only_stages_measure_their_cost_and_the_bench_gates_kl(
         return json.loads((run / stage / "metrics.json").read_text(encoding="utf-8"))
 
     student = metrics("01-distill")
-    assert student["ffn_width"] == 64 and len(student["ffn_importance_kept"]) == 2
-    assert json.loads((run / "01-distill" / "model" / "config.json").read_text())["intermediate_size"] == 64
+    assert student["ffn_width"] == 64 and len(student["importance_kept"]["ffn"]) == 2
+    assert student["hidden_size"] == 48 and 0.75 < student["importance_kept"]["hidden"] < 1
+    config = json.loads((run / "01-distill" / "model" / "config.json").read_text())
+    assert (config["intermediate_size"], config["hidden_size"], config["head_dim"]) == (64, 48, 16)
     export = metrics("02-export")
     assert export["fused"]["parity"] and all(p["max_abs_diff"] <= 1e-4 for p in export["fused"]["parity"])
     w8, mixed, gptq = metrics("03-quantize"), metrics("04-quantize"), metrics("05-quantize")
@@ -188,7 +191,15 @@ def test_causal_lm_recipes_reject_what_does_not_apply(tiny_llama_dir: Path, rt_c
     ]
     recipe["stages"][1]["student"] = {"num_layers": 2, "intermediate_size": 500}
     assert check_recipe(parse_recipe(recipe))[-1] == (
-        "`stages.1.student.intermediate_size`: 500 is not between 1 and the teacher's 128"
+        "`stages.1.student.intermediate_size`: 500 is not between 1 and the teacher's FFN width 128"
+    )
+    recipe["stages"][1]["student"] = {"num_layers": 2, "hidden_size": 65}
+    assert check_recipe(parse_recipe(recipe))[-1] == (
+        "`stages.1.student.hidden_size`: 65 is not between 1 and the teacher's hidden size 64"
+    )
+    recipe["stages"][1]["student"] = {"num_layers": 2, "num_heads": 2}
+    assert check_recipe(parse_recipe(recipe))[-1].startswith(
+        "`stages.1.student.num_heads`: a causal-lm student keeps the teacher's heads"
     )
 
 

@@ -30,6 +30,7 @@ class Capability(str, Enum):
     FFN_PRUNING = "FFN neuron pruning"
     LAYER_PRUNING = "layer pruning"
     HEAD_PRUNING = "attention head pruning"
+    HIDDEN_PRUNING = "embedding channel pruning"
     FUSION = "onnxruntime transformer fusion"
 
 
@@ -80,6 +81,25 @@ class Attention:
 
 
 @dataclass(frozen=True)
+class Residual:
+    """The residual stream's channels (the hidden size, Minitron's "embedding channels"), paths inside a layer
+    unless named otherwise: the projections that read it (input units), those that write it (output units),
+    the norms over it, the attention module (its `head_dim` is kept), and, relative to `model.base_model`,
+    the token embedding and the final norm. The LM head reads it too (the model's output embeddings, tied
+    or not).
+
+    Only pre-norm decoders whose norms are RMSNorms without a width-dependent constant are spec'd: dropping a
+    channel then changes each norm's mean square only by what that channel held, which KD recovers."""
+
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]
+    norms: tuple[str, ...]
+    attention: str = "self_attn"
+    embedding: str = "embed_tokens"
+    final_norm: str = "norm"
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     family: str
     model_types: tuple[str, ...]
@@ -98,6 +118,8 @@ class ArchSpec:
     blocks: str | None = None
     # layer 0 is built differently (ModernBERT: no attention norm): a subset or a layer drop must keep it first
     first_layer_fixed: bool = False
+    # the residual stream's channels, for embedding-channel (hidden size) pruning
+    residual: Residual | None = None
 
     def can(self, capability: Capability) -> bool:
         if capability in (Capability.LAYER_SUBSET, Capability.LAYER_PRUNING):
@@ -106,6 +128,8 @@ class ArchSpec:
             return self.ffn is not None
         if capability is Capability.HEAD_PRUNING:
             return self.attention is not None and self.layers is not None
+        if capability is Capability.HIDDEN_PRUNING:
+            return self.residual is not None and self.layers is not None
         return self.fusion is not None
 
     def shape(self, config: dict[str, Any]) -> dict[str, int] | None:
@@ -129,6 +153,11 @@ _BERT_ATTENTION = Attention(
     out="attention.output.dense",
 )
 _LLAMA_FFN = Ffn(up="mlp.up_proj", gate="mlp.gate_proj", down="mlp.down_proj")
+_LLAMA_RESIDUAL = Residual(
+    reads=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"),
+    writes=("self_attn.o_proj", "mlp.down_proj"),
+    norms=("input_layernorm", "post_attention_layernorm"),
+)
 
 SPECS: tuple[ArchSpec, ...] = (
     # encoders
@@ -200,8 +229,10 @@ SPECS: tuple[ArchSpec, ...] = (
         attention=Attention(module="attn", qkv="attn.Wqkv", out="attn.Wo", heads=None, size="head_dim", width=None),
     ),
     # decoders
-    ArchSpec("llama", ("llama", "mistral"), Kind.DECODER, "layers", _LLAMA_FFN),
-    ArchSpec("qwen2", ("qwen2", "qwen3"), Kind.DECODER, "layers", _LLAMA_FFN),
+    ArchSpec("llama", ("llama", "mistral"), Kind.DECODER, "layers", _LLAMA_FFN, residual=_LLAMA_RESIDUAL),
+    # Qwen3's q_norm / k_norm run over head_dim, not the residual stream
+    ArchSpec("qwen2", ("qwen2", "qwen3"), Kind.DECODER, "layers", _LLAMA_FFN, residual=_LLAMA_RESIDUAL),
+    # no residual spec: Gemma scales its embeddings by sqrt(hidden_size) and adds (1 + w) norms after blocks
     ArchSpec("gemma", ("gemma", "gemma2", "gemma3_text"), Kind.DECODER, "layers", _LLAMA_FFN),
     ArchSpec(
         "phi3", ("phi3",), Kind.DECODER, "layers", Ffn(up="mlp.gate_up_proj", down="mlp.down_proj", fused_glu=True)

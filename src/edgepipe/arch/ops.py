@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from edgepipe.arch import ArchSpec, Attention, Ffn
+from edgepipe.arch import ArchSpec, Attention, Ffn, Residual
 from edgepipe.errors import InputError
 
 
@@ -252,6 +252,55 @@ def prune_heads(model: Any, spec: ArchSpec, keep: list[Any]) -> None:
             setattr(module, att.heads, len(heads))
         if att.width is not None:
             setattr(module, att.width, len(units))
+
+
+# Residual-stream channels (hidden size) ------------------------------------------------------------
+
+
+def residual(spec: ArchSpec) -> Residual:
+    if spec.residual is None or spec.layers is None:
+        raise InputError(f"{spec.family} has no residual-stream spec; embedding channel pruning does not apply")
+    return spec.residual
+
+
+def residual_norms(model: Any, spec: ArchSpec) -> list[Any]:
+    """Every norm over the residual stream: each layer's, then the final one."""
+    res = residual(spec)
+    per_layer = [layer.get_submodule(path) for layer in layer_list(model, spec) for path in res.norms]
+    return [*per_layer, model.base_model.get_submodule(res.final_norm)]
+
+
+def prune_hidden(model: Any, spec: ArchSpec, keep: Any) -> None:
+    """Keep residual channels `keep` (sorted indices) everywhere the stream is read, written or normed: the
+    token embedding's columns, the input units of the projections that read it and the LM head, the output
+    units of those that write it, the norms' weights. The attention keeps its head size (written into the
+    config as `head_dim`, which no longer follows from hidden_size / heads)."""
+    import torch
+
+    res = residual(spec)
+    base = model.base_model
+    head = model.get_output_embeddings()
+    embedding = base.get_submodule(res.embedding)
+    tied = head is not None and head.weight is embedding.weight
+    with torch.no_grad():
+        new = torch.nn.Embedding(embedding.num_embeddings, len(keep), padding_idx=embedding.padding_idx)
+        new.weight.copy_(embedding.weight[:, keep])
+        _replace(base, res.embedding, new.to(embedding.weight.dtype))
+        for layer in layer_list(model, spec):
+            head_dim = layer.get_submodule(res.attention).head_dim
+            for path in res.reads:
+                _replace(layer, path, keep_in(layer.get_submodule(path), keep))
+            for path in res.writes:
+                _replace(layer, path, keep_out(layer.get_submodule(path), keep))
+        for norm in residual_norms(model, spec):
+            norm.weight = torch.nn.Parameter(norm.weight[keep].clone())
+    if head is not None:
+        new_head = keep_in(head, keep)
+        if tied:
+            new_head.weight = base.get_submodule(res.embedding).weight
+        model.set_output_embeddings(new_head)
+    model.config.head_dim = int(head_dim)
+    setattr(model.config, spec.keys.hidden, len(keep))
 
 
 def _replace(root: Any, path: str, module: Any) -> None:

@@ -205,29 +205,46 @@ def matmul_sensitivity(
     return dict(sorted(scores.items(), key=lambda kv: -kv[1]))
 
 
-def ffn_activation_importance(model: Any, batches: list[tuple[Any, Any]]) -> list[Any]:
-    """Every FFN neuron's activation importance (Minitron, Sreenivas et al. 2024): the mean magnitude of its
-    activation, the down projection's input, over the real tokens of `batches` (input_ids, attention_mask
-    tensors); one tensor per decoder layer."""
+def activation_importance(model: Any, batches: list[tuple[Any, Any]], *, ffn: bool, hidden: bool) -> dict[str, Any]:
+    """Activation importance (Minitron, Sreenivas et al. 2024) over the real tokens of `batches` (input_ids,
+    attention_mask tensors), in one pass: `ffn`, one tensor per decoder layer, each neuron's mean activation
+    magnitude at the down projection's input; `hidden`, each residual channel's mean magnitude at the output of
+    every norm over the stream, summed over the norms (the embedding-channel score)."""
     import torch
 
     from edgepipe.arch import Capability, refusal, spec_of
-    from edgepipe.arch.ops import blocks, ffn_width
+    from edgepipe.arch.ops import blocks, ffn_width, residual_norms
 
     spec = spec_of(model.config)
-    if spec is None or spec.ffn is None or not spec.can(Capability.FFN_PRUNING):
-        raise InputError(str(refusal(model.config.to_dict(), Capability.FFN_PRUNING, "student.intermediate_size")))
+    asked = [
+        (ffn, Capability.FFN_PRUNING, "student.intermediate_size"),
+        (hidden, Capability.HIDDEN_PRUNING, "student.hidden_size"),
+    ]
+    for wanted, capability, key in asked:
+        if wanted and (spec is None or not spec.can(capability)):
+            raise InputError(str(refusal(model.config.to_dict(), capability, key)))
+    assert spec is not None
     layers = blocks(model, spec)
-    sums = [torch.zeros(ffn_width(block, spec)) for block in layers]
+    down = spec.ffn.down if spec.ffn is not None else ""
+    sites = {"ffn": [b.get_submodule(down) for b in layers] if ffn else [], "hidden": []}
+    if hidden:
+        sites["hidden"] = residual_norms(model, spec)
+    width = int(getattr(model.config, spec.keys.hidden))
+    sums = {
+        "ffn": [torch.zeros(ffn_width(b, spec)) for b in layers] if ffn else [],
+        "hidden": [torch.zeros(width) for _ in sites["hidden"]],
+    }
     mask: dict[str, Any] = {}
 
-    def hook(index: int) -> Any:
-        def accumulate(module: Any, args: tuple[Any, ...]) -> None:
-            sums[index] += (args[0].detach().abs().float() * mask["real"][..., None]).sum((0, 1))
+    def add(kind: str, index: int, value: Any) -> None:
+        sums[kind][index] += (value.detach().abs().float() * mask["real"][..., None]).sum((0, 1))
 
-        return accumulate
-
-    handles = [block.get_submodule(spec.ffn.down).register_forward_pre_hook(hook(i)) for i, block in enumerate(layers)]
+    handles = [
+        m.register_forward_pre_hook(lambda _m, args, i=i: add("ffn", i, args[0])) for i, m in enumerate(sites["ffn"])
+    ]
+    handles += [
+        m.register_forward_hook(lambda _m, _a, out, i=i: add("hidden", i, out)) for i, m in enumerate(sites["hidden"])
+    ]
     tokens = 0
     try:
         with torch.inference_mode():
@@ -238,25 +255,51 @@ def ffn_activation_importance(model: Any, batches: list[tuple[Any, Any]]) -> lis
     finally:
         for handle in handles:
             handle.remove()
-    return [s / max(tokens, 1) for s in sums]
+    scores: dict[str, Any] = {}
+    if ffn:
+        scores["ffn"] = [s / max(tokens, 1) for s in sums["ffn"]]
+    if hidden:
+        scores["hidden"] = sum(sums["hidden"]) / max(tokens, 1)
+    return scores
 
 
-def prune_ffn_width(model: Any, width: int, batches: list[tuple[Any, Any]]) -> list[float]:
-    """Keep the `width` most important FFN neurons of every layer (`ffn_activation_importance`; the same width
-    everywhere, so the config stays plain and reloads); returns each layer's kept share of the importance."""
+def prune_width(
+    model: Any,
+    batches: list[tuple[Any, Any]],
+    *,
+    intermediate_size: int | None = None,
+    hidden_size: int | None = None,
+) -> dict[str, Any]:
+    """Width-prune in place (Minitron): keep the `intermediate_size` most important FFN neurons of every layer
+    and the `hidden_size` most important residual channels, both ranked on the unpruned model
+    (`activation_importance`; one width everywhere, so the config stays plain and reloads). Returns the kept
+    share of the importance: per layer for the FFN, one figure for the channels."""
     import torch
 
     from edgepipe.arch import spec_of
-    from edgepipe.arch.ops import prune_ffn
+    from edgepipe.arch.ops import prune_ffn, prune_hidden
 
-    importance = ffn_activation_importance(model, batches)
-    if not 1 <= width <= min(len(i) for i in importance):
-        raise InputError(
-            f"`student.intermediate_size`: {width} is not between 1 and the FFN width {len(importance[0])}"
-        )
-    keep = [torch.sort(torch.topk(scores, width).indices).values for scores in importance]
+    scores = activation_importance(model, batches, ffn=intermediate_size is not None, hidden=hidden_size is not None)
     spec = spec_of(model.config)
-    if spec is None:
-        raise InputError(f"{model.config.model_type}: no architecture spec to prune the FFN by")
-    prune_ffn(model, spec, keep)
-    return [float(s[k].sum() / s.sum()) for s, k in zip(importance, keep, strict=True)]
+    assert spec is not None  # activation_importance refused a model without one
+    kept: dict[str, Any] = {}
+    if intermediate_size is not None:
+        importance = scores["ffn"]
+        if not 1 <= intermediate_size <= min(len(i) for i in importance):
+            raise InputError(
+                f"`student.intermediate_size`: {intermediate_size} is not between 1 and the FFN width "
+                f"{len(importance[0])}"
+            )
+        keep = [torch.sort(torch.topk(s, intermediate_size).indices).values for s in importance]
+        prune_ffn(model, spec, keep)
+        kept["ffn"] = [round(float(s[k].sum() / s.sum()), 4) for s, k in zip(importance, keep, strict=True)]
+    if hidden_size is not None:
+        channels = scores["hidden"]
+        if not 1 <= hidden_size <= len(channels):
+            raise InputError(
+                f"`student.hidden_size`: {hidden_size} is not between 1 and the hidden size {len(channels)}"
+            )
+        index = torch.sort(torch.topk(channels, hidden_size).indices).values
+        prune_hidden(model, spec, index)
+        kept["hidden"] = round(float(channels[index].sum() / channels.sum()), 4)
+    return kept

@@ -30,7 +30,9 @@ from edgepipe.tasks import Task
 
 log = logging.getLogger(__name__)
 
-WIDTH_CALIBRATION_TEXTS = 64  # train texts whose activations rank the FFN neurons of a width-pruned student
+WIDTH_CALIBRATION_TEXTS = (
+    64  # train texts whose activations rank the FFN neurons and channels of a width-pruned student
+)
 AGREEMENT_PROMPTS = 16  # val texts whose first PROMPT_TOKENS tokens prompt the greedy-agreement check
 PROMPT_TOKENS = 16
 AGREEMENT_TOKENS = 16
@@ -71,22 +73,26 @@ def lm_student_problems(cfg: DistillConfig, config: dict[str, Any], key: str) ->
     bad = [i for i in spec.layers or [] if not 0 <= i < total]
     if bad:
         return [f"`{key}.student.layers`: {bad} out of range; the teacher has {total} layers (0-{total - 1})"]
-    for name in ("hidden_size", "num_heads"):
-        if getattr(spec, name) is not None:
-            return [
-                f"`{key}.student.{name}`: a causal-lm student keeps the teacher's hidden size and heads (a layer "
-                "subset, its FFN width optionally pruned: intermediate_size)"
-            ]
-    if spec.intermediate_size is not None:
-        refused = refusal(config, Capability.FFN_PRUNING, f"{key}.student.intermediate_size")
-        width = int((teacher_shape(config) or {}).get("ffn", 0))
+    if spec.num_heads is not None:
+        return [
+            f"`{key}.student.num_heads`: a causal-lm student keeps the teacher's heads (a layer subset, its width "
+            "optionally pruned: intermediate_size, hidden_size)"
+        ]
+    shape = teacher_shape(config) or {}
+    widths = [
+        ("intermediate_size", Capability.FFN_PRUNING, "ffn", "FFN width"),
+        ("hidden_size", Capability.HIDDEN_PRUNING, "hidden", "hidden size"),
+    ]
+    for name, capability, dim, what in widths:
+        asked = getattr(spec, name)
+        if asked is None:
+            continue
+        refused = refusal(config, capability, f"{key}.student.{name}")
         if refused:
             return [refused]
-        if not 1 <= spec.intermediate_size <= width:
-            return [
-                f"`{key}.student.intermediate_size`: {spec.intermediate_size} is not between 1 and the teacher's "
-                f"{width}"
-            ]
+        width = int(shape.get(dim, 0))
+        if not 1 <= asked <= width:
+            return [f"`{key}.student.{name}`: {asked} is not between 1 and the teacher's {what} {width}"]
     return []
 
 
@@ -120,17 +126,18 @@ def run_lm_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx
     layers = lm_layers(cfg, teacher.config.num_hidden_layers)
     student = layer_subset(teacher, layers)
     kept_importance = None
-    if cfg.student.intermediate_size is not None:  # Minitron: width-prune by activation importance, then KD
+    widths = {"intermediate_size": cfg.student.intermediate_size, "hidden_size": cfg.student.hidden_size}
+    if any(w is not None for w in widths.values()):  # Minitron: width-prune by activation importance, then KD
         import torch
 
         from edgepipe.pipeline.adapters import text_batches
-        from edgepipe.pipeline.lm import prune_ffn_width
+        from edgepipe.pipeline.lm import prune_width
 
         texts = list(ctx.data.train.inputs)[:WIDTH_CALIBRATION_TEXTS]
         batches = [
             (torch.from_numpy(i), torch.from_numpy(m)) for i, m in text_batches(tokenizer, texts, 8, cfg.max_seq_len)
         ]
-        kept_importance = prune_ffn_width(student, cfg.student.intermediate_size, batches)
+        kept_importance = prune_width(student, batches, **widths)
     for param in teacher.parameters():
         param.requires_grad_(False)
     started = time.perf_counter()
@@ -178,7 +185,8 @@ def run_lm_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx
         "temperature": cfg.temperature,
         "layers": layers,
         "ffn_width": cfg.student.intermediate_size,  # None: the teacher's width
-        "ffn_importance_kept": None if kept_importance is None else [round(k, 4) for k in kept_importance],
+        "hidden_size": cfg.student.hidden_size,
+        "importance_kept": kept_importance,  # share of the activation importance the kept units hold
         "student_parameters": sum(p.numel() for p in student.parameters()),
         "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
         "val_perplexity": round(student_ppl, 4),
