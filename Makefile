@@ -48,7 +48,7 @@ demo-lm: $(STAMP)
 # one worker per core, a test file per worker (its module fixtures built once); one torch thread per worker
 PYTEST_PARALLEL = -n auto --dist loadfile
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_PARALLEL)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_PARALLEL) --durations=15
 
 test-all: $(STAMP)  # adds the slow tests (20 interleaved A/B benchmarks of identical artifacts: ~5 min)
 	$(BIN)/python -m pytest -q  # serial: the slow tests time A/B runs

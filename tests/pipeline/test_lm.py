@@ -168,6 +168,47 @@ def test_distill_lm_lowers_the_loss(word_tokenizer: object, kind: str) -> None:
     assert again["losses"][0] == pytest.approx(metrics["losses"][0], rel=1e-6)  # the same seeded first batch
 
 
+def test_distill_lm_with_bf16_autocast_learns_and_keeps_fp32_weights(word_tokenizer: object) -> None:
+    """bf16 autocast (the GPU recipe's setting, here on the CPU's autocast): the same seeded first batch gives
+    the fp32 loss within bf16's precision, the loss falls, and the weights stay fp32 on the CPU."""
+    texts = [t.lower() for t in lm_texts("train")[:400]]
+    teacher = tiny_llama(layers=4)
+    runs = {
+        autocast: distill_lm(
+            teacher,
+            student := layer_subset(teacher, [0, 3]),
+            texts,
+            word_tokenizer,
+            steps=40 if autocast == "bf16" else 1,
+            batch_size=8,
+            seq_len=24,
+            lr=3e-3,
+            autocast=autocast,
+        )
+        | {"student": student}
+        for autocast in ("none", "bf16")
+    }
+    bf16 = runs["bf16"]
+    assert bf16["losses"][0] == pytest.approx(runs["none"]["losses"][0], rel=0.05)
+    assert bf16["losses"][0] != runs["none"]["losses"][0]  # autocast really ran in bf16
+    assert bf16["loss_last"] < 0.6 * bf16["loss_first"], bf16["losses"]
+    assert {(p.dtype, p.device.type) for p in bf16["student"].parameters()} == {(torch.float32, "cpu")}
+    with pytest.raises(InputError, match="`autocast`: 'fp8'"):
+        distill_lm(teacher, layer_subset(teacher, [0]), texts, word_tokenizer, steps=1, autocast="fp8")
+
+
+@pytest.mark.cuda
+def test_distill_lm_on_cuda_brings_the_student_back_to_the_cpu(word_tokenizer: object) -> None:
+    texts = [t.lower() for t in lm_texts("train")[:200]]
+    teacher = tiny_llama(layers=4)
+    student = layer_subset(teacher, [0, 3])
+    metrics = distill_lm(
+        teacher, student, texts, word_tokenizer, steps=20, seq_len=24, lr=3e-3, device="cuda", autocast="bf16"
+    )
+    assert metrics["loss_last"] < metrics["loss_first"]
+    assert {p.device.type for p in [*student.parameters(), *teacher.parameters()]} == {"cpu"}
+
+
 def test_next_token_ce_is_the_log_of_perplexity() -> None:
     """The CE term counts exactly the tokens perplexity counts: exp(CE) of one batch == its perplexity."""
     logits = torch.randn(2, 5, 7, generator=torch.Generator().manual_seed(0))

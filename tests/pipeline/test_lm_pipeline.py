@@ -63,7 +63,7 @@ def lm_recipe(model_dir: Path, data: Path, **changes: Any) -> dict[str, Any]:
 
 
 def test_a_causal_lm_goes_through_distill_export_int8_and_bench(
-    tmp_path: Path, tiny_llama_dir: Path, rt_csv: Path
+    tmp_path: Path, tiny_llama_dir: Path, rt_csv: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from edgepipe.errors import InputError
     from edgepipe.pipeline.cli import main
@@ -72,6 +72,10 @@ def test_a_causal_lm_goes_through_distill_export_int8_and_bench(
     recipe = write_recipe(tmp_path / "lm.yaml", lm_recipe(tiny_llama_dir, rt_csv))
     run = tmp_path / "run"
     assert main(["build", str(recipe), "--out", str(run)]) == 0
+    table = capsys.readouterr().out.splitlines()  # the terminal summary: one row per artifact, then the path
+    assert table[1].split() == ["artifact", "engine", "MB", "ppl", "KL", "tok/s", "x", "teacher", "1/size"]
+    assert [line.split()[0] for line in table[3:7]] == ["teacher", "student", "fp32", "int8-dynamic"]
+    assert table[3].split()[-2:] == ["1.00", "1.0"] and table[-1].startswith("report: ")
     distill = json.loads((run / "01-distill" / "metrics.json").read_text(encoding="utf-8"))
     assert distill["layers"] == [0, 3] and distill["divergence"] == "jsd"
     assert distill["loss_end"] < distill["loss_start"]
@@ -173,6 +177,8 @@ def test_weight_only_stages_measure_their_cost_and_the_bench_gates_kl(
 
 
 def test_causal_lm_recipes_reject_what_does_not_apply(tiny_llama_dir: Path, rt_csv: Path) -> None:
+    import torch
+
     from edgepipe.pipeline.recipe import parse_recipe
     from edgepipe.pipeline.runner import check_recipe
 
@@ -197,6 +203,13 @@ def test_causal_lm_recipes_reject_what_does_not_apply(tiny_llama_dir: Path, rt_c
     assert check_recipe(parse_recipe(recipe))[-1] == (
         "`stages.1.student.hidden_size`: 65 is not between 1 and the teacher's hidden size 64"
     )
+    if not torch.cuda.is_available():
+        recipe["stages"][1]["student"] = {"num_layers": 2}
+        recipe["stages"][1]["device"] = "cuda"
+        assert check_recipe(parse_recipe(recipe))[-1] == (
+            "`stages.1.device`: cuda, but torch sees no CUDA device on this machine; use device: cpu"
+        )
+        del recipe["stages"][1]["device"]
     recipe["stages"][1]["student"] = {"num_layers": 2, "num_heads": 2}
     assert check_recipe(parse_recipe(recipe))[-1].startswith(
         "`stages.1.student.num_heads`: a causal-lm student keeps the teacher's heads"

@@ -208,8 +208,35 @@ def headline(report: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+def _lm_summary(report: dict[str, Any]) -> str:
+    """A causal-lm report's batch-1 rows at the longest prompt: size, perplexity, KL, decode tokens/s."""
+    rows = [r for r in report.get("results", []) if r.get("batch") == 1 and "decode_tokens_per_s" in r]
+    if not rows:
+        return ""
+    prompt = max(r["prompt_len"] for r in rows)
+    rows = [r for r in rows if r["prompt_len"] == prompt]
+    ref = next((r for r in rows if r["artifact"] == report.get("reference")), None)
+    name = report.get("reference", "reference")
+    head = (
+        f"{'artifact':<24} {'engine':<12} {'MB':>7} {'ppl':>9} {'KL':>7} {'tok/s':>7} {'x ' + name:>10} {'1/size':>7}"
+    )
+    lines = [f"batch 1, prompt {prompt}, {rows[0]['new_tokens']} new tokens:", head, "-" * len(head)]
+    for r in rows:
+        tok_s = r["decode_tokens_per_s"]["p50"]
+        faster = _ratio(tok_s, ref["decode_tokens_per_s"]["p50"]) if ref else None
+        smaller = _ratio(ref and ref["size_mb"], r["size_mb"])
+        lines.append(
+            f"{r['artifact']:<24} {r['engine']:<12} {r['size_mb']:>7.1f} {r['perplexity']:>9.3f} "
+            f"{r['kl_divergence']:>7.4f} {tok_s:>7.1f} {'' if faster is None else f'{faster:.2f}':>10} "
+            f"{'' if smaller is None else f'{smaller:.1f}':>7}"
+        )
+    return "\n".join(lines)
+
+
 def render_summary(report: dict[str, Any]) -> str:
     """The headline rows as a fixed-width table for the terminal."""
+    if report.get("task") == "causal-lm":
+        return _lm_summary(report)
     rows = headline(report)
     if not rows:
         return ""

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from edgepipe.errors import InputError
-from edgepipe.pipeline.adapters import CausalLM
+from edgepipe.pipeline.adapters import Batch, CausalLM
 from edgepipe.pipeline.kd import DIVERGENCE_KINDS, distribution_loss
 
 log = logging.getLogger(__name__)
@@ -77,14 +77,20 @@ def distill_lm(
     kd_weight: float = 1.0,
     ce_weight: float = 0.0,
     seed: int = 0,
+    device: str = "cpu",
+    autocast: str = "none",
 ) -> dict[str, Any]:
     """Train `student` (in place) on `kd_weight` * the divergence from `teacher`'s next-token
     distributions + `ce_weight` * the cross-entropy of the texts' own next tokens (the classifiers'
     ce/kd mix: the data's tokens are the hard labels).
 
     Every real position counts, padding is masked out (`kd.distribution_loss`); the one training loop
-    (`loop.fit`: reshuffled epochs of the texts, AdamW with a linear warm-up and decay). Returns the loss
-    curve and step times."""
+    (`loop.fit`: reshuffled epochs of the texts, AdamW with a linear warm-up and decay). On `device`
+    (`cuda`: teacher and student move there for the loop and come back to the CPU after it, also when it
+    fails); `autocast: bf16` runs both forward passes in bfloat16 (torch.autocast) over fp32 weights, the
+    losses in fp32. Returns the loss curve and step times."""
+    import contextlib
+
     import torch
 
     from edgepipe.pipeline.loop import Schedule, fit
@@ -98,23 +104,41 @@ def distill_lm(
             f"distill_lm needs steps >= 1, batch_size >= 1, seq_len >= 2 and texts; got steps={steps}, "
             f"batch_size={batch_size}, seq_len={seq_len}, {len(train_texts)} texts"
         )
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("`device`: cuda, but torch sees no CUDA device here; use device: cpu")
+    if autocast not in ("none", "bf16"):
+        raise InputError(f"`autocast`: {autocast!r}; use none or bf16")
     torch.manual_seed(seed)
     teacher.eval()
 
     task = CausalLM(tokenizer, seq_len)
 
+    def mixed() -> Any:
+        on = torch.device(device).type
+        return torch.autocast(on, torch.bfloat16) if autocast == "bf16" else contextlib.nullcontext()
+
     def step_loss(trained: Any, step: int, index: np.ndarray) -> Any:
         batch = task.batch_of_texts([train_texts[i] for i in index])
-        with torch.no_grad():
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.inputs.items()}
+        batch = Batch(inputs, inputs["input_ids"])
+        with torch.no_grad(), mixed():
             target = task.logits(task.forward(teacher, batch), batch)
-        logits = task.logits(task.forward(trained, batch), batch)
-        loss = kd_weight * distribution_loss(logits, target, kind, temperature, batch.inputs["attention_mask"])
+        with mixed():
+            logits = task.logits(task.forward(trained, batch), batch)
+        logits, target = logits.float(), target.float()
+        loss = kd_weight * distribution_loss(logits, target, kind, temperature, inputs["attention_mask"])
         if ce_weight:
             loss = loss + ce_weight * task.loss(logits, batch)
         return loss
 
     schedule = Schedule(lr, weight_decay, warmup_ratio, steps, batch_size)
-    fitted = fit(student, step_loss, schedule, len(train_texts), seed, desc="distill-lm")
+    teacher.to(device)
+    student.to(device)
+    try:
+        fitted = fit(student, step_loss, schedule, len(train_texts), seed, desc="distill-lm")
+    finally:
+        teacher.to("cpu")
+        student.to("cpu")
     losses = fitted.losses
     window = max(1, steps // 10)
     return {

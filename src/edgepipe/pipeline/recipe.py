@@ -171,6 +171,12 @@ class DistillConfig(_TrainingConfig):
         None, description="text tasks: a batch of unlabeled texts per step, KD (and hidden) terms only"
     )
     lr: float = Field(1e-4, gt=0)
+    device: Literal["cpu", "cuda"] = Field(
+        "cpu", description="causal-lm: where the distillation runs; the student comes back to the CPU"
+    )
+    autocast: Literal["none", "bf16"] = Field(
+        "none", description="causal-lm: bfloat16 forward passes (torch.autocast) over fp32 weights"
+    )
 
 
 class RecoverConfig(_Strict):

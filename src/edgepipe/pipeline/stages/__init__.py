@@ -60,6 +60,13 @@ class StageEntry:
 STAGES: dict[tuple[str, str], StageEntry] = {}
 
 
+# distill keys only the causal-lm distillation implements: the other tasks refuse them by name
+TRAINED_ON_CPU = {
+    "device": "only causal-lm distillation runs on CUDA so far; this task trains on the CPU",
+    "autocast": "only causal-lm distillation has bf16 autocast so far",
+}
+
+
 def register(kind: str, *tasks: str, refuses: Mapping[str, str] | None = None) -> Callable[[StageFn], StageFn]:
     """Register a stage function for `tasks` (every task when none is named)."""
 

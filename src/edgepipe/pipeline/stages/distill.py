@@ -21,7 +21,7 @@ from edgepipe.pipeline.adapters import Batch, TextClassification, adapter_for
 from edgepipe.pipeline.artifacts import Artifact, config_hash
 from edgepipe.pipeline.loop import fit, loss_window
 from edgepipe.pipeline.recipe import ArtifactKind, DistillConfig, RecoverConfig
-from edgepipe.pipeline.stages import StageContext, StageResult, register
+from edgepipe.pipeline.stages import TRAINED_ON_CPU, StageContext, StageResult, register
 from edgepipe.pipeline.stages.training import save_model
 from edgepipe.pipeline.students import build_student, layer_map, student_problems
 from edgepipe.tasks import Task
@@ -170,7 +170,7 @@ def transfer_loss(
     return loss
 
 
-@register("distill", Task.TEXT, Task.TOKEN)
+@register("distill", Task.TEXT, Task.TOKEN, refuses=TRAINED_ON_CPU)
 def run_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx: StageContext) -> StageResult:
     source = inputs[ArtifactKind.TORCH_MODEL]
 

@@ -73,6 +73,11 @@ def lm_student_problems(cfg: DistillConfig, config: dict[str, Any], key: str) ->
     bad = [i for i in spec.layers or [] if not 0 <= i < total]
     if bad:
         return [f"`{key}.student.layers`: {bad} out of range; the teacher has {total} layers (0-{total - 1})"]
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            return [f"`{key}.device`: cuda, but torch sees no CUDA device on this machine; use device: cpu"]
     if spec.num_heads is not None:
         return [
             f"`{key}.student.num_heads`: a causal-lm student keeps the teacher's heads (a layer subset, its width "
@@ -157,6 +162,8 @@ def run_lm_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx
         kd_weight=cfg.loss.kd,
         ce_weight=cfg.loss.ce,
         seed=ctx.seed,
+        device=cfg.device,
+        autocast=cfg.autocast,
     )
     train_s = time.perf_counter() - started
     task, val = CausalLM(tokenizer, cfg.max_seq_len, cfg.eval_batch_size), list(ctx.data.val.inputs)
@@ -181,6 +188,8 @@ def run_lm_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx
     metrics = {
         "steps": cfg.max_steps,
         "train_seconds": round(train_s, 2),
+        "device": cfg.device,
+        "autocast": cfg.autocast,
         "divergence": cfg.divergence,
         "temperature": cfg.temperature,
         "layers": layers,
