@@ -40,8 +40,9 @@ from edgepipe.runtime.host import host_info, versions
 log = logging.getLogger("bench_lm_width")
 
 # about 70.8 M parameters each (the recipe's 12-layer subset); the tied 49152-token embedding is 28.3 M of the
-# teacher's 134.5 M at hidden 576, so narrower students spend less of their budget on it
-DEFAULT_CANDIDATES = ("depth-12:12:576:1536", "width-30:30:448:704", "mixed-20:20:512:960")
+# teacher's 134.5 M at hidden 576, so narrower students spend less of their budget on it. Hidden sizes are
+# multiples of the 9 heads (transformers' LlamaConfig requires it, head_dim or not).
+DEFAULT_CANDIDATES = ("depth-12:12:576:1536", "width-30:30:432:768", "mixed-20:20:504:1008")
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class Candidate:
             return cls(name, int(layers), int(hidden), int(ffn))
         except ValueError:
             raise SystemExit(
-                f"--candidate {text!r}: expected NAME:LAYERS:HIDDEN:FFN, e.g. width-30:30:448:704"
+                f"--candidate {text!r}: expected NAME:LAYERS:HIDDEN:FFN, e.g. width-30:30:432:768"
             ) from None
 
 

@@ -203,6 +203,11 @@ def test_causal_lm_recipes_reject_what_does_not_apply(tiny_llama_dir: Path, rt_c
     assert check_recipe(parse_recipe(recipe))[-1] == (
         "`stages.1.student.hidden_size`: 65 is not between 1 and the teacher's hidden size 64"
     )
+    recipe["stages"][1]["student"] = {"num_layers": 2, "hidden_size": 50}
+    assert check_recipe(parse_recipe(recipe))[-1] == (
+        "`stages.1.student.hidden_size`: 50 is not a multiple of the teacher's 4 attention heads "
+        "(transformers' config requires it); use 48 or 52"
+    )
     if not torch.cuda.is_available():
         recipe["stages"][1]["student"] = {"num_layers": 2}
         recipe["stages"][1]["device"] = "cuda"

@@ -323,7 +323,22 @@ def prune_width(
             raise InputError(
                 f"`student.hidden_size`: {hidden_size} is not between 1 and the hidden size {len(channels)}"
             )
+        heads = int(getattr(model.config, spec.keys.heads))
+        if hidden_size % heads:  # transformers' configs validate it on save and load, head_dim or not
+            below, above = hidden_size // heads * heads, -(-hidden_size // heads) * heads
+            raise InputError(
+                f"`student.hidden_size`: {hidden_size} is not a multiple of the {heads} attention heads, which "
+                f"{model.config.model_type}'s config requires; use {below or above} or {above}"
+            )
         index = torch.sort(torch.topk(channels, hidden_size).indices).values
         prune_hidden(model, spec, index)
         kept["hidden"] = round(float(channels[index].sum() / channels.sum()), 4)
+    validate = getattr(model.config, "validate", None)
+    if callable(validate):  # what save_pretrained would refuse after training, refused before it
+        try:
+            validate()
+        except Exception as error:  # noqa: BLE001 - huggingface_hub's validation errors have no common base
+            raise InputError(
+                f"`student`: the pruned config is not valid for {model.config.model_type}: {error}"
+            ) from None
     return kept

@@ -98,6 +98,13 @@ def lm_student_problems(cfg: DistillConfig, config: dict[str, Any], key: str) ->
         width = int(shape.get(dim, 0))
         if not 1 <= asked <= width:
             return [f"`{key}.student.{name}`: {asked} is not between 1 and the teacher's {what} {width}"]
+        heads = int(shape.get("heads", 1))
+        if dim == "hidden" and asked % heads:
+            below, above = asked // heads * heads, -(-asked // heads) * heads
+            return [
+                f"`{key}.student.hidden_size`: {asked} is not a multiple of the teacher's {heads} attention heads "
+                f"(transformers' config requires it); use {below or above} or {above}"
+            ]
     return []
 
 
