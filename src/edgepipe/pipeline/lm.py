@@ -337,7 +337,7 @@ def prune_width(
     if callable(validate):  # what save_pretrained would refuse after training, refused before it
         try:
             validate()
-        except Exception as error:  # noqa: BLE001 - huggingface_hub's validation errors have no common base
+        except Exception as error:  # huggingface_hub validation errors share no narrower base
             raise InputError(
                 f"`student`: the pruned config is not valid for {model.config.model_type}: {error}"
             ) from None
