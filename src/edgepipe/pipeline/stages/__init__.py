@@ -109,7 +109,8 @@ def registry_problems(stages: list[Any], task: str) -> list[str]:
         problems += [
             f"`stages.{i}.{key}`: {why}; remove it"
             for key, why in entry.refuses.items()
-            if key in stage.model_fields_set
+            # set to something other than its default (a search variant writes every key out)
+            if key in stage.model_fields_set and getattr(stage, key) != type(stage).model_fields[key].default
         ]
     return problems
 
