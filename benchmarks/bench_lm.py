@@ -73,6 +73,21 @@ def recipe_distill() -> DistillConfig:
     return next(s for s in recipe.stages if isinstance(s, DistillConfig))
 
 
+def distill_settings(cfg: DistillConfig, seed: int) -> dict[str, Any]:
+    """`distill_lm`'s keyword arguments from a distill stage: what a cached student is keyed by."""
+    return {
+        "kind": cfg.divergence,
+        "temperature": cfg.temperature,
+        "steps": cfg.max_steps,
+        "batch_size": cfg.batch_size,
+        "seq_len": cfg.max_seq_len,
+        "lr": cfg.lr,
+        "kd_weight": cfg.loss.kd,
+        "ce_weight": cfg.loss.ce,
+        "seed": seed,
+    }
+
+
 def _prompts(tokenizer: Any, texts: list[str], count: int, length: int) -> np.ndarray:
     """`count` windows of exactly `length` tokens from the held-out text stream (no padding)."""
     return prompt_windows([tokenizer(t)["input_ids"] for t in texts], count, length, tokenizer.eos_token_id)
@@ -338,17 +353,7 @@ def run_lm(
     layers = list(cfg.student.layers or [])
     seq_len = cfg.max_seq_len
     train, held_out = lm_texts("train", seed), lm_texts("test", seed)[:ppl_texts]
-    settings = {
-        "kind": cfg.divergence,
-        "temperature": cfg.temperature,
-        "steps": cfg.max_steps,
-        "batch_size": cfg.batch_size,
-        "seq_len": seq_len,
-        "lr": cfg.lr,
-        "kd_weight": cfg.loss.kd,
-        "ce_weight": cfg.loss.ce,
-        "seed": seed,
-    }
+    settings = distill_settings(cfg, seed)
     overrides = dict(overrides or {})
     layers = overrides.pop("layers", None) or layers
     settings.update(overrides)

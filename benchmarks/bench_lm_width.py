@@ -29,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_lm import _export, _prompts, _speed, _student, recipe_distill
+from bench_lm import _export, _prompts, _speed, _student, distill_settings, recipe_distill
 
 from edgepipe.pipeline.adapters import text_batches
 from edgepipe.pipeline.lm import evenly_spaced_layers, lm_texts
@@ -75,17 +75,7 @@ def run_width(work: Path, candidates: list[Candidate], ppl_texts: int, runs: int
     config = teacher.config
     total, hidden, ffn = config.num_hidden_layers, config.hidden_size, config.intermediate_size
     cfg = recipe_distill()
-    settings = {
-        "kind": cfg.divergence,
-        "temperature": cfg.temperature,
-        "steps": cfg.max_steps,
-        "batch_size": cfg.batch_size,
-        "seq_len": cfg.max_seq_len,
-        "lr": cfg.lr,
-        "kd_weight": cfg.loss.kd,
-        "ce_weight": cfg.loss.ce,
-        "seed": 0,
-    }
+    settings = distill_settings(cfg, 0)
     recipe_layers = list(cfg.student.layers or [])
     train, held_out = lm_texts("train"), lm_texts("test")[:ppl_texts]
     students: dict[str, Any] = {}

@@ -229,15 +229,9 @@ def matmul_sensitivity(
     return dict(sorted(scores.items(), key=lambda kv: -kv[1]))
 
 
-def activation_importance(model: Any, batches: list[tuple[Any, Any]], *, ffn: bool, hidden: bool) -> dict[str, Any]:
-    """Activation importance (Minitron, Sreenivas et al. 2024) over the real tokens of `batches` (input_ids,
-    attention_mask tensors), in one pass: `ffn`, one tensor per decoder layer, each neuron's mean activation
-    magnitude at the down projection's input; `hidden`, each residual channel's mean magnitude at the output of
-    every norm over the stream, summed over the norms (the embedding-channel score)."""
-    import torch
-
+def _width_spec(model: Any, ffn: bool, hidden: bool) -> Any:
+    """The model's architecture spec, refusing (naming the recipe key) a width it cannot prune."""
     from edgepipe.arch import Capability, refusal, spec_of
-    from edgepipe.arch.ops import blocks, ffn_width, residual_norms
 
     spec = spec_of(model.config)
     asked = [
@@ -247,7 +241,21 @@ def activation_importance(model: Any, batches: list[tuple[Any, Any]], *, ffn: bo
     for wanted, capability, key in asked:
         if wanted and (spec is None or not spec.can(capability)):
             raise InputError(str(refusal(model.config.to_dict(), capability, key)))
-    assert spec is not None
+    if spec is None:
+        raise InputError(f"{model.config.model_type}: no architecture spec to prune the width of")
+    return spec
+
+
+def activation_importance(model: Any, batches: list[tuple[Any, Any]], *, ffn: bool, hidden: bool) -> dict[str, Any]:
+    """Activation importance (Minitron, Sreenivas et al. 2024) over the real tokens of `batches` (input_ids,
+    attention_mask tensors), in one pass: `ffn`, one tensor per decoder layer, each neuron's mean activation
+    magnitude at the down projection's input; `hidden`, each residual channel's mean magnitude at the output of
+    every norm over the stream, summed over the norms (the embedding-channel score)."""
+    import torch
+
+    from edgepipe.arch.ops import blocks, ffn_width, residual_norms
+
+    spec = _width_spec(model, ffn, hidden)
     layers = blocks(model, spec)
     down = spec.ffn.down if spec.ffn is not None else ""
     sites = {"ffn": [b.get_submodule(down) for b in layers] if ffn else [], "hidden": []}
@@ -300,12 +308,11 @@ def prune_width(
     share of the importance: per layer for the FFN, one figure for the channels."""
     import torch
 
-    from edgepipe.arch import spec_of
     from edgepipe.arch.ops import prune_ffn, prune_hidden
 
-    scores = activation_importance(model, batches, ffn=intermediate_size is not None, hidden=hidden_size is not None)
-    spec = spec_of(model.config)
-    assert spec is not None  # activation_importance refused a model without one
+    ffn, hidden = intermediate_size is not None, hidden_size is not None
+    spec = _width_spec(model, ffn, hidden)
+    scores = activation_importance(model, batches, ffn=ffn, hidden=hidden)
     kept: dict[str, Any] = {}
     if intermediate_size is not None:
         importance = scores["ffn"]
