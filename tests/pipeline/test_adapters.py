@@ -112,6 +112,27 @@ def test_batches_are_reshuffled_epochs() -> None:
     assert [b.tolist() for b in batches(10, 3, 7, seed=0)] == [b.tolist() for b in plan]
 
 
+def test_batches_grouped_by_length_pad_less_and_still_see_every_example_once_per_epoch() -> None:
+    lengths = np.random.default_rng(1).integers(4, 64, size=2000)
+    grouped, plain = batches(2000, 8, 250, seed=0, lengths=lengths), batches(2000, 8, 250, seed=0)
+    assert sorted(np.concatenate(grouped).tolist()) == list(range(2000))  # one epoch, every example once
+    padded = [np.mean([lengths[b].max() for b in plan]) for plan in (grouped, plain)]
+    assert padded[0] < 0.8 * padded[1]
+    assert np.corrcoef(np.arange(250), [lengths[b].max() for b in grouped])[0, 1] ** 2 < 0.1  # not sorted by length
+    assert [b.tolist() for b in batches(2000, 8, 250, seed=0, lengths=lengths)] == [b.tolist() for b in grouped]
+
+
+def test_text_predict_sorts_by_length_and_returns_the_split_order(tiny_model_dir: Path, tokenizer: object) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir).eval()
+    texts = ["a fine and very long film about nothing at all", "dull", "I loved it", "not for me at all", "fine"]
+    task = TextClassification(tokenizer, max_seq_len=16, eval_batch_size=2)
+    with torch.no_grad():
+        one_by_one = torch.cat([model(**tokenizer([t], return_tensors="pt")).logits for t in texts])
+    assert torch.allclose(task.predict(model, Split(texts, np.zeros(5, dtype=np.int64))), one_by_one, atol=1e-5)
+
+
 def _regression(seed: int) -> tuple[torch.nn.Module, torch.nn.Module, Split]:
     torch.manual_seed(seed)
     x = np.random.default_rng(seed).standard_normal((64, 4)).astype(np.float32)

@@ -90,6 +90,11 @@ class TextClassification:
         """Model inputs of `texts` and, per word, its first sub-word (token classification; None here)."""
         return encode(self.tokenizer, texts, self.max_seq_len), None
 
+    def lengths(self, split: Split) -> np.ndarray:
+        """Tokens per text of `split` (at most `max_seq_len`): what a batch of it pads to."""
+        ids = self.tokenizer(list(split.inputs), truncation=True, max_length=self.max_seq_len)["input_ids"]
+        return np.asarray([len(i) for i in ids])
+
     def batch(self, split: Split, index: np.ndarray) -> Batch:
         import torch
 
@@ -113,17 +118,19 @@ class TextClassification:
         return F.cross_entropy(logits, labels)
 
     def predict(self, model: Any, split: Split) -> Any:
-        """Logits of every example of `split` (eval mode, no gradients), in batches of `eval_batch_size`."""
+        """Logits of every example of `split` in its order (eval mode, no gradients), in batches of
+        `eval_batch_size` texts of similar length (less padding)."""
         import torch
 
         texts, width = list(split.inputs), word_width(split)
+        order = np.argsort(self.lengths(split), kind="stable")
         model.eval()
         outputs = []
         with torch.inference_mode():
             for i in range(0, len(texts), self.eval_batch_size):
-                enc, positions = self.encode(texts[i : i + self.eval_batch_size], width)
+                enc, positions = self.encode([texts[j] for j in order[i : i + self.eval_batch_size]], width)
                 outputs.append(self.logits(model(**enc), Batch(enc, None, positions)))
-        return torch.cat(outputs)
+        return torch.cat(outputs)[torch.from_numpy(np.argsort(order))]
 
     def metric(self, model: Any, split: Split) -> float:
         """Accuracy (entity F1 for token classification) on `split`."""

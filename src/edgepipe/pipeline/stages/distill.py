@@ -263,6 +263,7 @@ def run_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx: S
         outside=extra,
         world=ctx.world,
         desc="distill",
+        lengths=task.lengths(train) if cfg.group_by_length else None,
     )
     if not ctx.writes:
         return StageResult([])

@@ -49,7 +49,8 @@ def run_finetune(inputs: dict[ArtifactKind, Artifact], cfg: FinetuneConfig, ctx:
         batch: Batch = task.batch(train, index)
         return task.loss(task.logits(task.forward(trained, batch), batch), batch)
 
-    fitted = fit(model, step_loss, cfg, len(train), ctx.seed, world=ctx.world, desc="finetune")
+    lengths = task.lengths(train) if cfg.group_by_length else None
+    fitted = fit(model, step_loss, cfg, len(train), ctx.seed, world=ctx.world, desc="finetune", lengths=lengths)
     out = ctx.stage_dir / "model"
     if not ctx.writes:
         return StageResult([])

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edgepipe.pipeline.adapters import Classifier
+from edgepipe.pipeline.adapters import Classifier, TextClassification
 from edgepipe.pipeline.loop import fit
 from edgepipe.pipeline.recipe import RecoverConfig
 from edgepipe.pipeline.stages import StageContext
@@ -34,7 +34,9 @@ def recover(
         logits, t_logits, labels = task.samples(batch, logits, t_logits)
         return logit_objective(spec, step, logits, t_logits, labels)[0]
 
-    return fit(model, step_loss, spec, len(train), seed, desc="recover").losses
+    # images are all one size
+    lengths = task.lengths(train) if spec.group_by_length and isinstance(task, TextClassification) else None
+    return fit(model, step_loss, spec, len(train), seed, desc="recover", lengths=lengths).losses
 
 
 def ort_latency(models: dict[str, Any], feeds: Callable[..., Any], spec: Any, work: Path) -> dict[str, Any]:
