@@ -81,7 +81,7 @@ class _TrainingConfig(_Strict):
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     eval_batch_size: int = Field(64, ge=1)
-    group_by_length: bool = Field(True, description="batches of texts of similar length: less padding")
+    group_by_length: bool = Field(False, description="batches of texts of similar length: less padding")
 
     _check_len = field_validator("max_seq_len")(_positive_seq_len)
 
@@ -188,7 +188,7 @@ class RecoverConfig(_Strict):
     lr: float = Field(5e-5, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    group_by_length: bool = Field(True, description="batches of texts of similar length: less padding")
+    group_by_length: bool = Field(False, description="batches of texts of similar length: less padding")
     temperature: float = Field(2.0, gt=0)
     adaptive: Literal["none", "anneal", "wsl"] = "none"
     loss: LossWeights = Field(default_factory=LossWeights)
