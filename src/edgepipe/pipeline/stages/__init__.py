@@ -65,6 +65,7 @@ TRAINED_ON_CPU = {
     "device": "only causal-lm distillation runs on CUDA so far; this task trains on the CPU",
     "autocast": "only causal-lm distillation has bf16 autocast so far",
 }
+UNGROUPED = {"group_by_length": "only text and token classification group their batches by length so far"}
 
 
 def register(kind: str, *tasks: str, refuses: Mapping[str, str] | None = None) -> Callable[[StageFn], StageFn]:

@@ -19,7 +19,7 @@ from edgepipe.pipeline.artifacts import Artifact
 from edgepipe.pipeline.loop import fit
 from edgepipe.pipeline.models import module_spec
 from edgepipe.pipeline.recipe import ArtifactKind, DistillConfig, FinetuneConfig
-from edgepipe.pipeline.stages import TRAINED_ON_CPU, StageContext, StageResult, register
+from edgepipe.pipeline.stages import TRAINED_ON_CPU, UNGROUPED, StageContext, StageResult, register
 from edgepipe.pipeline.stages.distill import (
     HISTORY_KEYS,
     DistillRun,
@@ -48,7 +48,7 @@ def _check_labels(meta: dict[str, Any], ctx: StageContext, key: str) -> None:
         )
 
 
-@register("finetune", Task.IMAGE)
+@register("finetune", Task.IMAGE, refuses=UNGROUPED)
 def run_image_finetune(inputs: dict[ArtifactKind, Artifact], cfg: FinetuneConfig, ctx: StageContext) -> StageResult:
     source = inputs[ArtifactKind.TORCH_MODEL]
     import torch
@@ -164,7 +164,7 @@ def _hidden_setup(
     return mapping, projections
 
 
-@register("distill", Task.IMAGE, refuses=TRAINED_ON_CPU)
+@register("distill", Task.IMAGE, refuses=TRAINED_ON_CPU | UNGROUPED)
 def run_image_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx: StageContext) -> StageResult:
     source = inputs[ArtifactKind.TORCH_MODEL]
     import torch

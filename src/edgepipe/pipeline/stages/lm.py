@@ -25,7 +25,7 @@ from edgepipe.pipeline.recipe import (
     QuantizeConfig,
     WeightOnlyConfig,
 )
-from edgepipe.pipeline.stages import StageContext, StageResult, register
+from edgepipe.pipeline.stages import UNGROUPED, StageContext, StageResult, register
 from edgepipe.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,7 @@ LM_DISTILL_REFUSES = {
     "adaptive": "causal-lm distills every position with one temperature (no anneal or wsl weights)",
     "layer_map": "causal-lm distills next-token distributions, not hidden states, so no layer map applies",
     "hidden_projection": "causal-lm has no hidden-state loss to project for",
+    **UNGROUPED,
 }
 
 
