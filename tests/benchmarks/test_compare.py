@@ -64,6 +64,10 @@ def test_cli_refuses_a_mismatch_and_another_schema(built_run: Path, tmp_path: Pa
     path.write_text(json.dumps(other))
     assert main(["compare", str(built_run / "report.json"), str(path)]) == 2
     assert "report schema_version 2 is not 1" in capsys.readouterr().err
+    other["schema_version"], other["machine"] = 1, None  # a case the fuzzer found: a traceback before
+    path.write_text(json.dumps(other))
+    assert main(["compare", str(built_run / "report.json"), str(path), "--allow-mismatch"]) == 2
+    assert "`machine` is a NoneType, not an object" in capsys.readouterr().err
 
 
 def _add_dead_work(model_path: Path) -> None:

@@ -299,6 +299,11 @@ def test_the_cases_the_issue_found(workspace: Workspace, tmp_path: Path) -> None
     (tmp_path / "a-file").write_text("x", encoding="utf-8")
     code, text = _run(["build", csv_recipe, "--out", str(tmp_path / "a-file" / "run")], workspace.root)
     assert code == 2 and "cannot be created below it" in text
+    # found by longer fuzzing runs: a division by zero; a control character that split the message
+    with _mutated(bert / "config.json", json.dumps({**json.loads(config), "num_attention_heads": 0}).encode()):
+        assert "shape fields below 1 ({'heads': 0})" in _run(["validate", csv_recipe], workspace.root)[1]
+    text = _run(["validate", csv_recipe, "--set", 'stages.1.kind="\x1e"'], workspace.root)[1]
+    assert "Input tag" in text and "\\x1e" in text  # escaped, one message (`_run`)
 
 
 def test_labels_with_empty_and_nan_cells_are_left_out_and_counted(workspace: Workspace) -> None:

@@ -64,6 +64,9 @@ def check_schema(report: dict[str, Any], name: str) -> None:
         )
     if report.get("task") == "causal-lm":
         raise InputError(f"{name}: a causal-lm report; `compare` gates latency/accuracy reports of classifiers")
+    for key in ("machine", "versions"):
+        if not isinstance(report.get(key, {}), dict):
+            raise InputError(f"{name}: `{key}` is a {type(report[key]).__name__}, not an object; regenerate the report")
     results = report["results"]
     if not isinstance(results, list):
         raise InputError(f"{name}: `results` is a {type(results).__name__}, not a list; regenerate the report")
@@ -84,7 +87,7 @@ def _row_problem(row: Any) -> str | None:
         if not isinstance(row.get(key), kind) or isinstance(row.get(key), bool):
             return f"has no {kind.__name__} `{key}` (got {row.get(key)!r})"
     latency = row.get("latency_ms")
-    if not isinstance(latency, dict) or not _number(latency.get("p50"), 1e-12) or not _number(latency.get("std", 0)):
+    if not isinstance(latency, dict) or not _number(latency.get("p50"), 1e-12) or not _number(latency.get("std")):
         return f"has no `latency_ms` with a positive `p50` and a `std` (got {latency!r})"
     if not isinstance(latency.get("n", 1), int) or isinstance(latency.get("n", 1), bool):
         return f"has a `latency_ms.n` that is not a count (got {latency.get('n')!r})"

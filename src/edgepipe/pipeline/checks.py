@@ -55,10 +55,13 @@ def check_students(recipe: Recipe) -> list[str]:
     config = read_config(resolve_model(recipe.model))
     if isinstance(config, str):
         return [config]
+    path = resolve_model(recipe.model) / "config.json"
     try:
+        not_positive = {name: n for name, n in (teacher_shape(config) or {}).items() if n < 1}
+        if not_positive:  # 0 heads or layers: no model, and a division by zero below
+            return [f"`model`: {path} has shape fields below 1 ({not_positive}); fix it or rewrite it"]
         return _structure_problems(recipe, config)
     except (TypeError, ValueError) as error:  # a shape field of the wrong type ("3 layers", null, a list)
-        path = resolve_model(recipe.model) / "config.json"
         return [
             f"`model`: {path} has a shape field of the wrong type ({error}); fix it or rewrite with save_pretrained"
         ]

@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args.command](args)
     except EdgepipeError as error:
         log.debug("traceback of the error below", exc_info=True)  # shown with -v
-        print(f"edgepipe: error: {error}", file=sys.stderr)
+        print(f"edgepipe: error: {_printable(str(error))}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         print(
@@ -308,6 +308,11 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+def _printable(message: str) -> str:
+    """`message` with control characters escaped (a value from a recipe can hold one: "\x1e" breaks a line)."""
+    return "".join(c if c.isprintable() or c == "\n" else ascii(c)[1:-1] for c in message)
 
 
 def _write_traceback(args: argparse.Namespace) -> Path:
