@@ -20,6 +20,7 @@ from edgepipe.pipeline.adapters import (
     TokenClassification,
     adapter_for,
     next_token_ce,
+    padding_parts,
 )
 from edgepipe.pipeline.data import Split
 from edgepipe.pipeline.loop import Schedule, batches, fit
@@ -131,6 +132,51 @@ def test_text_predict_sorts_by_length_and_returns_the_split_order(tiny_model_dir
     with torch.no_grad():
         one_by_one = torch.cat([model(**tokenizer([t], return_tensors="pt")).logits for t in texts])
     assert torch.allclose(task.predict(model, Split(texts, np.zeros(5, dtype=np.int64))), one_by_one, atol=1e-5)
+
+
+def test_padding_parts_run_the_fewest_tokens() -> None:
+    lengths = np.random.default_rng(0).integers(4, 64, size=10)
+
+    def cost(parts: list[np.ndarray], overhead: int) -> int:
+        return sum(overhead + len(p) * int(lengths[p].max()) for p in parts)
+
+    order = np.argsort(lengths, kind="stable")
+    for overhead in (0, 16, 64, 10_000):
+        parts = padding_parts(lengths, overhead)
+        assert sorted(np.concatenate(parts).tolist()) == list(range(10))
+        every_cut = (  # each way to cut the sorted rows into contiguous parts
+            np.split(order, [i for i in range(1, 10) if mask >> (i - 1) & 1]) for mask in range(2**9)
+        )
+        assert cost(parts, overhead) == min(cost(c, overhead) for c in every_cut)
+    assert len(padding_parts(lengths, 0)) == len(set(lengths.tolist())) and len(padding_parts(lengths, 10_000)) == 1
+
+
+@pytest.mark.parametrize("kind", ["text", "token"])
+def test_batch_logits_in_parts_equal_one_padded_batch(tiny_model_dir: Path, tokenizer: object, kind: str) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    short, long = "fine", "a fine and very long film about nothing at all but its own long and slow end"
+    texts = [short, long, "I loved it", short, "dull", long, "not for me", short] * 4
+    if kind == "text":
+        model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir).eval()
+        task: TextClassification = TextClassification(tokenizer, max_seq_len=32)
+        split = Split(texts, np.arange(32) % 2)
+    else:
+        config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
+        model = BertForTokenClassification(config).eval()
+        task = TokenClassification(tokenizer, max_seq_len=32)
+        split = Split(texts, np.zeros((32, 20), dtype=np.int64))
+    batch = task.batch(split, np.random.default_rng(0).permutation(32))
+    assert len(padding_parts(batch.inputs["attention_mask"].sum(1).numpy())) > 1  # it does run in parts
+    whole = task.logits(task.forward(model, batch), batch)
+    whole.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    in_parts = task.batch_logits(model, batch)
+    in_parts.sum().backward()
+    assert torch.allclose(in_parts, whole, atol=1e-5)
+    assert all(torch.allclose(p.grad, g, atol=1e-4) for p, g in zip(model.parameters(), grads, strict=True))
 
 
 def _regression(seed: int) -> tuple[torch.nn.Module, torch.nn.Module, Split]:

@@ -71,6 +71,29 @@ def encode_words(tokenizer: Any, texts: list[str], max_seq_len: int, width: int)
     return enc, torch.from_numpy(positions)
 
 
+PART_OVERHEAD = 64
+"""What running one more part of a batch costs, in tokens of work: the value of the sweep in
+benchmarks/bench_padding.py that trained the demo's batches fastest (RESULTS.md, "One batch in parts")."""
+
+
+def padding_parts(lengths: np.ndarray, overhead: int = PART_OVERHEAD) -> list[np.ndarray]:
+    """The rows of a batch of texts with `lengths` tokens, sorted by length and cut into the parts that run
+    the fewest tokens: a part pads to its longest text and costs `overhead` more (an exact dynamic program over
+    the sorted rows)."""
+    order = np.argsort(lengths, kind="stable")
+    ordered = lengths[order]
+    best, cut = np.zeros(len(ordered) + 1), np.zeros(len(ordered) + 1, dtype=int)
+    for end in range(1, len(ordered) + 1):
+        costs = [best[start] + overhead + (end - start) * ordered[end - 1] for start in range(end)]
+        cut[end] = int(np.argmin(costs))
+        best[end] = costs[cut[end]]
+    parts, end = [], len(ordered)
+    while end:
+        parts.append(order[cut[end] : end])
+        end = cut[end]
+    return parts[::-1]
+
+
 def words_of(token_logits: Any, positions: Any) -> Any:
     """Per-word logits (batch, width, labels) read at each word's first sub-word; 0 where it has none."""
     picked = token_logits.gather(1, positions.clamp_min(0)[..., None].expand(-1, -1, token_logits.shape[-1]))
@@ -106,6 +129,27 @@ class TextClassification:
 
     def logits(self, output: Any, batch: Batch) -> Any:
         return output.logits
+
+    def batch_logits(self, model: Any, batch: Batch, overhead: int = PART_OVERHEAD) -> Any:
+        """The task's logits of `batch`, run in parts of similar length (`padding_parts`), each cut to its own
+        longest text: the same logits as one padded batch (a text's do not depend on the padding after it),
+        for fewer tokens. Random batches of the demo's reviews pad to 1.9x their mean length. One part under
+        DDP (it allows one forward per backward) and for left padding (a cut would drop real tokens)."""
+        import torch
+
+        mask = batch.inputs["attention_mask"]
+        lengths = mask.sum(1).numpy()
+        parts = padding_parts(lengths, overhead)
+        ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        if len(parts) == 1 or ddp or self.tokenizer.padding_side != "right":
+            return self.logits(self.forward(model, batch), batch)
+        outputs = []
+        for rows in parts:
+            picked, width = torch.from_numpy(rows), int(lengths[rows].max())
+            inputs = {key: value[picked, :width] for key, value in batch.inputs.items()}
+            part = Batch(inputs, None, None if batch.positions is None else batch.positions[picked])
+            outputs.append(self.logits(self.forward(model, part), part))
+        return torch.cat(outputs)[torch.from_numpy(np.argsort(np.concatenate(parts)))]
 
     def samples(self, batch: Batch, *per_example: Any) -> tuple[Any, ...]:
         """`per_example` tensors and the labels, restricted to the samples a loss counts (all of them)."""
@@ -200,6 +244,10 @@ class ImageClassification:
 
     def logits(self, output: Any, batch: Batch) -> Any:
         return output
+
+    def batch_logits(self, model: Any, batch: Batch) -> Any:
+        """The logits of `batch` (images are all one size: one part)."""
+        return self.logits(self.forward(model, batch), batch)
 
     def samples(self, batch: Batch, *per_example: Any) -> tuple[Any, ...]:
         return (*per_example, batch.labels)

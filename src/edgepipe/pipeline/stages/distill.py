@@ -223,8 +223,12 @@ def run_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx: S
     def step_loss(trained: Any, step: int, index: Any) -> Any:
         nonlocal temperature
         batch = task.batch(train, index)
-        out = task.forward(trained, batch, **options)
-        logits, t_logits, labels = task.samples(batch, task.logits(out, batch), cached[torch.from_numpy(index)])
+        if need_teacher_pass:  # the hidden states and attentions of the whole batch
+            out = task.forward(trained, batch, **options)
+            logits = task.logits(out, batch)
+        else:
+            logits = task.batch_logits(trained, batch)
+        logits, t_logits, labels = task.samples(batch, logits, cached[torch.from_numpy(index)])
         loss, terms, weights, temperature = logit_objective(cfg, step, logits, t_logits, labels)
         if need_teacher_pass:
             with torch.no_grad():

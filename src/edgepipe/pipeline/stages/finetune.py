@@ -47,7 +47,7 @@ def run_finetune(inputs: dict[ArtifactKind, Artifact], cfg: FinetuneConfig, ctx:
 
     def step_loss(trained: Any, step: int, index: Any) -> Any:
         batch: Batch = task.batch(train, index)
-        return task.loss(task.logits(task.forward(trained, batch), batch), batch)
+        return task.loss(task.batch_logits(trained, batch), batch)
 
     lengths = task.lengths(train) if cfg.group_by_length else None
     fitted = fit(model, step_loss, cfg, len(train), ctx.seed, world=ctx.world, desc="finetune", lengths=lengths)

@@ -29,8 +29,8 @@ def recover(
     def step_loss(trained: Any, step: int, index: Any) -> Any:
         batch = task.batch(train, index)
         with torch.no_grad():
-            t_logits = task.logits(task.forward(teacher, batch), batch)
-        logits = task.logits(task.forward(trained, batch), batch)
+            t_logits = task.batch_logits(teacher, batch)
+        logits = task.batch_logits(trained, batch)
         logits, t_logits, labels = task.samples(batch, logits, t_logits)
         return logit_objective(spec, step, logits, t_logits, labels)[0]
 
