@@ -9,6 +9,9 @@ each batch's forward + backward (train mode, the gradient dropped, so the model 
 in a rotated order batch by batch: `task.logits(task.forward(...))` on the batch padded to its longest review,
 and `task.batch_logits` in parts for each cost of a part in OVERHEADS (tokens of work; `adapters.PART_OVERHEAD`
 is the default). Per way: the median step time, its ratio to the padded batch, the tokens run, the parts.
+
+AdamW's step on the model's parameters, the for-loop implementation against the fused kernel
+(`loop.optimizer_and_schedule` uses the fused one), interleaved, 10 steps each after 2.
 """
 
 from __future__ import annotations
@@ -33,12 +36,28 @@ from edgepipe.pipeline.loop import batches
 from edgepipe.pipeline.models import resolve_model
 from edgepipe.pipeline.recipe import default_recipe_path, load_recipe
 
-OVERHEADS = (0, 16, 64, 256, 1024)
+OVERHEADS = (0, 8, 16, 32, 64, 256)
 
 
 def _step(model: torch.nn.Module, logits: torch.Tensor) -> None:
     logits.float().logsumexp(-1).mean().backward()
     model.zero_grad(set_to_none=True)
+
+
+def _adamw_ms(model: torch.nn.Module) -> dict[str, float]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    optimizers = {
+        "for_loop": torch.optim.AdamW(params, lr=0.0, weight_decay=0.0, fused=False),
+        "fused": torch.optim.AdamW(params, lr=0.0, weight_decay=0.0, fused=True),
+    }  # lr 0: the model stays the same
+    seconds: dict[str, list[float]] = {name: [] for name in optimizers}
+    for _ in range(12):
+        for name, optimizer in optimizers.items():
+            seconds[name].append(_seconds(optimizer.step))
+    model.zero_grad(set_to_none=True)
+    return {name: round(1e3 * float(np.median(s[2:])), 1) for name, s in seconds.items()}
 
 
 def _seconds(run) -> float:  # type: ignore[no-untyped-def]
@@ -99,6 +118,7 @@ def main() -> None:
             }
             for way in ways
         },
+        "adamw_step_ms": _adamw_ms(model),
     }
     write_json(args.json, result)
     print(json.dumps(result, indent=1))
