@@ -8,7 +8,9 @@ max_seq_len (64), and the batches its finetune stage draws (`loop.batches`, seed
 each batch's forward + backward (train mode, the gradient dropped, so the model stays the same) run every way,
 in a rotated order batch by batch: `task.logits(task.forward(...))` on the batch padded to its longest review,
 and `task.batch_logits` in parts for each cost of a part in OVERHEADS (tokens of work; `adapters.PART_OVERHEAD`
-is the default). Per way: the median step time, its ratio to the padded batch, the tokens run, the parts.
+is the default), and the default parts again under `torch.autocast("cpu", torch.bfloat16)` (`bf16`: the
+recipes' `autocast: bf16`, fast where the CPU has AVX512-BF16 or AMX). Per way: the median step time, its ratio
+to the padded batch, the tokens run, the parts.
 
 AdamW's step on the model's parameters, the for-loop implementation against the fused kernel
 (`loop.optimizer_and_schedule` uses the fused one), interleaved, 10 steps each after 2.
@@ -60,6 +62,11 @@ def _adamw_ms(model: torch.nn.Module) -> dict[str, float]:
     return {name: round(1e3 * float(np.median(s[2:])), 1) for name, s in seconds.items()}
 
 
+def _bf16(run) -> None:  # type: ignore[no-untyped-def]
+    with torch.autocast("cpu", torch.bfloat16):
+        run()
+
+
 def _seconds(run) -> float:  # type: ignore[no-untyped-def]
     begun = time.perf_counter()
     run()
@@ -82,7 +89,7 @@ def main() -> None:
     task = TextClassification(tokenizer, finetune.max_seq_len)
 
     plan = batches(len(train), finetune.batch_size, args.steps, recipe.seed)
-    ways = ["padded", *(f"parts-{o}" for o in OVERHEADS)]
+    ways = ["padded", *(f"parts-{o}" for o in OVERHEADS), "bf16"]
     seconds: dict[str, list[float]] = {way: [] for way in ways}
     tokens: dict[str, list[int]] = {way: [] for way in ways}
     parts: dict[str, list[int]] = {way: [] for way in ways}
@@ -94,13 +101,19 @@ def main() -> None:
         for o in OVERHEADS:
             runs[f"parts-{o}"] = lambda b=batch, o=o: _step(model, task.batch_logits(model, b, o))
             cuts[f"parts-{o}"] = padding_parts(lengths, o)
+        runs["bf16"] = lambda b=batch: _bf16(lambda: _step(model, task.batch_logits(model, b)))
+        cuts["bf16"] = padding_parts(lengths, PART_OVERHEAD)
         for way in ways[i % len(ways) :] + ways[: i % len(ways)]:
             seconds[way].append(_seconds(runs[way]))
             tokens[way].append(sum(len(p) * int(lengths[p].max()) for p in cuts[way]))
             parts[way].append(len(cuts[way]))
     padded = np.array(seconds["padded"][2:])  # the first two batches warm up
     result = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        },
         "versions": {"torch": torch.__version__},
         "model": recipe.model,
         "batch_size": finetune.batch_size,

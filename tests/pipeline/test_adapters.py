@@ -23,7 +23,7 @@ from edgepipe.pipeline.adapters import (
     padding_parts,
 )
 from edgepipe.pipeline.data import Split
-from edgepipe.pipeline.loop import Schedule, batches, fit
+from edgepipe.pipeline.loop import Schedule, autocast_mode, batches, fit
 from edgepipe.runtime.generate import perplexity, torch_logits
 from edgepipe.tasks import TASKS, Task
 
@@ -222,3 +222,42 @@ def test_fit_leaves_frozen_parameters_alone() -> None:
         seed=0,
     )
     assert torch.equal(model.bias, bias)
+
+
+def test_fit_under_bf16_autocast_runs_the_forward_in_bf16_learns_and_keeps_fp32_weights() -> None:
+    task = ImageClassification()
+    dtypes: dict[str, set[torch.dtype]] = {}
+
+    def run(autocast: str) -> list[float]:
+        model, head, split = _regression(0)
+        seen = dtypes.setdefault(autocast, set())
+
+        def step_loss(trained: torch.nn.Module, step: int, index: np.ndarray) -> torch.Tensor:
+            batch = task.batch(split, index)
+            hidden = trained(batch.inputs)
+            seen.add(hidden.dtype)
+            return task.loss(task.logits(head(hidden), batch), batch)
+
+        schedule = Schedule(0.05, 0.0, 0.0, 40, 16, autocast=autocast)
+        losses = fit(model, step_loss, schedule, len(split), seed=0, outside=list(head.parameters())).losses
+        assert model.weight.dtype == head.weight.dtype == torch.float32
+        return losses
+
+    bf16, fp32 = run("bf16"), run("none")
+    assert dtypes == {"bf16": {torch.bfloat16}, "none": {torch.float32}}
+    assert np.mean(bf16[-5:]) < 0.5 * np.mean(bf16[:5])
+    assert bf16 != fp32 and abs(bf16[0] - fp32[0]) < 0.05  # the same first batch, rounded to bf16
+
+
+@pytest.mark.parametrize(
+    ("avx512_bf16", "amx", "expected"), [(True, False, "bf16"), (False, True, "bf16"), (False, False, "none")]
+)
+def test_autocast_auto_is_bf16_only_where_the_cpu_has_it_natively(
+    monkeypatch: pytest.MonkeyPatch, avx512_bf16: bool, amx: bool, expected: str
+) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert autocast_mode("auto", "cpu") == expected
+    assert autocast_mode("bf16", "cpu") == "bf16" and autocast_mode("none", "cpu") == "none"
+    with pytest.raises(ValueError, match="autocast 'fp8': use one of none, bf16, auto"):
+        autocast_mode("fp8", "cpu")

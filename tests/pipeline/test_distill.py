@@ -122,6 +122,24 @@ def test_distill_stage_kd_loss_falls_and_student_is_smaller(tmp_path: Path, tiny
     assert json.loads((out / "02-distill" / "metrics.json").read_text())["teacher_logits_reused"] is True
 
 
+def test_text_stages_train_under_bf16_autocast_and_say_so(tmp_path: Path, tiny_model_dir: Path, rt_csv: Path) -> None:
+    raw = tiny_recipe(tiny_model_dir, rt_csv)
+    raw["stages"] = [
+        {**raw["stages"][0], "max_steps": 20, "autocast": "bf16"},
+        _distill(autocast="bf16"),
+        {"kind": "distill", "name": "fp32", "student": {"num_layers": 1}, "max_steps": 1},
+    ]
+    out = tmp_path / "run"
+    assert main(["build", str(write_recipe(tmp_path / "r.yaml", raw)), "--out", str(out)]) == 0
+    finetune, distill, fp32 = (
+        json.loads((out / d / "metrics.json").read_text())
+        for d in sorted(p.name for p in out.iterdir() if p.is_dir() and p.name[:2].isdigit())
+    )
+    assert (finetune["autocast"], distill["autocast"], fp32["autocast"]) == ("bf16", "bf16", "none")
+    student = AutoModelForSequenceClassification.from_pretrained(out / "02-distill" / "model")
+    assert student.dtype == torch.float32  # the weights stay fp32
+
+
 @pytest.mark.parametrize(
     ("stage", "message"),
     [

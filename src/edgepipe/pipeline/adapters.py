@@ -128,7 +128,7 @@ class TextClassification:
         return model(**batch.inputs, **options)
 
     def logits(self, output: Any, batch: Batch) -> Any:
-        return output.logits
+        return output.logits.float()  # fp32 losses under bf16 autocast (a no-op otherwise)
 
     def batch_logits(self, model: Any, batch: Batch, overhead: int = PART_OVERHEAD) -> Any:
         """The task's logits of `batch`, run in parts of similar length (`padding_parts`), each cut to its own
@@ -215,7 +215,7 @@ class TokenClassification(TextClassification):
         return encode_words(self.tokenizer, texts, self.max_seq_len, width)
 
     def logits(self, output: Any, batch: Batch) -> Any:
-        return words_of(output.logits, batch.positions)
+        return words_of(output.logits.float(), batch.positions)
 
     def samples(self, batch: Batch, *per_word: Any) -> tuple[Any, ...]:
         """Every labeled word that kept a token is one sample: `per_word` tensors (n, words, ...) and
@@ -243,7 +243,7 @@ class ImageClassification:
         return model(batch.inputs)
 
     def logits(self, output: Any, batch: Batch) -> Any:
-        return output
+        return output.float()
 
     def batch_logits(self, model: Any, batch: Batch) -> Any:
         """The logits of `batch` (images are all one size: one part)."""

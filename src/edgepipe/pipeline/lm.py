@@ -87,13 +87,12 @@ def distill_lm(
     Every real position counts, padding is masked out (`kd.distribution_loss`); the one training loop
     (`loop.fit`: reshuffled epochs of the texts, AdamW with a linear warm-up and decay). On `device`
     (`cuda`: teacher and student move there for the loop and come back to the CPU after it, also when it
-    fails); `autocast: bf16` runs both forward passes in bfloat16 (torch.autocast) over fp32 weights, the
-    losses in fp32. Returns the loss curve and step times."""
-    import contextlib
-
+    fails); `autocast` (`bf16`, or `auto`: bf16 where the device has it natively) runs both forward passes
+    in bfloat16 (the loop's torch.autocast) over fp32 weights, the losses in fp32. Returns the loss curve and
+    step times."""
     import torch
 
-    from edgepipe.pipeline.loop import Schedule, fit
+    from edgepipe.pipeline.loop import AUTOCAST, Schedule, fit
 
     if kind not in DIVERGENCE_KINDS:
         raise InputError(f"`kind`: unknown divergence {kind!r}; use one of {', '.join(DIVERGENCE_KINDS)}")
@@ -106,32 +105,27 @@ def distill_lm(
         )
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("`device`: cuda, but torch sees no CUDA device here; use device: cpu")
-    if autocast not in ("none", "bf16"):
-        raise InputError(f"`autocast`: {autocast!r}; use none or bf16")
+    if autocast not in AUTOCAST:
+        raise InputError(f"`autocast`: {autocast!r}; use one of {', '.join(AUTOCAST)}")
     torch.manual_seed(seed)
     teacher.eval()
 
     task = CausalLM(tokenizer, seq_len)
 
-    def mixed() -> Any:
-        on = torch.device(device).type
-        return torch.autocast(on, torch.bfloat16) if autocast == "bf16" else contextlib.nullcontext()
-
     def step_loss(trained: Any, step: int, index: np.ndarray) -> Any:
         batch = task.batch_of_texts([train_texts[i] for i in index])
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.inputs.items()}
         batch = Batch(inputs, inputs["input_ids"])
-        with torch.no_grad(), mixed():
+        with torch.no_grad():
             target = task.logits(task.forward(teacher, batch), batch)
-        with mixed():
-            logits = task.logits(task.forward(trained, batch), batch)
+        logits = task.logits(task.forward(trained, batch), batch)
         logits, target = logits.float(), target.float()
         loss = kd_weight * distribution_loss(logits, target, kind, temperature, inputs["attention_mask"])
         if ce_weight:
             loss = loss + ce_weight * task.loss(logits, batch)
         return loss
 
-    schedule = Schedule(lr, weight_decay, warmup_ratio, steps, batch_size)
+    schedule = Schedule(lr, weight_decay, warmup_ratio, steps, batch_size, autocast)
     teacher.to(device)
     student.to(device)
     try:

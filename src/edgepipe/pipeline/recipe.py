@@ -71,6 +71,15 @@ class DataConfig(_Strict):
         return value
 
 
+Autocast = Annotated[
+    Literal["none", "bf16", "auto"],
+    Field(
+        description="bf16: the training forward passes in bfloat16 (torch.autocast) over fp32 weights; auto: bf16 "
+        "where the device computes it natively (AVX512-BF16 or AMX CPUs, CUDA), fp32 elsewhere"
+    ),
+]
+
+
 class _TrainingConfig(_Strict):
     """Budget and optimizer settings shared by the training stages; torch-model in, torch-model out."""
 
@@ -82,6 +91,7 @@ class _TrainingConfig(_Strict):
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     eval_batch_size: int = Field(64, ge=1)
     group_by_length: bool = Field(False, description="batches of texts of similar length: less padding")
+    autocast: Autocast = "none"
 
     _check_len = field_validator("max_seq_len")(_positive_seq_len)
 
@@ -175,9 +185,6 @@ class DistillConfig(_TrainingConfig):
     device: Literal["cpu", "cuda"] = Field(
         "cpu", description="causal-lm: where the distillation runs; the student comes back to the CPU"
     )
-    autocast: Literal["none", "bf16"] = Field(
-        "none", description="causal-lm: bfloat16 forward passes (torch.autocast) over fp32 weights"
-    )
 
 
 class RecoverConfig(_Strict):
@@ -189,6 +196,7 @@ class RecoverConfig(_Strict):
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     group_by_length: bool = Field(False, description="batches of texts of similar length: less padding")
+    autocast: Autocast = "none"
     temperature: float = Field(2.0, gt=0)
     adaptive: Literal["none", "anneal", "wsl"] = "none"
     loss: LossWeights = Field(default_factory=LossWeights)

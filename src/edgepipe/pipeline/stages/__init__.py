@@ -63,7 +63,6 @@ STAGES: dict[tuple[str, str], StageEntry] = {}
 # distill keys only the causal-lm distillation implements: the other tasks refuse them by name
 TRAINED_ON_CPU = {
     "device": "only causal-lm distillation runs on CUDA so far; this task trains on the CPU",
-    "autocast": "only causal-lm distillation has bf16 autocast so far",
 }
 UNGROUPED = {"group_by_length": "only text and token classification group their batches by length so far"}
 

@@ -19,7 +19,7 @@ import numpy as np
 from edgepipe.errors import InputError
 from edgepipe.pipeline.adapters import Batch, TextClassification, adapter_for
 from edgepipe.pipeline.artifacts import Artifact, config_hash
-from edgepipe.pipeline.loop import fit, loss_window
+from edgepipe.pipeline.loop import autocast_mode, fit, loss_window
 from edgepipe.pipeline.recipe import ArtifactKind, DistillConfig, RecoverConfig
 from edgepipe.pipeline.stages import TRAINED_ON_CPU, StageContext, StageResult, register
 from edgepipe.pipeline.stages.training import save_model
@@ -117,6 +117,7 @@ def distill_result(
     metrics: dict[str, Any] = {
         "steps": cfg.max_steps,
         "train_seconds": round(run.train_s, 2),
+        "autocast": autocast_mode(cfg.autocast, "cpu"),
         "val_accuracy": run.val_accuracy,
         "teacher_val_accuracy": run.teacher_val,
         "retention": round(run.val_accuracy / run.teacher_val, 4) if run.teacher_val else None,

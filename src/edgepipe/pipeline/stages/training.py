@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepipe.pipeline.artifacts import write_meta
-from edgepipe.pipeline.loop import loss_window
+from edgepipe.pipeline.loop import autocast_mode, loss_window
 from edgepipe.pipeline.stages import StageContext
 
 
@@ -33,6 +33,7 @@ def finetune_result(
         "train_loss_end": end,
         "val_accuracy": val_accuracy,
         "train_seconds": round(train_s, 2),
+        "autocast": autocast_mode(cfg.autocast, "cpu"),
         "world_size": ctx.world.size,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
