@@ -136,6 +136,8 @@ def test_text_stages_train_under_bf16_autocast_and_say_so(tmp_path: Path, tiny_m
         for d in sorted(p.name for p in out.iterdir() if p.is_dir() and p.name[:2].isdigit())
     )
     assert (finetune["autocast"], distill["autocast"], fp32["autocast"]) == ("bf16", "bf16", "none")
+    # the teacher's logits were computed in bf16 for the first student: the fp32 one does not reuse them
+    assert distill["teacher_logits_reused"] is False and fp32["teacher_logits_reused"] is False
     student = AutoModelForSequenceClassification.from_pretrained(out / "02-distill" / "model")
     assert student.dtype == torch.float32  # the weights stay fp32
 
