@@ -40,7 +40,7 @@ def teacher_logits(
 
     bf16 = autocast_mode(cfg.autocast, "cpu") == "bf16"
     parts = [source.fingerprint, ctx.data.fingerprint, cfg.max_seq_len, "train-logits"]
-    key = config_hash(parts + ["bf16"] if bf16 else parts)  # fp32's key as it always was
+    key = config_hash([*parts, "bf16"] if bf16 else parts)  # fp32's key as it always was
     path = ctx.cache_dir / f"teacher-logits-{key}.safetensors"
     reused = ctx.world.share(path.is_file())
     if reused:
