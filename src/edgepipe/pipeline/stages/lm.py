@@ -16,6 +16,7 @@ from typing import Any
 
 from edgepipe.errors import InputError
 from edgepipe.pipeline.artifacts import Artifact, write_meta
+from edgepipe.pipeline.loop import autocast_mode
 from edgepipe.pipeline.recipe import (
     LM_TASK,
     WEIGHT_ONLY_MODES,
@@ -197,7 +198,7 @@ def run_lm_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx
         "steps": cfg.max_steps,
         "train_seconds": round(train_s, 2),
         "device": cfg.device,
-        "autocast": cfg.autocast,
+        "autocast": autocast_mode(cfg.autocast, cfg.device),  # what ran: auto resolved
         "divergence": cfg.divergence,
         "temperature": cfg.temperature,
         "layers": layers,
