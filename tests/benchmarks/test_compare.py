@@ -117,7 +117,10 @@ def test_a_real_slowdown_fails_the_gate(run_copy: Path, built_run: Path, capsys)
     fp32 = [ratio for (name, _), ratio in ratios.items() if name == "fp32"]
     assert len(fp32) == 2 and min(fp32) > 3, out  # the dead work dominates at both batch sizes
     assert [line for line in out.splitlines() if line.startswith("| fp32 | cpu |") and line.endswith("| slower |")]
-    assert max(r for (name, _), r in ratios.items() if name != "fp32") < min(fp32), out  # the worst is fp32
+    # the worst ONNX artifact is fp32; the torch teacher is left out: under the test run's other worker its
+    # threads contend for the 2 cores, and it once timed 118x its baseline (0.73 -> 86.8 ms) on a busy host
+    onnx = [r for (name, _), r in ratios.items() if name not in ("fp32", "teacher")]
+    assert max(onnx) < min(fp32), out
     assert "regression(s) against" in err
 
 
