@@ -9,7 +9,6 @@ weights (`torch.autocast`), the losses in fp32.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -156,7 +155,7 @@ def fit(
     plan = batches(examples, cfg.batch_size, cfg.max_steps, seed, lengths)
     for step, index in enumerate(bar(plan, desc=desc, unit="step")):
         begun = time.perf_counter()
-        with torch.autocast(device, torch.bfloat16) if bf16 else contextlib.nullcontext():
+        with torch.autocast(device, torch.bfloat16, enabled=bf16):
             loss = step_loss(trained, step, world.shard(index) if world is not None else index)
         loss.backward()
         if world is not None:

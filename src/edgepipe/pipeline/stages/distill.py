@@ -47,7 +47,7 @@ def teacher_logits(
         log.info("distill: teacher logits reused from %s", path.name)
     elif ctx.world.is_main:  # rank 0 computes and writes; the other ranks read the file
         with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-            logits = predict(ctx.data.train).float()
+            logits = predict(ctx.data.train)  # the adapters' logits are fp32
         ctx.cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".partial")
         save_file({"logits": logits.contiguous()}, str(tmp))
