@@ -205,3 +205,39 @@ def test_transfer_loss_is_zero_only_when_the_student_is_the_teacher(tiny_model_d
     student = build_student(teacher, cfg, seed=0)
     other = transfer_loss(student, teacher, task, texts, cfg, 2.0, {0: 1}, None)
     assert other.item() > 1e-4 and other.requires_grad
+
+
+def test_augment_cuts_to_an_ngram_and_masks_words() -> None:
+    import numpy as np
+
+    from edgepipe.pipeline.data import augment
+
+    text = "a  gripping , funny and moving film"
+    words = text.split()
+    assert augment(text, np.random.default_rng(0), "[MASK]", 0.0, 0.0) == " ".join(words)
+    masked = augment(text, np.random.default_rng(0), "[MASK]", 0.999, 0.0).split()
+    assert masked == ["[MASK]"] * len(words)
+    for seed in range(20):
+        cut = augment(text, np.random.default_rng(seed), "[MASK]", 0.0, 1.0)
+        assert 1 <= len(cut.split()) <= 5 and cut in " ".join(words)  # one contiguous n-gram of the words
+    assert augment("one", np.random.default_rng(0), "[MASK]", 0.0, 1.0) == "one"  # a single word stays
+
+
+def test_stage_seed_and_an_augmented_transfer_set_of_the_train_texts(
+    tmp_path: Path, tiny_model_dir: Path, rt_csv: Path
+) -> None:
+    raw = tiny_recipe(tiny_model_dir, rt_csv)
+    transfer = {"source": "train", "mask": 0.1, "ngram": 0.25}
+    raw["stages"] = [{**raw["stages"][0], "max_steps": 10}, _distill(max_steps=8, transfer=transfer)]
+    out = tmp_path / "run"
+    path = write_recipe(tmp_path / "r.yaml", raw)
+    assert main(["build", str(path), "--out", str(out)]) == 0
+    metrics = json.loads((out / "02-distill" / "metrics.json").read_text())
+    assert metrics["loss_transfer_start"] > 0
+    # a distill seed of its own retrains the student only: the split and the teacher stay
+    assert main(["build", str(path), "--out", str(out), "--set", "stages.1.seed=5"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["reused"] for s in manifest["stages"]] == [True, False]
+    assert json.loads((out / "02-distill" / "metrics.json").read_text())["loss_transfer_start"] != pytest.approx(
+        metrics["loss_transfer_start"]
+    )

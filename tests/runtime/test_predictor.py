@@ -23,6 +23,13 @@ def test_torch_and_onnx_artifacts_agree(built_run: Path) -> None:
     np.testing.assert_allclose(onnx_logits, torch_logits, atol=1e-4)
 
 
+def test_batches_of_similar_length_come_back_in_input_order(built_run: Path) -> None:
+    texts = ["a dull, lifeless mess that never finds its footing", "great", "not bad at all", "fine", "a long " * 9]
+    predictor = Predictor.load(built_run / "02-export" / "fp32")
+    alone = np.concatenate([predictor.logits([t]) for t in texts])
+    np.testing.assert_allclose(predictor.logits(texts, batch_size=2), alone, atol=1e-5)
+
+
 def test_session_records_its_settings(built_run: Path) -> None:
     predictor = Predictor.load(built_run / "02-export" / "fp32", options=RuntimeOptions(threads=1))
     settings = predictor.session.describe()

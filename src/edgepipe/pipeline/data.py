@@ -263,8 +263,25 @@ def _rows(cfg: DataConfig, task: str) -> tuple[list[tuple[str, str]], list[str] 
     return [(cell(r, cfg.text_column), cell(r, cfg.label_column)) for r in table], None
 
 
+TRAIN_TRANSFER = "train"
+"""A transfer source naming the train split's own texts (augmented by the stage's mask/ngram settings)."""
+
+
+def augment(text: str, rng: np.random.Generator, mask_token: str, mask: float, ngram: float) -> str:
+    """Tang et al. 2019's augmentation for distillation: with probability `ngram` keep one random n-gram
+    of the words (n uniform in 1..5), then replace each word by `mask_token` with probability `mask`."""
+    words = text.split()
+    if len(words) > 1 and rng.random() < ngram:
+        n = int(rng.integers(1, min(5, len(words)) + 1))
+        start = int(rng.integers(0, len(words) - n + 1))
+        words = words[start : start + n]
+    return " ".join(mask_token if rng.random() < mask else word for word in words)
+
+
 def transfer_problem(source: str, text_column: str, key: str) -> str | None:
     """`data_problem` for a distill stage's transfer texts, naming the stage's keys."""
+    if source == TRAIN_TRANSFER:
+        return None
     problem = data_problem(DataConfig(source=source, text_column=text_column), LM_TASK)
     if problem is None:
         return None

@@ -150,7 +150,8 @@ def run_stage(
     tmp = paths.root / f".{final.name}.partial" if world.is_main else Path(tempfile.mkdtemp(prefix="edgepipe-"))
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    ctx = StageContext(stage_dir=tmp, seed=recipe.seed, task=recipe.task, data=data, cache_dir=paths.cache, world=world)
+    seed = recipe.seed if getattr(stage, "seed", None) is None else stage.seed
+    ctx = StageContext(stage_dir=tmp, seed=seed, task=recipe.task, data=data, cache_dir=paths.cache, world=world)
     started = time.perf_counter()
     try:
         result = stage_fn(stage.kind, recipe.task)(inputs, stage, ctx)

@@ -92,6 +92,11 @@ class _TrainingConfig(_Strict):
     eval_batch_size: int = Field(64, ge=1)
     group_by_length: bool = Field(False, description="batches of texts of similar length: less padding")
     autocast: Autocast = "none"
+    seed: int | None = Field(
+        None,
+        description="this stage's training seed (batch order, dropout, init); default: the recipe's seed, "
+        "which also draws the data split",
+    )
 
     _check_len = field_validator("max_seq_len")(_positive_seq_len)
 
@@ -158,9 +163,16 @@ class TransferConfig(_Strict):
     """Unlabeled texts on which the student also matches the teacher (a KD transfer set): the teacher's
     outputs on text it was not trained on carry more than its near one-hot outputs on its own train set."""
 
-    source: str = Field(description="built-in text dataset name or a .csv/.jsonl file; keep your test texts out")
+    source: str = Field(
+        description="built-in text dataset name, a .csv/.jsonl file (keep your test texts out), or `train`: the "
+        "train split's own texts, worth it with `mask`/`ngram` augmentation"
+    )
     text_column: str = "text"
     weight: float = Field(1.0, gt=0, description="multiplies the transfer batch's kd (and hidden) loss terms")
+    mask: float = Field(0.0, ge=0, lt=1, description="each word becomes the mask token with this probability")
+    ngram: float = Field(
+        0.0, ge=0, le=1, description="with this probability a text is cut to one of its n-grams, n in 1..5"
+    )
 
 
 class DistillConfig(_TrainingConfig):

@@ -222,21 +222,25 @@ class Predictor:
         return np.ascontiguousarray(inputs, dtype=np.float32)
 
     def logits(self, inputs: Sequence[str] | np.ndarray, batch_size: int = 32) -> np.ndarray:
-        """(inputs, labels); a token classifier's per word (texts, most words of a text, labels)."""
-        if self.task == TOKEN_TASK:
-            return self._word_logits(list(inputs), batch_size)
-        outputs = [self.session.run(self.encode(inputs[i : i + batch_size])) for i in range(0, len(inputs), batch_size)]
-        return np.concatenate(outputs, axis=0)
-
-    def _word_logits(self, texts: list[str], batch_size: int) -> np.ndarray:
+        """(inputs, labels); a token classifier's per word (texts, most words of a text, labels). Texts run
+        in batches of similar length (by characters), which pad less, and come back in their order."""
+        if self.input_shape is not None:
+            return np.concatenate(
+                [self.session.run(self.encode(inputs[i : i + batch_size])) for i in range(0, len(inputs), batch_size)]
+            )
+        texts = list(inputs)
         width = max_words(texts)
+        order = np.argsort([len(t) for t in texts], kind="stable")
         outputs = []
         for i in range(0, len(texts), batch_size):
-            chunk = texts[i : i + batch_size]
+            chunk = [texts[j] for j in order[i : i + batch_size]]
+            if self.task != TOKEN_TASK:
+                outputs.append(self.session.run(self.encode(chunk)))
+                continue
             encoded = self._tokenize(chunk, offsets=True)  # one tokenization gives the feeds and the offsets
             positions = word_positions(chunk, encoded["offset_mapping"], width)
             outputs.append(gather_words(self.session.run(self._feeds(encoded)), positions))
-        return np.concatenate(outputs, axis=0)
+        return np.concatenate(outputs, axis=0)[np.argsort(order)]
 
     def entities(self, texts: Sequence[str]) -> list[list[Entity]]:
         """Entities of each sentence (words separated by spaces) from its BIO tags (token classifiers)."""

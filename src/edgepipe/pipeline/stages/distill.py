@@ -19,6 +19,7 @@ import numpy as np
 from edgepipe.errors import InputError
 from edgepipe.pipeline.adapters import Batch, TextClassification, adapter_for
 from edgepipe.pipeline.artifacts import Artifact, config_hash
+from edgepipe.pipeline.data import augment
 from edgepipe.pipeline.loop import autocast_mode, fit, loss_window
 from edgepipe.pipeline.recipe import ArtifactKind, DistillConfig, RecoverConfig
 from edgepipe.pipeline.stages import TRAINED_ON_CPU, StageContext, StageResult, register
@@ -213,13 +214,17 @@ def run_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx: S
 
     transfer: list[str] = []  # shuffled once, then taken in order
     if cfg.transfer is not None:
-        from edgepipe.pipeline.data import transfer_texts
+        from edgepipe.pipeline.data import TRAIN_TRANSFER, transfer_texts
 
-        texts = transfer_texts(cfg.transfer.source, cfg.transfer.text_column)
+        if cfg.transfer.source == TRAIN_TRANSFER:
+            texts = [str(text) for text in train.inputs]
+        else:
+            texts = transfer_texts(cfg.transfer.source, cfg.transfer.text_column)
         if not texts:
             raise InputError(f"`transfer.source`: {cfg.transfer.source} holds no texts")
         transfer = [texts[i] for i in np.random.default_rng(ctx.seed + 1).permutation(len(texts))]
         log.info("distill: %d transfer texts from %s", len(transfer), cfg.transfer.source)
+    mask_token = tokenizer.mask_token or tokenizer.unk_token
 
     history: dict[str, list[float]] = {k: [] for k in HISTORY_KEYS}
     need_teacher_pass = cfg.loss.hidden > 0 or need_attention
@@ -255,9 +260,17 @@ def run_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx: S
                 loss = loss + cfg.loss.attention * terms["attention"]
         if cfg.transfer is not None:  # `transfer` holds texts: an empty source raised above
             picked = ctx.world.shard((step * cfg.batch_size + np.arange(cfg.batch_size)) % len(transfer))
-            terms["transfer"] = transfer_loss(
-                trained, teacher, task, [transfer[i] for i in picked], cfg, temperature, mapping, projections
-            )
+            texts = [  # each text's own generator: the same texts for a seed on any world size
+                augment(
+                    transfer[i],
+                    np.random.default_rng([ctx.seed, step, i]),
+                    mask_token,
+                    cfg.transfer.mask,
+                    cfg.transfer.ngram,
+                )
+                for i in picked
+            ]
+            terms["transfer"] = transfer_loss(trained, teacher, task, texts, cfg, temperature, mapping, projections)
             loss = loss + cfg.transfer.weight * terms["transfer"]
         record(history, loss, terms, weights)
         return loss
