@@ -285,3 +285,25 @@ def test_sliding_window_decoding_matches_past_the_window(tmp_path: Path) -> None
     cases = (CausalParityCase(1, 12, 6), CausalParityCase(2, 7, 6, left_pad=3))
     results = check_causal_parity(model, tmp_path / "model.onnx", atol=1e-4, cases=cases)
     assert max(r.max_abs_diff for r in results) < 1e-5
+
+
+def test_odd_blocks_per_input_are_refused_where_onnxruntime_packs_zero_points_wrongly(tmp_path: Path) -> None:
+    """GPTQ and k-quant (neural-compressor's packing) pair 4-bit zero points across columns: with an odd number of
+    blocks along the inputs they fail or mis-pack, so the stage names the MatMul and the way out first."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.random.default_rng(0).standard_normal((32, 16)).astype(np.float32)  # 32 inputs: one block of 32
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="/o_proj/MatMul")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 16])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    src = tmp_path / "m.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    settings = WeightOnly(bits=4, algorithm="k_quant", head=True)
+    with pytest.raises(InputError, match=r"odd number of blocks of 32: /o_proj/MatMul \(32 inputs\); set symmetric"):
+        quantize_weight_only(src, tmp_path / "q.onnx", settings)
+    quantize_weight_only(src, tmp_path / "q.onnx", WeightOnly(bits=4, algorithm="k_quant", head=True, block_size=16))
+    assert op_counts(tmp_path / "q.onnx")["MatMulNBits"] == 1

@@ -306,6 +306,49 @@ def test_ffn_width_pruning_keeps_the_most_active_neurons_and_reloads(tmp_path: P
         prune_width(model, [(ids, mask)], intermediate_size=100)
 
 
+def test_query_head_pruning_keeps_the_most_active_heads_of_each_kv_group_and_reloads(tmp_path: Path) -> None:
+    """Grouped-query heads (Minitron's heads): each query head scores its output's magnitude at the output
+    projection's input; the top half of every key/value group stays, the key/value heads stay; pruning equals
+    zeroing the removed heads' columns of the output projection; the folder reloads with the same logits."""
+    import copy
+
+    import torch
+    from conftest import tiny_llama
+    from transformers import AutoModelForCausalLM
+
+    from edgepipe.pipeline.lm import activation_importance, prune_width
+
+    model = tiny_llama(layers=2, num_attention_heads=4, num_key_value_heads=2)  # heads 0-1: group 0, 2-3: group 1
+    size = model.config.head_dim
+    masked = copy.deepcopy(model)
+    ids = torch.randint(0, 256, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[2, 8:] = 0
+    scores = activation_importance(model, [(ids, mask)], ffn=False, hidden=False, heads=True)["heads"]
+    assert [s.shape for s in scores] == [(4,), (4,)] and all((s > 0).all() for s in scores)
+    expected = [[int(s[:2].argmax()), 2 + int(s[2:].argmax())] for s in scores]
+
+    kept = prune_width(model, [(ids, mask)], num_heads=2)["heads"]
+    assert kept == [round(float(s[k].sum() / s.sum()), 4) for s, k in zip(scores, expected, strict=True)]
+    layer = model.model.layers[0]
+    assert layer.self_attn.q_proj.out_features == 2 * size and layer.self_attn.o_proj.in_features == 2 * size
+    assert layer.self_attn.k_proj.out_features == 2 * size and layer.self_attn.num_key_value_groups == 1
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads, model.config.head_dim) == (2, 2, size)
+    with torch.no_grad():
+        for layer, heads in zip(masked.model.layers, expected, strict=True):
+            for head in set(range(4)) - set(heads):
+                layer.self_attn.o_proj.weight[:, head * size : (head + 1) * size] = 0
+    with torch.inference_mode():
+        assert torch.allclose(model(ids).logits, masked(ids).logits, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.inference_mode():
+        assert torch.allclose(reloaded(ids).logits, model(ids).logits, atol=1e-5)
+        model(ids, use_cache=True)
+    with pytest.raises(InputError, match="multiple of the 2 key/value heads"):
+        prune_width(tiny_llama(layers=1), [(ids, mask)], num_heads=3)
+
+
 @pytest.mark.parametrize("tie", [False, True])
 def test_hidden_pruning_drops_the_idle_channels_everywhere_the_stream_goes(tmp_path: Path, tie: bool) -> None:
     """Embedding channels (Minitron): a channel the model never uses (zero in the embedding and in everything

@@ -120,8 +120,9 @@ def test_weight_only_stages_measure_their_cost_and_the_bench_gates_kl(
     from edgepipe.pipeline.cli import main
 
     distill = lm_recipe(tiny_llama_dir, rt_csv)["stages"][0]
-    # its FFN and residual channels width-pruned (Minitron): hidden 48 with 4 heads of 16 (head_dim != hidden / heads)
-    distill["student"] = {"num_layers": 2, "intermediate_size": 64, "hidden_size": 48}
+    # its FFN, residual channels and query heads width-pruned (Minitron): hidden 48 with 2 heads of 16 (head_dim !=
+    # hidden / heads), one query head per key/value head
+    distill["student"] = {"num_layers": 2, "intermediate_size": 64, "hidden_size": 48, "num_heads": 2}
     stages = [
         distill,
         {"kind": "export", "parity_atol": 1e-4, "fuse": True},
@@ -131,7 +132,12 @@ def test_weight_only_stages_measure_their_cost_and_the_bench_gates_kl(
             "mode": "weight-only",
             "weights": {"algorithm": "hqq", "sensitive_8bit": 0.2, "eight_bit": ["lm_head"], "calibration_texts": 8},
         },
-        {"kind": "quantize", "mode": "weight-only", "weights": {"algorithm": "gptq", "calibration_texts": 4}},
+        # symmetric: o_proj's 32 inputs are one block, where onnxruntime packs asymmetric zero points wrongly
+        {
+            "kind": "quantize",
+            "mode": "weight-only",
+            "weights": {"algorithm": "gptq", "calibration_texts": 4, "symmetric": True},
+        },
     ]
     gates = {"max_perplexity_increase": 10.0, "max_kl_divergence": 5.0}
     recipe = write_recipe(tmp_path / "lm.yaml", lm_recipe(tiny_llama_dir, rt_csv, stages=stages, gates=gates))
@@ -144,8 +150,10 @@ def test_weight_only_stages_measure_their_cost_and_the_bench_gates_kl(
     student = metrics("01-distill")
     assert student["ffn_width"] == 64 and len(student["importance_kept"]["ffn"]) == 2
     assert student["hidden_size"] == 48 and 0.75 < student["importance_kept"]["hidden"] < 1
+    assert student["num_heads"] == 2 and len(student["importance_kept"]["heads"]) == 2
     config = json.loads((run / "01-distill" / "model" / "config.json").read_text())
     assert (config["intermediate_size"], config["hidden_size"], config["head_dim"]) == (64, 48, 16)
+    assert (config["num_attention_heads"], config["num_key_value_heads"]) == (2, 2)
     export = metrics("02-export")
     assert export["fused"]["parity"] and all(p["max_abs_diff"] <= 1e-4 for p in export["fused"]["parity"])
     w8, mixed, gptq = metrics("03-quantize"), metrics("04-quantize"), metrics("05-quantize")
@@ -205,8 +213,12 @@ def test_causal_lm_recipes_reject_what_does_not_apply(tiny_llama_dir: Path, rt_c
     )
     recipe["stages"][1]["student"] = {"num_layers": 2, "hidden_size": 50}
     assert check_recipe(parse_recipe(recipe))[-1] == (
-        "`stages.1.student.hidden_size`: 50 is not a multiple of the teacher's 4 attention heads "
+        "`stages.1.student.hidden_size`: 50 is not a multiple of the student's 4 attention heads "
         "(transformers' config requires it); use 48 or 52"
+    )
+    recipe["stages"][1]["student"] = {"num_layers": 2, "num_heads": 2, "hidden_size": 54}
+    assert check_recipe(parse_recipe(recipe))[-1].startswith(
+        "`stages.1.student.hidden_size`: 54 is not a multiple of the student's 2 attention heads"
     )
     if not torch.cuda.is_available():
         recipe["stages"][1]["student"] = {"num_layers": 2}
@@ -215,10 +227,13 @@ def test_causal_lm_recipes_reject_what_does_not_apply(tiny_llama_dir: Path, rt_c
             "`stages.1.device`: cuda, but torch sees no CUDA device on this machine; use device: cpu"
         )
         del recipe["stages"][1]["device"]
-    recipe["stages"][1]["student"] = {"num_layers": 2, "num_heads": 2}
-    assert check_recipe(parse_recipe(recipe))[-1].startswith(
-        "`stages.1.student.num_heads`: a causal-lm student keeps the teacher's heads"
+    recipe["stages"][1]["student"] = {"num_layers": 2, "num_heads": 3}
+    assert check_recipe(parse_recipe(recipe))[-1] == (
+        "`stages.1.student.num_heads`: 3 query heads must be a multiple of the teacher's 2 key/value heads, at "
+        "most its 4 (grouped-query attention keeps its key/value heads)"
     )
+    recipe["stages"][1]["student"] = {"num_layers": 2, "num_heads": 2}
+    assert check_recipe(parse_recipe(recipe)) == []
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,7 @@ class Capability(str, Enum):
     LAYER_PRUNING = "layer pruning"
     HEAD_PRUNING = "attention head pruning"
     HIDDEN_PRUNING = "embedding channel pruning"
+    QUERY_HEAD_PRUNING = "grouped-query head pruning"
     FUSION = "onnxruntime transformer fusion"
 
 
@@ -100,6 +101,20 @@ class Residual:
 
 
 @dataclass(frozen=True)
+class QueryHeads:
+    """A decoder's grouped-query attention heads (paths inside a layer): the query projection's output units
+    and the output projection's input units, `size` units per query head; the key/value heads stay. Query
+    heads go in equal numbers from every key/value group, so each group keeps its place and every layer one
+    head count (the config stays plain); `groups` (query heads per key/value head) follows."""
+
+    module: str = "self_attn"
+    q: str = "self_attn.q_proj"
+    out: str = "self_attn.o_proj"
+    size: str = "head_dim"
+    groups: str = "num_key_value_groups"
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     family: str
     model_types: tuple[str, ...]
@@ -120,6 +135,8 @@ class ArchSpec:
     first_layer_fixed: bool = False
     # the residual stream's channels, for embedding-channel (hidden size) pruning
     residual: Residual | None = None
+    # a decoder's grouped-query attention, for query-head pruning (Minitron's heads)
+    query_heads: QueryHeads | None = None
 
     def can(self, capability: Capability) -> bool:
         if capability in (Capability.LAYER_SUBSET, Capability.LAYER_PRUNING):
@@ -130,6 +147,8 @@ class ArchSpec:
             return self.attention is not None and self.layers is not None
         if capability is Capability.HIDDEN_PRUNING:
             return self.residual is not None and self.layers is not None
+        if capability is Capability.QUERY_HEAD_PRUNING:
+            return self.query_heads is not None and self.layers is not None
         return self.fusion is not None
 
     def shape(self, config: dict[str, Any]) -> dict[str, int] | None:
@@ -229,11 +248,27 @@ SPECS: tuple[ArchSpec, ...] = (
         attention=Attention(module="attn", qkv="attn.Wqkv", out="attn.Wo", heads=None, size="head_dim", width=None),
     ),
     # decoders
-    ArchSpec("llama", ("llama", "mistral"), Kind.DECODER, "layers", _LLAMA_FFN, residual=_LLAMA_RESIDUAL),
+    ArchSpec(
+        "llama",
+        ("llama", "mistral"),
+        Kind.DECODER,
+        "layers",
+        _LLAMA_FFN,
+        residual=_LLAMA_RESIDUAL,
+        query_heads=QueryHeads(),
+    ),
     # Qwen3's q_norm / k_norm run over head_dim, not the residual stream
-    ArchSpec("qwen2", ("qwen2", "qwen3"), Kind.DECODER, "layers", _LLAMA_FFN, residual=_LLAMA_RESIDUAL),
+    ArchSpec(
+        "qwen2",
+        ("qwen2", "qwen3"),
+        Kind.DECODER,
+        "layers",
+        _LLAMA_FFN,
+        residual=_LLAMA_RESIDUAL,
+        query_heads=QueryHeads(),
+    ),
     # no residual spec: Gemma scales its embeddings by sqrt(hidden_size) and adds (1 + w) norms after blocks
-    ArchSpec("gemma", ("gemma", "gemma2", "gemma3_text"), Kind.DECODER, "layers", _LLAMA_FFN),
+    ArchSpec("gemma", ("gemma", "gemma2", "gemma3_text"), Kind.DECODER, "layers", _LLAMA_FFN, query_heads=QueryHeads()),
     ArchSpec(
         "phi3", ("phi3",), Kind.DECODER, "layers", Ffn(up="mlp.gate_up_proj", down="mlp.down_proj", fused_glu=True)
     ),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from edgepipe.arch import ArchSpec, Attention, Ffn, Residual
+from edgepipe.arch import ArchSpec, Attention, Ffn, QueryHeads, Residual
 from edgepipe.errors import InputError
 
 
@@ -252,6 +252,43 @@ def prune_heads(model: Any, spec: ArchSpec, keep: list[Any]) -> None:
             setattr(module, att.heads, len(heads))
         if att.width is not None:
             setattr(module, att.width, len(units))
+
+
+# Grouped-query heads of decoders ---------------------------------------------------------------------
+
+
+def query_heads(spec: ArchSpec) -> QueryHeads:
+    if spec.query_heads is None:
+        raise InputError(f"{spec.family} has no grouped-query head spec; query-head pruning does not apply to it")
+    return spec.query_heads
+
+
+def prune_query_heads(model: Any, spec: ArchSpec, keep: list[Any]) -> None:
+    """Keep query heads `keep[i]` (sorted indices into layer i's heads, the same number from every key/value
+    group) of every layer: their rows of the query projection and columns of the output projection, copied as
+    they are. The key/value heads stay; the module's query heads per group and the config follow (head_dim
+    written out: it no longer follows from hidden_size / heads)."""
+    import torch
+
+    att = query_heads(spec)
+    counts = {len(heads) for heads in keep}
+    if len(counts) != 1:
+        raise InputError(f"every layer must keep one number of query heads, got {sorted(counts)}")
+    for layer, heads in zip(layer_list(model, spec), keep, strict=True):
+        module = layer.get_submodule(att.module)
+        size, groups = int(getattr(module, att.size)), int(getattr(module, att.groups))
+        kv_heads = layer.get_submodule(att.q).out_features // size // groups
+        per_group = torch.bincount(heads // groups, minlength=kv_heads)
+        if len(heads) % kv_heads or (per_group != len(heads) // kv_heads).any():
+            raise InputError(
+                f"query heads must go evenly from the {kv_heads} key/value groups; kept per group {per_group.tolist()}"
+            )
+        units = (heads[:, None] * size + torch.arange(size)).flatten()
+        _replace(layer, att.q, keep_out(layer.get_submodule(att.q), units))
+        _replace(layer, att.out, keep_in(layer.get_submodule(att.out), units))
+        setattr(module, att.groups, len(heads) // kv_heads)
+    model.config.head_dim = size
+    setattr(model.config, spec.keys.heads, counts.pop())
 
 
 # Residual-stream channels (hidden size) ------------------------------------------------------------

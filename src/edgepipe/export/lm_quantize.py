@@ -150,6 +150,7 @@ def quantize_weight_only(
     config = _algorithm(nbits, settings, calibration)
     per_node = settings.algorithm in ("k_quant", "gptq")  # neural-compressor's path: widths per node, one pass
     if per_node:
+        _refuse_odd_blocks(model, settings, excluded)
         matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul"]
         config.customized_weight_config = {
             name: {"bits": 8 if name in settings.eight_bit else settings.bits} for name in matmuls
@@ -182,6 +183,30 @@ def quantize_weight_only(
         model = quantizer.model.model
     onnx.save_model(model, str(dst))
     return op_counts(dst)
+
+
+def _refuse_odd_blocks(model: Any, settings: WeightOnly, excluded: list[str]) -> None:
+    """neural-compressor's packing (onnxruntime 1.32's GPTQ and k-quant) pairs 4-bit zero points across columns
+    and fails where a MatMul's input width holds an odd number of blocks: refused first, naming the way out."""
+    if settings.bits != 4 or settings.symmetric:
+        return
+    weights = {i.name: i.dims for i in model.graph.initializer}
+    odd = [
+        f"{n.name} ({weights[n.input[1]][0]} inputs)"
+        for n in model.graph.node
+        if n.op_type == "MatMul"
+        and n.name not in excluded
+        and n.name not in settings.eight_bit
+        and n.input[1] in weights
+        and -(-weights[n.input[1]][0] // settings.block_size) % 2
+    ]
+    if odd:
+        raise InputError(
+            f"weight-only {settings.algorithm}: onnxruntime packs 4-bit zero points wrongly where a MatMul's inputs "
+            f"hold an odd number of blocks of {settings.block_size}: {', '.join(odd[:3])}"
+            f"{f' and {len(odd) - 3} more' if len(odd) > 3 else ''}; set symmetric: true, another block_size, "
+            "or algorithm rtn or hqq"
+        )
 
 
 def _algorithm(nbits: Any, settings: WeightOnly, calibration: list[dict[str, Any]] | None) -> Any:

@@ -223,7 +223,7 @@ def matmul_sensitivity(
     return dict(sorted(scores.items(), key=lambda kv: -kv[1]))
 
 
-def _width_spec(model: Any, ffn: bool, hidden: bool) -> Any:
+def _width_spec(model: Any, ffn: bool, hidden: bool, heads: bool = False) -> Any:
     """The model's architecture spec, refusing (naming the recipe key) a width it cannot prune."""
     from edgepipe.arch import Capability, refusal, spec_of
 
@@ -231,6 +231,7 @@ def _width_spec(model: Any, ffn: bool, hidden: bool) -> Any:
     asked = [
         (ffn, Capability.FFN_PRUNING, "student.intermediate_size"),
         (hidden, Capability.HIDDEN_PRUNING, "student.hidden_size"),
+        (heads, Capability.QUERY_HEAD_PRUNING, "student.num_heads"),
     ]
     for wanted, capability, key in asked:
         if wanted and (spec is None or not spec.can(capability)):
@@ -240,25 +241,33 @@ def _width_spec(model: Any, ffn: bool, hidden: bool) -> Any:
     return spec
 
 
-def activation_importance(model: Any, batches: list[tuple[Any, Any]], *, ffn: bool, hidden: bool) -> dict[str, Any]:
+def activation_importance(
+    model: Any, batches: list[tuple[Any, Any]], *, ffn: bool, hidden: bool, heads: bool = False
+) -> dict[str, Any]:
     """Activation importance (Minitron, Sreenivas et al. 2024) over the real tokens of `batches` (input_ids,
     attention_mask tensors), in one pass: `ffn`, one tensor per decoder layer, each neuron's mean activation
     magnitude at the down projection's input; `hidden`, each residual channel's mean magnitude at the output of
-    every norm over the stream, summed over the norms (the embedding-channel score)."""
+    every norm over the stream, summed over the norms (the embedding-channel score); `heads`, one tensor per
+    layer, each query head's mean output magnitude (summed over its units) at the output projection's input."""
     import torch
 
-    from edgepipe.arch.ops import blocks, ffn_width, residual_norms
+    from edgepipe.arch.ops import blocks, ffn_width, layer_list, query_heads, residual_norms
 
-    spec = _width_spec(model, ffn, hidden)
+    spec = _width_spec(model, ffn, hidden, heads)
     layers = blocks(model, spec)
     down = spec.ffn.down if spec.ffn is not None else ""
-    sites = {"ffn": [b.get_submodule(down) for b in layers] if ffn else [], "hidden": []}
+    sites = {"ffn": [b.get_submodule(down) for b in layers] if ffn else [], "hidden": [], "heads": []}
     if hidden:
         sites["hidden"] = residual_norms(model, spec)
+    if heads:
+        att = query_heads(spec)
+        sites["heads"] = [layer.get_submodule(att.out) for layer in layer_list(model, spec)]
+        size = int(getattr(layer_list(model, spec)[0].get_submodule(att.module), att.size))
     width = int(getattr(model.config, spec.keys.hidden))
     sums = {
         "ffn": [torch.zeros(ffn_width(b, spec)) for b in layers] if ffn else [],
         "hidden": [torch.zeros(width) for _ in sites["hidden"]],
+        "heads": [torch.zeros(m.in_features) for m in sites["heads"]],
     }
     mask: dict[str, Any] = {}
 
@@ -266,7 +275,9 @@ def activation_importance(model: Any, batches: list[tuple[Any, Any]], *, ffn: bo
         sums[kind][index] += (value.detach().abs().float() * mask["real"][..., None]).sum((0, 1))
 
     handles = [
-        m.register_forward_pre_hook(lambda _m, args, i=i: add("ffn", i, args[0])) for i, m in enumerate(sites["ffn"])
+        m.register_forward_pre_hook(lambda _m, args, i=i, kind=kind: add(kind, i, args[0]))
+        for kind in ("ffn", "heads")
+        for i, m in enumerate(sites[kind])
     ]
     handles += [
         m.register_forward_hook(lambda _m, _a, out, i=i: add("hidden", i, out)) for i, m in enumerate(sites["hidden"])
@@ -286,6 +297,8 @@ def activation_importance(model: Any, batches: list[tuple[Any, Any]], *, ffn: bo
         scores["ffn"] = [s / max(tokens, 1) for s in sums["ffn"]]
     if hidden:
         scores["hidden"] = sum(sums["hidden"]) / max(tokens, 1)
+    if heads:
+        scores["heads"] = [s.view(-1, size).sum(1) / max(tokens, 1) for s in sums["heads"]]
     return scores
 
 
@@ -295,19 +308,35 @@ def prune_width(
     *,
     intermediate_size: int | None = None,
     hidden_size: int | None = None,
+    num_heads: int | None = None,
 ) -> dict[str, Any]:
-    """Width-prune in place (Minitron): keep the `intermediate_size` most important FFN neurons of every layer
-    and the `hidden_size` most important residual channels, both ranked on the unpruned model
+    """Width-prune in place (Minitron): keep the `intermediate_size` most important FFN neurons of every layer,
+    the `hidden_size` most important residual channels and the `num_heads` most important query heads of every
+    layer (the same number from each key/value group), all ranked on the unpruned model
     (`activation_importance`; one width everywhere, so the config stays plain and reloads). Returns the kept
-    share of the importance: per layer for the FFN, one figure for the channels."""
+    share of the importance: per layer for the FFN and the heads, one figure for the channels."""
     import torch
 
-    from edgepipe.arch.ops import prune_ffn, prune_hidden
+    from edgepipe.arch.ops import prune_ffn, prune_hidden, prune_query_heads
 
-    ffn, hidden = intermediate_size is not None, hidden_size is not None
-    spec = _width_spec(model, ffn, hidden)
-    scores = activation_importance(model, batches, ffn=ffn, hidden=hidden)
+    ffn, hidden, heads = intermediate_size is not None, hidden_size is not None, num_heads is not None
+    spec = _width_spec(model, ffn, hidden, heads)
+    scores = activation_importance(model, batches, ffn=ffn, hidden=hidden, heads=heads)
     kept: dict[str, Any] = {}
+    if num_heads is not None:  # first: the hidden size must then divide by the kept head count
+        total, kv = int(getattr(model.config, spec.keys.heads)), int(model.config.num_key_value_heads)
+        if not 1 <= num_heads <= total or num_heads % kv:
+            raise InputError(
+                f"`student.num_heads`: {num_heads} query heads must be a multiple of the {kv} key/value heads "
+                f"between {kv} and the teacher's {total} (grouped-query attention keeps its key/value heads)"
+            )
+        first = torch.arange(kv)[:, None] * (total // kv)  # each group's first head
+        keep = [  # the most important num_heads / kv heads of each group (sorted within each group)
+            (torch.topk(s.view(kv, -1), num_heads // kv, sorted=False).indices.sort(dim=1).values + first).flatten()
+            for s in scores["heads"]
+        ]
+        prune_query_heads(model, spec, keep)
+        kept["heads"] = [round(float(s[k].sum() / s.sum()), 4) for s, k in zip(scores["heads"], keep, strict=True)]
     if intermediate_size is not None:
         importance = scores["ffn"]
         if not 1 <= intermediate_size <= min(len(i) for i in importance):
@@ -324,11 +353,11 @@ def prune_width(
             raise InputError(
                 f"`student.hidden_size`: {hidden_size} is not between 1 and the hidden size {len(channels)}"
             )
-        heads = int(getattr(model.config, spec.keys.heads))
-        if hidden_size % heads:  # transformers' configs validate it on save and load, head_dim or not
-            below, above = hidden_size // heads * heads, -(-hidden_size // heads) * heads
+        count = int(getattr(model.config, spec.keys.heads))
+        if hidden_size % count:  # transformers' configs validate it on save and load, head_dim or not
+            below, above = hidden_size // count * count, -(-hidden_size // count) * count
             raise InputError(
-                f"`student.hidden_size`: {hidden_size} is not a multiple of the {heads} attention heads, which "
+                f"`student.hidden_size`: {hidden_size} is not a multiple of the {count} attention heads, which "
                 f"{model.config.model_type}'s config requires; use {below or above} or {above}"
             )
         index = torch.sort(torch.topk(channels, hidden_size).indices).values

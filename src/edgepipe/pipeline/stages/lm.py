@@ -79,12 +79,17 @@ def lm_student_problems(cfg: DistillConfig, config: dict[str, Any], key: str) ->
 
         if not torch.cuda.is_available():
             return [f"`{key}.device`: cuda, but torch sees no CUDA device on this machine; use device: cpu"]
-    if spec.num_heads is not None:
-        return [
-            f"`{key}.student.num_heads`: a causal-lm student keeps the teacher's heads (a layer subset, its width "
-            "optionally pruned: intermediate_size, hidden_size)"
-        ]
     shape = teacher_shape(config) or {}
+    if spec.num_heads is not None:
+        refused = refusal(config, Capability.QUERY_HEAD_PRUNING, f"{key}.student.num_heads")
+        if refused:
+            return [refused]
+        total, kv = int(shape.get("heads", 0)), int(config.get("num_key_value_heads") or shape.get("heads", 1))
+        if not 1 <= spec.num_heads <= total or spec.num_heads % kv:
+            return [
+                f"`{key}.student.num_heads`: {spec.num_heads} query heads must be a multiple of the teacher's {kv} "
+                f"key/value heads, at most its {total} (grouped-query attention keeps its key/value heads)"
+            ]
     widths = [
         ("intermediate_size", Capability.FFN_PRUNING, "ffn", "FFN width"),
         ("hidden_size", Capability.HIDDEN_PRUNING, "hidden", "hidden size"),
@@ -99,11 +104,11 @@ def lm_student_problems(cfg: DistillConfig, config: dict[str, Any], key: str) ->
         width = int(shape.get(dim, 0))
         if not 1 <= asked <= width:
             return [f"`{key}.student.{name}`: {asked} is not between 1 and the teacher's {what} {width}"]
-        heads = int(shape.get("heads", 1))
+        heads = spec.num_heads or int(shape.get("heads", 1))
         if dim == "hidden" and asked % heads:
             below, above = asked // heads * heads, -(-asked // heads) * heads
             return [
-                f"`{key}.student.hidden_size`: {asked} is not a multiple of the teacher's {heads} attention heads "
+                f"`{key}.student.hidden_size`: {asked} is not a multiple of the student's {heads} attention heads "
                 f"(transformers' config requires it); use {below or above} or {above}"
             ]
     return []
@@ -140,7 +145,11 @@ def run_lm_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx
     layers = lm_layers(cfg, teacher.config.num_hidden_layers)
     student = layer_subset(teacher, layers)
     kept_importance = None
-    widths = {"intermediate_size": cfg.student.intermediate_size, "hidden_size": cfg.student.hidden_size}
+    widths = {
+        "intermediate_size": cfg.student.intermediate_size,
+        "hidden_size": cfg.student.hidden_size,
+        "num_heads": cfg.student.num_heads,
+    }
     if any(w is not None for w in widths.values()):  # Minitron: width-prune by activation importance, then KD
         import torch
 
@@ -204,6 +213,7 @@ def run_lm_distill(inputs: dict[ArtifactKind, Artifact], cfg: DistillConfig, ctx
         "layers": layers,
         "ffn_width": cfg.student.intermediate_size,  # None: the teacher's width
         "hidden_size": cfg.student.hidden_size,
+        "num_heads": cfg.student.num_heads,  # query heads per layer; None: the teacher's
         "importance_kept": kept_importance,  # share of the activation importance the kept units hold
         "student_parameters": sum(p.numel() for p in student.parameters()),
         "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
