@@ -124,3 +124,27 @@ def test_static_with_gather_stores_the_embedding_table_in_int8(run_copy: Path) -
     vocab_mb = 30522 * 32 * 3 / 1e6  # the tiny BERT's table: 4 bytes -> 1 byte per value
     assert before.stat().st_size < size - 0.9 * vocab_mb
     np.testing.assert_allclose(Predictor.load(before.parent).logits(["a fine film", "dull"]), logits, atol=0.1)
+
+
+def test_dynamic_with_gather_stores_the_word_table_in_int8_on_the_fused_graph(run_copy: Path) -> None:
+    """op_types with Gather in dynamic mode: the plain export fused without EmbedLayerNormalization (QAttention
+    as before), the token ids' table in 8 bits, the position table float; the file shrinks by most of the
+    table, predictions hold."""
+    recipe = run_copy / "recipe.resolved.yaml"
+    before = run_copy / "03-quantize" / "int8-dynamic" / "model.onnx"
+    size, logits = before.stat().st_size, Predictor.load(before.parent).logits(["a fine film", "dull"])
+    gather = "stages.2.op_types=[MatMul, Attention, Gemm, Gather]"
+    assert main(["build", str(recipe), "--out", str(run_copy), "--set", gather]) == 0
+    settings = json.loads((run_copy / "03-quantize" / "quantization.json").read_text())
+    assert settings["source"] == "fp32" and settings["graph"] == "fused-attention (no EmbedLayerNormalization)"
+    graph = _graph(before)
+    weights = {t.name: t for t in graph.initializer}
+    tables = {n.input[0]: n for n in graph.node if n.op_type == "Gather" and n.input[0] in weights}
+    word = next(name for name in tables if "word_embeddings" in name)
+    position = next(name for name in tables if "position_embeddings" in name)
+    assert weights[word].data_type == onnx.TensorProto.UINT8  # onnxruntime's dynamic Gather: u8 with a zero point
+    assert weights[position].data_type == onnx.TensorProto.FLOAT
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("QAttention") == 2 and "EmbedLayerNormalization" not in ops
+    assert before.stat().st_size < size - 0.9 * 30522 * 32 * 3 / 1e6
+    np.testing.assert_allclose(Predictor.load(before.parent).logits(["a fine film", "dull"]), logits, atol=0.1)

@@ -48,6 +48,14 @@ def test_calibration_on_dynamic_is_rejected() -> None:
         parse_recipe(raw)
 
 
+def test_dynamic_gather_on_the_fused_export_is_rejected() -> None:
+    raw = _base()
+    quantize = {"kind": "quantize", "mode": "dynamic", "op_types": ["MatMul", "Gather"], "source": "fp32-fused"}
+    raw["stages"] = [{"kind": "export"}, quantize]
+    with pytest.raises(RecipeError, match="hides the embedding table's Gather in EmbedLayerNormalization"):
+        parse_recipe(raw)
+
+
 def test_chain_is_checked_before_anything_runs() -> None:
     raw = _base()
     raw["stages"] = [{"kind": "quantize", "mode": "static"}, {"kind": "export", "fuse": False}]

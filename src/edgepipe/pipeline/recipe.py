@@ -391,8 +391,8 @@ class QuantizeConfig(_Strict):
     weights: WeightOnlyConfig | None = Field(None, description="mode: weight-only settings")
     source: Literal["fp32", "fp32-fused"] | None = Field(
         None,
-        description="which fp32 export to quantize; default: fused for dynamic (plain for causal-lm) and "
-        "weight-only, plain for static",
+        description="which fp32 export to quantize; default: fused for dynamic (plain for causal-lm, and where "
+        "op_types has Gather: the stage fuses it without EmbedLayerNormalization) and weight-only, plain for static",
     )
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="artifact name")
     per_channel: bool = True
@@ -427,11 +427,21 @@ class QuantizeConfig(_Strict):
             raise ValueError("fp16 converts every float op; calibration, graph, sensitivity and fallback are int8 keys")
         if self.weights is not None and self.mode != "weight-only":
             raise ValueError(f"weights applies to mode: weight-only, not {self.mode}; remove it or set the mode")
+        if self.mode == "dynamic" and self._gather and self.source == "fp32-fused":
+            raise ValueError(
+                "op_types Gather with source fp32-fused: the fused export hides the embedding table's Gather in "
+                "EmbedLayerNormalization; leave source unset (the stage fuses the plain export without it)"
+            )
         return self
 
     @property
+    def _gather(self) -> bool:
+        return "Gather" in (self.op_types or [])
+
+    @property
     def source_kind(self) -> ArtifactKind:
-        source = self.source or ("fp32-fused" if self.mode == "dynamic" else "fp32")
+        fused_default = self.mode == "dynamic" and not self._gather  # a Gather to quantize: fused here without ELN
+        source = self.source or ("fp32-fused" if fused_default else "fp32")
         return ArtifactKind.ONNX_FP32_FUSED if source == "fp32-fused" else ArtifactKind.ONNX_FP32
 
     @property
