@@ -307,9 +307,10 @@ def test_ffn_width_pruning_keeps_the_most_active_neurons_and_reloads(tmp_path: P
 
 
 def test_query_head_pruning_keeps_the_most_active_heads_of_each_kv_group_and_reloads(tmp_path: Path) -> None:
-    """Grouped-query heads (Minitron's heads): each query head scores its output's magnitude at the output
-    projection's input; the top half of every key/value group stays, the key/value heads stay; pruning equals
-    zeroing the removed heads' columns of the output projection; the folder reloads with the same logits."""
+    """Grouped-query heads (Minitron's heads): each query head scores what it writes into the residual stream
+    (a head whose output-projection columns are zero scores 0); the top half of every key/value group stays,
+    the key/value heads stay; pruning equals zeroing the removed heads' columns of the output projection; the
+    folder reloads with the same logits."""
     import copy
 
     import torch
@@ -320,13 +321,16 @@ def test_query_head_pruning_keeps_the_most_active_heads_of_each_kv_group_and_rel
 
     model = tiny_llama(layers=2, num_attention_heads=4, num_key_value_heads=2)  # heads 0-1: group 0, 2-3: group 1
     size = model.config.head_dim
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight[:, 3 * size :] = 0  # layer 1's head 3 writes nothing
     masked = copy.deepcopy(model)
     ids = torch.randint(0, 256, (3, 12))
     mask = torch.ones_like(ids)
     mask[2, 8:] = 0
     scores = activation_importance(model, [(ids, mask)], ffn=False, hidden=False, heads=True)["heads"]
-    assert [s.shape for s in scores] == [(4,), (4,)] and all((s > 0).all() for s in scores)
+    assert [s.shape for s in scores] == [(4,), (4,)] and (scores[0] > 0).all() and scores[1][3] == 0
     expected = [[int(s[:2].argmax()), 2 + int(s[2:].argmax())] for s in scores]
+    assert expected[1][1] == 2  # the idle head goes
 
     kept = prune_width(model, [(ids, mask)], num_heads=2)["heads"]
     assert kept == [round(float(s[k].sum() / s.sum()), 4) for s, k in zip(scores, expected, strict=True)]

@@ -243,6 +243,7 @@ class PruneConfig(_Strict):
     recover: RecoverConfig | None = Field(None, description="KD fine-tuning from the unpruned model after pruning")
     iterations: int = Field(1, ge=1, le=10, description="prune part of the way, recover, repeat")
     latency: bool = Field(True, description="measure ORT fp32 latency before and after (b1 and b8, s128)")
+    seed: int | None = Field(None, description="importance batches and recovery; default: the recipe's seed")
 
     @model_validator(mode="after")
     def _knobs(self) -> PruneConfig:
