@@ -23,7 +23,7 @@ from edgepipe.arch import BY_MODEL_TYPE
 from edgepipe.arch.ops import prune_query_heads
 from edgepipe.pipeline.adapters import text_batches
 from edgepipe.pipeline.artifacts import write_json
-from edgepipe.pipeline.lm import lm_texts, prune_width
+from edgepipe.pipeline.lm import keep_per_group, lm_texts, prune_width
 from edgepipe.pipeline.models import smollm2_folder, user_cache
 from edgepipe.runtime.generate import perplexity, torch_logits
 
@@ -45,19 +45,6 @@ def _input_magnitude(model: Any, batches: list[tuple[Any, Any]], size: int) -> l
     for hook in hooks:
         hook.remove()
     return [s.view(-1, size).sum(1) for s in sums]
-
-
-def _per_group(scores: list[Any], groups: int, keep: int) -> list[Any]:
-    size = len(scores[0]) // groups
-    return [
-        torch.cat(
-            [
-                torch.sort(torch.topk(s[g * size : (g + 1) * size], keep).indices).values + g * size
-                for g in range(groups)
-            ]
-        )
-        for s in scores
-    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     result["residual_write"] = perplexity(torch_logits(ranked), held)
     by_input = copy.deepcopy(model)
     prune_query_heads(
-        by_input, spec, _per_group(_input_magnitude(model, calib, model.config.head_dim), kv, args.keep // kv)
+        by_input,
+        spec,
+        [keep_per_group(s, kv, args.keep // kv) for s in _input_magnitude(model, calib, model.config.head_dim)],
     )
     result["input_magnitude"] = perplexity(torch_logits(by_input), held)
     for seed in (0, 1):
@@ -93,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(len(model.model.layers))
         ]
         randomly = copy.deepcopy(model)
-        prune_query_heads(randomly, spec, _per_group(scores, kv, args.keep // kv))
+        prune_query_heads(randomly, spec, [keep_per_group(s, kv, args.keep // kv) for s in scores])
         result[f"random_{seed}"] = perplexity(torch_logits(randomly), held)
     write_json(args.json, result)
     print(json.dumps({k: v for k, v in result.items() if k != "importance_kept"}, indent=2))

@@ -312,6 +312,15 @@ def activation_importance(
     return scores
 
 
+def keep_per_group(scores: Any, groups: int, count: int) -> Any:
+    """The `count` highest-scoring heads of each of `groups` equal groups, sorted (group order holds)."""
+    import torch
+
+    size = len(scores) // groups
+    top = torch.topk(scores.view(groups, size), count, sorted=False).indices.sort(dim=1).values
+    return (top + torch.arange(groups)[:, None] * size).flatten()
+
+
 def prune_width(
     model: Any,
     batches: list[tuple[Any, Any]],
@@ -340,11 +349,7 @@ def prune_width(
                 f"`student.num_heads`: {num_heads} query heads must be a multiple of the {kv} key/value heads "
                 f"between {kv} and the teacher's {total} (grouped-query attention keeps its key/value heads)"
             )
-        first = torch.arange(kv)[:, None] * (total // kv)  # each group's first head
-        keep = [  # the most important num_heads / kv heads of each group (sorted within each group)
-            (torch.topk(s.view(kv, -1), num_heads // kv, sorted=False).indices.sort(dim=1).values + first).flatten()
-            for s in scores["heads"]
-        ]
+        keep = [keep_per_group(s, kv, num_heads // kv) for s in scores["heads"]]
         prune_query_heads(model, spec, keep)
         kept["heads"] = [round(float(s[k].sum() / s.sum()), 4) for s, k in zip(scores["heads"], keep, strict=True)]
     if intermediate_size is not None:
