@@ -68,8 +68,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_distill.py --json runs/bench/distill.json  # ~15 min: 4 students, 2 CNNs
 	$(BIN)/python benchmarks/bench_distill.py --json runs/bench/distill-seeds.json --seeds 0 1 2 \
 		--variants kd lr-3e-4 --no-speed  # ~15 min: the default's lr against the old one over 3 seeds
-	$(BIN)/python benchmarks/bench_chain_seeds.py --json runs/bench/chain.json  # ~13 min: prune/vocab/int8 over seeds
+	$(BIN)/python benchmarks/bench_chain_seeds.py --json runs/bench/chain.json  # ~13 min: prune/int8 over seeds
 	$(BIN)/python benchmarks/bench_gather.py --json runs/bench/gather.json  # ~2 min: dynamic int8 and the tables
+	$(BIN)/python benchmarks/bench_tables.py --json runs/bench/tables.json \
+		--run runs/demo runs/chain-seeds/s*-lr5e-05  # ~8 min: the vocab stage vs the 4-bit table
 	$(MAKE) $(OPTIMUM_VENV)/.installed
 	$(BIN)/python benchmarks/bench_int8.py --run runs/demo --json runs/bench/int8.json \
 		--optimum-python $(OPTIMUM_VENV)/bin/python  # ~5 min: int8 vs peers

@@ -1,5 +1,5 @@
 """The demo chain after the student over seeds: distill and prune with the same stage seed, for each
-recovery learning rate, test accuracy of the student, the pruned, vocab-pruned and int8-dynamic artifacts.
+recovery learning rate, test accuracy of the student, the pruned and int8-dynamic artifacts.
 
     python benchmarks/bench_chain_seeds.py --json runs/bench/chain.json --teacher-run runs/demo \
         [--seeds 1 2] [--recover-lr 5e-5 1.5e-4]
@@ -32,8 +32,7 @@ RECIPE = Path(__file__).resolve().parents[1] / "src" / "edgepipe" / "recipes" / 
 ARTIFACTS = {
     "student": "02-distill/model",
     "pruned": "03-prune/model",
-    "vocab-pruned": "04-vocab/model",
-    "int8-dynamic": "06-quantize/int8-dynamic",
+    "int8-dynamic": "05-quantize/int8-dynamic",
 }
 
 

@@ -33,7 +33,7 @@ def _dynamic(run: Path, out: Path, gather: bool, positions: bool) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from transformers import AutoConfig
 
-    src = run / "05-export" / ("fp32" if gather else "fp32-fused")
+    src = run / "04-export" / ("fp32" if gather else "fp32-fused")
     shutil.copytree(src, out, dirs_exist_ok=True)
     model = src / "model.onnx"
     exclude: list[str] = []
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         "dynamic, fp32 table": _dynamic(args.run, args.out / "fp32-table", gather=False, positions=False),
         "dynamic, every table 8-bit": _dynamic(args.run, args.out / "all-tables", gather=True, positions=True),
         "dynamic, token table 8-bit": _dynamic(args.run, args.out / "token-table", gather=True, positions=False),
-        "static, 8-bit table": args.run / "07-quantize" / "int8-static",
+        "static, 8-bit table": args.run / "06-quantize" / "int8-static",
     }
     recipe = parse_recipe(yaml.safe_load((args.run / "recipe.resolved.yaml").read_text()))
     test = load_splits(recipe.data, recipe.seed).test

@@ -148,3 +148,40 @@ def test_dynamic_with_gather_stores_the_word_table_in_int8_on_the_fused_graph(ru
     assert ops.count("QAttention") == 2 and "EmbedLayerNormalization" not in ops
     assert before.stat().st_size < size - 0.9 * 30522 * 32 * 3 / 1e6
     np.testing.assert_allclose(Predictor.load(before.parent).logits(["a fine film", "dull"]), logits, atol=0.1)
+
+
+def test_dynamic_with_4_bit_tables_and_float16_positions(run_copy: Path) -> None:
+    """embedding_bits 4: the token ids' table as GatherBlockQuantized (symmetric int4, blocks along the hidden
+    axis, one scale per block); float16_tables: the position table in fp16 with a Cast after its Gather. Smaller
+    than the 8-bit table, predictions hold."""
+    recipe = run_copy / "recipe.resolved.yaml"
+    model = run_copy / "03-quantize" / "int8-dynamic" / "model.onnx"
+    logits = Predictor.load(model.parent).logits(["a fine film", "dull"])
+    gather = "stages.2.op_types=[MatMul, Attention, Gemm, Gather]"
+    assert main(["build", str(recipe), "--out", str(run_copy), "--set", gather]) == 0
+    eight_bit = model.stat().st_size
+    small = ["stages.2.embedding_bits=4", "stages.2.embedding_block_size=16", "stages.2.float16_tables=true"]
+    assert main(["build", str(recipe), "--out", str(run_copy), "--set", gather, *[f"--set={s}" for s in small]]) == 0
+    graph = _graph(model)
+    weights = {t.name: t for t in graph.initializer}
+    (word,) = [n for n in graph.node if n.op_type == "GatherBlockQuantized" and "word_embeddings" in n.input[0]]
+    assert weights[word.input[0]].data_type == onnx.TensorProto.INT4 and len(word.input) == 3  # no zero points
+    assert {a.name: onnx.helper.get_attribute_value(a) for a in word.attribute}["block_size"] == 16
+    assert list(weights[word.input[2]].dims) == [weights[word.input[0]].dims[0], 32 // 16]
+    (position,) = [n for n in graph.node if n.op_type == "Gather" and "position_embeddings" in n.input[0]]
+    assert weights[position.input[0]].data_type == onnx.TensorProto.FLOAT16
+    cast = next(n for n in graph.node if position.output[0] in n.input)
+    assert cast.op_type == "Cast" and cast.attribute[0].i == onnx.TensorProto.FLOAT
+    assert model.stat().st_size < eight_bit
+    np.testing.assert_allclose(Predictor.load(model.parent).logits(["a fine film", "dull"]), logits, atol=0.15)
+
+
+def test_small_tables_need_dynamic_with_gather() -> None:
+    from pydantic import ValidationError
+
+    from edgepipe.pipeline.recipe import QuantizeConfig
+
+    with pytest.raises(ValidationError, match="embedding_bits and float16_tables apply to mode: dynamic"):
+        QuantizeConfig(kind="quantize", mode="static", op_types=["MatMul", "Gather"], embedding_bits=4)
+    with pytest.raises(ValidationError, match="add Gather to op_types"):
+        QuantizeConfig(kind="quantize", mode="dynamic", float16_tables=True)

@@ -417,6 +417,15 @@ class QuantizeConfig(_Strict):
         None, gt=0, le=1, description="fall back the most sensitive nodes to float until the val drop is met"
     )
     eval_examples: int = Field(500, ge=10, description="val examples for sensitivity and fallback")
+    embedding_bits: Literal[8, 4] = Field(
+        8,
+        description="dynamic, op_types Gather: the token-id tables in int8 (one scale) or 4 bits (onnxruntime's "
+        "GatherBlockQuantized, symmetric, blocks of embedding_block_size along the hidden axis)",
+    )
+    embedding_block_size: Literal[16, 32, 64, 128, 256] = 64
+    float16_tables: bool = Field(
+        False, description="dynamic, op_types Gather: the tables left float (positions) stored in float16 + Cast"
+    )
 
     @model_validator(mode="after")
     def _static_only_keys(self) -> QuantizeConfig:
@@ -428,6 +437,12 @@ class QuantizeConfig(_Strict):
             raise ValueError("fp16 converts every float op; calibration, graph, sensitivity and fallback are int8 keys")
         if self.weights is not None and self.mode != "weight-only":
             raise ValueError(f"weights applies to mode: weight-only, not {self.mode}; remove it or set the mode")
+        small_tables = self.embedding_bits != 8 or self.float16_tables
+        if small_tables and not (self.mode == "dynamic" and self._gather):
+            raise ValueError(
+                "embedding_bits and float16_tables apply to mode: dynamic with Gather in op_types (static QDQ has "
+                "no 4-bit Gather); add Gather to op_types or remove them"
+            )
         if self.mode == "dynamic" and self._gather and self.source == "fp32-fused":
             raise ValueError(
                 "op_types Gather with source fp32-fused: the fused export hides the embedding table's Gather in "
