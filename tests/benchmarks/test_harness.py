@@ -53,6 +53,23 @@ def test_interleaved_runs_one_artifact_at_a_time_exactly_runs_times() -> None:
     assert stats[("a", 2)].p50 > stats[("a", 1)].p50
 
 
+def test_warm_up_by_time_only_at_the_first_opening() -> None:
+    calls: list[int] = []
+
+    @contextmanager
+    def open_runners(name: str):
+        calls.append(0)
+
+        def run() -> None:
+            calls[-1] += 1
+            time.sleep(0.01)
+
+        yield {1: run}
+
+    measure_interleaved(["a"], open_runners, runs=3, rounds=3, warmup_runs=1, warmup_s=0.05)
+    assert calls[0] >= 4 + 1 and calls[1:] == [2, 2]  # >= 0.05 s of 10 ms calls + 1 timed; then 1 + 1
+
+
 def _row(name: str, precision: str, p50: float, std: float = 0.1) -> dict:
     return {
         "artifact": name,

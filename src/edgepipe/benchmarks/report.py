@@ -123,7 +123,7 @@ def render_markdown(
     out.append(
         f"Latency: {settings['runs']} timed runs per artifact and shape, interleaved over "
         f"{settings['rounds']} rounds, after >= {settings['warmup_runs']} warm-up runs and "
-        f">= {settings['warmup_s']} s; "
+        f">= {settings['warmup_s']} s at the first opening; "
         f"threads {report['threads']}."
     )
     metric = report.get("metric", "accuracy")  # entity F1 for token classification
