@@ -334,7 +334,6 @@ def run_lm(
     ffn_width: int | None = None,
     hidden_width: int | None = None,
     student_only: bool = False,
-    teacher_only: bool = False,
 ) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -358,40 +357,32 @@ def run_lm(
     overrides = dict(overrides or {})
     layers = overrides.pop("layers", None) or layers
     settings.update(overrides)
-    student, distill = (
-        (None, {"losses": []})
-        if teacher_only
-        else _student(teacher, tokenizer, work / "student", layers, train, settings, ffn_width, hidden_width)
-    )
+    student, distill = _student(teacher, tokenizer, work / "student", layers, train, settings, ffn_width, hidden_width)
 
-    exports = {
-        "teacher-onnx": True,
-        "teacher-fused": not student_only,
-        "student-onnx": not teacher_only,
-        "student-fused": not teacher_only,
+    exports = (
+        ("teacher-onnx", "student-onnx", "student-fused")
+        if student_only
+        else ("teacher-onnx", "teacher-fused", "student-onnx", "student-fused")
+    )
+    f = {name: work / name for name in exports}
+    parity = {
+        "teacher-onnx": _export(teacher, f["teacher-onnx"], parity_atol),
+        "student-onnx": _export(student, f["student-onnx"], parity_atol),
+        "student-fused": _export_fused(student, work / "student", f["student-fused"], parity_atol),
     }
-    f = {name: work / name for name, wanted in exports.items() if wanted}
-    parity = {"teacher-onnx": _export(teacher, f["teacher-onnx"], parity_atol)}
-    if student is not None:
-        parity["student-onnx"] = _export(student, f["student-onnx"], parity_atol)
-        parity["student-fused"] = _export_fused(student, work / "student", f["student-fused"], parity_atol)
     if not student_only:
         parity["teacher-fused"] = _export_fused(teacher, teacher_dir, f["teacher-fused"], parity_atol)
     for name in f:  # tokenizer and config beside every graph (the fused graph's cache head size, Predictor)
         tokenizer.save_pretrained(f[name])
         (teacher if name.startswith("teacher") else student).config.save_pretrained(f[name])
 
-    quantizers: dict[str, tuple[str, Quantizer]] = (
-        {}
-        if teacher_only
-        else {
-            "student-w8": ("student-fused", _weights(WeightOnly(bits=8))),
-            "student-w4-hqq": (
-                "student-fused",
-                _weights(WeightOnly(bits=4, algorithm="hqq", eight_bit=_head(f["student-fused"]))),
-            ),
-        }
-    )
+    quantizers: dict[str, tuple[str, Quantizer]] = {
+        "student-w8": ("student-fused", _weights(WeightOnly(bits=8))),
+        "student-w4-hqq": (
+            "student-fused",
+            _weights(WeightOnly(bits=4, algorithm="hqq", eight_bit=_head(f["student-fused"]))),
+        ),
+    }
     sensitivity: dict[str, float] = {}
     mixed: tuple[str, ...] = ()
     if not student_only:
@@ -545,7 +536,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ffn-width", type=int, help="also width-prune the student's FFN to this (Minitron)")
     parser.add_argument("--hidden-width", type=int, help="also prune the student's residual channels to this")
     parser.add_argument("--student-only", action="store_true", help="the student's artifacts and the fp32 teacher")
-    parser.add_argument("--teacher-only", action="store_true", help="the teacher's artifacts and llama.cpp (no student)")
     args = parser.parse_args(argv)
     # onnxruntime.quantization logs every tensor at INFO on the root logger: INFO only for ours
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
@@ -574,7 +564,6 @@ def main(argv: list[str] | None = None) -> int:
         ffn_width=args.ffn_width,
         hidden_width=args.hidden_width,
         student_only=args.student_only,
-        teacher_only=args.teacher_only,
     )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
