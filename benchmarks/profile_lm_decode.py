@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,9 +21,12 @@ from typing import Any
 import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+
+from bench_lm import _head, _quantize, _weights
 
 from edgepipe.export.causal_lm import export_fused
-from edgepipe.export.lm_quantize import WeightOnly, head_nodes, quantize_weight_only
+from edgepipe.export.lm_quantize import WeightOnly
 from edgepipe.pipeline.models import smollm2_folder
 from edgepipe.runtime.backends import RuntimeOptions
 from edgepipe.runtime.generate import OnnxCausalLM
@@ -35,20 +38,14 @@ def build(work: Path) -> dict[str, Path]:
     fused = work / "teacher-fused"
     if not (fused / "model.onnx").is_file():
         export_fused(smollm2_folder(work / "cache"), fused, work / "builder.log")
-    head = tuple(head_nodes(fused / "model.onnx"))
+    head = _head(fused)
     folders = {"teacher-fused": fused}
     for name, settings in {
         "w4-rtn": WeightOnly(bits=4, eight_bit=head),
         "w4-hqq": WeightOnly(bits=4, algorithm="hqq", eight_bit=head),
     }.items():
-        folders[name] = dst = work / name
-        if not (dst / "model.onnx").is_file():
-            shutil.rmtree(dst, ignore_errors=True)
-            dst.mkdir(parents=True)
-            for item in fused.iterdir():
-                if item.is_file() and item.name not in ("model.onnx", "model.onnx.data"):
-                    shutil.copy2(item, dst / item.name)
-            quantize_weight_only(fused / "model.onnx", dst / "model.onnx", settings)
+        folders[name] = work / name
+        _quantize(fused, folders[name], _weights(settings))  # once, cached with its tokenizer and configs
     return folders
 
 
