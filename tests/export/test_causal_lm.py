@@ -152,9 +152,11 @@ def test_weight_only_keeps_the_named_matmuls_at_8_bits(
     assert head.endswith("/lm_head/MatMul") and down.endswith("/layers.1/mlp/down_proj/MatMul")
     out = tmp_path / f"{algorithm}.onnx"
     ops = quantize_weight_only(path, out, WeightOnly(bits=4, algorithm=algorithm, eight_bit=(head, down)))
-    assert ops["MatMulNBits"] == CONST_MATMULS and ops["MatMul"] == ATTENTION_MATMULS + (
-        CONST_MATMULS - 2 if algorithm == "hqq" else 0  # per-block offsets of the 4-bit HQQ nodes (integer_kernel)
-    )
+    # HQQ's 4-bit nodes read their input with its block sums appended (integer_kernel): one small MatMulNBits
+    # and a Concat per distinct input, no other op
+    assert ops["MatMul"] == ATTENTION_MATMULS
+    appended = ops.get("Concat", 0) - op_counts(path).get("Concat", 0)
+    assert ops["MatMulNBits"] == CONST_MATMULS + appended and (appended > 0) == (algorithm == "hqq")
     widths = _nbits(out)
     eight = {name for name, (bits, _) in widths.items() if bits == 8}
     assert len(eight) == 2 and all(n.startswith((head, down)) for n in eight)
@@ -164,8 +166,12 @@ def test_weight_only_keeps_the_named_matmuls_at_8_bits(
 
 
 @pytest.mark.skipif(int4_available() is not None, reason=str(int4_available()))
-def test_hqq_float_zero_points_rewrite_is_exact(exported: tuple[LlamaForCausalLM, Path], tmp_path: Path) -> None:
-    """HQQ's float zero points moved into a per-block offset: the same function, on the integer kernel."""
+@pytest.mark.parametrize(("levels", "atol"), [(2, 1e-4), (1, 1e-2)])
+def test_hqq_float_zero_points_rewrite_is_exact(
+    exported: tuple[LlamaForCausalLM, Path], tmp_path: Path, levels: int, atol: float
+) -> None:
+    """HQQ's float zero points as rounded ones plus per-block offsets on appended input rows: the same function
+    on the integer kernel (float-exact with two passes over the offsets, one pass rounds them to 4 bits)."""
     from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
     _, path = exported
@@ -175,10 +181,15 @@ def test_hqq_float_zero_points_rewrite_is_exact(exported: tuple[LlamaForCausalLM
     quantizer.process()
     model = quantizer.model.model
     onnx.save_model(model, str(tmp_path / "float-zp.onnx"))
-    assert integer_kernel(model, accuracy_level=None) == CONST_MATMULS
+    reference = _logits(tmp_path / "float-zp.onnx")
+    assert integer_kernel(model, accuracy_level=None, levels=levels) == CONST_MATMULS
     onnx.save_model(model, str(tmp_path / "integer.onnx"))
     assert {zp for _, zp in _nbits(tmp_path / "integer.onnx").values()} == {onnx.TensorProto.UINT8}
-    assert np.abs(_logits(tmp_path / "integer.onnx") - _logits(tmp_path / "float-zp.onnx")).max() < 1e-4
+    ops = op_counts(tmp_path / "integer.onnx")
+    assert ops["MatMulNBits"] == CONST_MATMULS + LAYERS * 4 + 1  # + block sums of q/k/v, o, gate/up, down; head
+    assert ops["MatMul"] == ATTENTION_MATMULS and "Sub" not in ops
+    error = np.abs(_logits(tmp_path / "integer.onnx") - reference).max()
+    assert error < atol
     assert integer_kernel(model, accuracy_level=None) == 0  # nothing left to rewrite
 
 
@@ -250,7 +261,8 @@ def test_weight_only_quantizes_the_fused_graph(fused: Path, tmp_path: Path) -> N
     shutil.copy2(fused.with_name("genai_config.json"), tmp_path)  # the cache's head size (a symbolic dimension)
     out = tmp_path / "w4.onnx"
     ops = quantize_weight_only(fused, out, WeightOnly(bits=4, algorithm="hqq", eight_bit=tuple(head_nodes(fused))))
-    assert ops["MatMulNBits"] == 5 * LAYERS + 1 and ops["GroupQueryAttention"] == LAYERS
+    # qkv, o, gate, up, down per layer, the head; plus the block sums of each layer's 4 inputs (integer_kernel)
+    assert ops["MatMulNBits"] == 5 * LAYERS + 1 + 4 * LAYERS and ops["GroupQueryAttention"] == LAYERS
     assert {zp for _, zp in _nbits(out).values()} == {onnx.TensorProto.UINT8}
     ids = np.arange(1, 21, dtype=np.int64).reshape(2, 10) % 250
     reference = OnnxCausalLM(fused).logits(ids, np.ones_like(ids))
