@@ -248,10 +248,10 @@ def integer_kernel(model: Any, accuracy_level: int | None, levels: int = 1) -> i
     y = x W = x (q, s, z') + blocksum(x) r. The second term joins the first as extra input rows: the input
     gets its block sums appended (one small MatMulNBits with 0/1 weights, then Concat; once for every MatMul
     reading it, as q, k, v do), the weight gets r as rows, quantized at the same width in `levels` passes (a
-    second holds what the first rounded off: float-exact, at 3% of the decode speed), so each MatMul stays one
-    MatMulNBits. Centred weights (q - z') also keep the kernel's int8 rounding of x from being multiplied by
-    q's offset: SmolLM2-135M KL 0.008 against 0.027 for MatMulNBits(q, zero point 0) - blocksum(x) s z, at
-    1.10x its decode speed (RESULTS.md). Inputs are (..., K); nodes whose K is not a multiple of the block size
+    second holds what the first rounded off: float-exact, 3% slower), so each MatMul stays one MatMulNBits.
+    Centred weights (q - z') also keep the kernel's int8 rounding of x from being multiplied by q's offset:
+    SmolLM2-135M KL 0.008 against 0.027 for MatMulNBits(q, zero point 0) - blocksum(x) s z, at 1.10x its
+    decode speed (RESULTS.md). Inputs are (..., K); nodes whose K is not a multiple of the block size
     keep their float zero points."""
     import numpy as np
     import onnx
@@ -274,7 +274,8 @@ def integer_kernel(model: Any, accuracy_level: int | None, levels: int = 1) -> i
         kernel = {name: value for name, value in attrs.items() if name not in ("accuracy_level", "K", "N")}
         if accuracy_level:
             kernel["accuracy_level"] = accuracy_level
-        scales = numpy_helper.to_array(init[node.input[2]]).astype(np.float32).reshape(n, blocks)
+        given = numpy_helper.to_array(init[node.input[2]])  # the model's float type (fp32 or fp16)
+        scales = given.astype(np.float32).reshape(n, blocks)
         zeros = numpy_helper.to_array(zp).astype(np.float32).reshape(n, blocks)
         whole = np.clip(np.round(zeros), 0, 2**bits - 1)
         rows, row_scales, row_zeros = _offset_rows(scales * (whole - zeros), block, bits, levels)
@@ -289,7 +290,7 @@ def integer_kernel(model: Any, accuracy_level: int | None, levels: int = 1) -> i
             graph.initializer.extend(
                 [
                     numpy_helper.from_array(_pack(indicator, bits), f"{prefix}/ones"),
-                    numpy_helper.from_array(np.ones(extra * block * blocks, dtype=np.float32), f"{prefix}/scales"),
+                    numpy_helper.from_array(np.ones(extra * block * blocks, dtype=given.dtype), f"{prefix}/scales"),
                     numpy_helper.from_array(np.zeros(extra * block * -(-blocks * bits // 8), np.uint8), f"{prefix}/zp"),
                 ]
             )
@@ -310,7 +311,9 @@ def integer_kernel(model: Any, accuracy_level: int | None, levels: int = 1) -> i
         graph.initializer.extend(
             [
                 numpy_helper.from_array(np.concatenate([weight, rows], axis=1), f"{base}/wide_b"),
-                numpy_helper.from_array(np.concatenate([scales, row_scales], axis=1).ravel(), f"{base}/wide_scales"),
+                numpy_helper.from_array(
+                    np.concatenate([scales, row_scales], axis=1).astype(given.dtype).ravel(), f"{base}/wide_scales"
+                ),
                 numpy_helper.from_array(
                     _pack(np.concatenate([whole.astype(np.uint8), row_zeros], axis=1), bits).ravel(), f"{base}/wide_zp"
                 ),
