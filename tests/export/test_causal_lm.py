@@ -193,6 +193,27 @@ def test_hqq_float_zero_points_rewrite_is_exact(
     assert integer_kernel(model, accuracy_level=None) == 0  # nothing left to rewrite
 
 
+@pytest.mark.skipif(int4_available() is not None, reason=str(int4_available()))
+def test_a_tied_table_reads_the_8_bit_head_and_an_untied_one_stays(
+    exported: tuple[LlamaForCausalLM, Path], tmp_path: Path
+) -> None:
+    """Tied embeddings: the token Gather becomes GatherBlockQuantized on the head's own 8-bit blocks (the fp32
+    table leaves the file); an untied model's table is not the head's and stays a float Gather."""
+    model = tiny_llama(layers=LAYERS, tie=True)
+    export_causal_lm(model, tmp_path / "tied.onnx")
+    settings = WeightOnly(bits=4, eight_bit=tuple(head_nodes(tmp_path / "tied.onnx")))
+    ops = quantize_weight_only(tmp_path / "tied.onnx", tmp_path / "tied-w4.onnx", settings)
+    assert ops["GatherBlockQuantized"] == 1
+    graph = onnx.load(str(tmp_path / "tied-w4.onnx")).graph
+    tables = [i for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and list(i.dims) == [256, 64]]
+    assert tables == []  # no float copy of the table is left
+    assert np.abs(_logits(tmp_path / "tied-w4.onnx") - _logits(tmp_path / "tied.onnx")).max() < INT4_ATOL
+
+    _, untied = exported
+    ops = quantize_weight_only(untied, tmp_path / "untied-w4.onnx", WeightOnly(bits=8))
+    assert "GatherBlockQuantized" not in ops
+
+
 def test_fake_quantize_is_what_matmulnbits_stores(tmp_path: Path) -> None:
     """The sensitivity measurement's simulated rounding equals onnxruntime's RTN kernel (asymmetric and
     symmetric, 4 and 8 bits): the identity through a quantized MatMul reads its weight back."""

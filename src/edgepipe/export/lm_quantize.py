@@ -15,7 +15,9 @@
   (`integer_kernel`).
 
 The LM head (a MatMul on the tied embedding) is the largest single weight of a small LM (28 M of
-SmolLM2-135M's 134.5 M parameters), so both quantize it by default; `head=False` keeps it fp32.
+SmolLM2-135M's 134.5 M parameters), so both quantize it by default; `head=False` keeps it fp32. With tied
+embeddings and an 8-bit head, the weight-only path also points the token lookup at the head's blocks
+(`tie_embedding`: one 8-bit table, as llama.cpp's GGUF has; SmolLM2-135M 4-bit: 223 -> 110 MB).
 Models are written as one file (no external data): a 135 M-parameter model is far below 2 GB.
 """
 
@@ -119,7 +121,8 @@ class WeightOnly:
     `bits` for every constant MatMul, except `eight_bit` (node names) at 8 bits: the per-node widths of a
     mixed recipe such as llama.cpp's Q4_K_M. `block_size` weights share one scale (and zero point unless
     `symmetric`). `accuracy_level` 4 lets the CPU kernel quantize activations to int8 per block and use
-    int8 dot products; it needs integer zero points, which HQQ does not write (`hqq_integer_zero`)."""
+    int8 dot products; it needs integer zero points, which HQQ does not write (`integer_kernel`).
+    `tied_table`: a tied token table read from the 8-bit head's blocks (`tie_embedding`)."""
 
     bits: int = 4
     algorithm: str = "rtn"
@@ -128,6 +131,7 @@ class WeightOnly:
     accuracy_level: int | None = 4
     eight_bit: tuple[str, ...] = ()
     head: bool = True
+    tied_table: bool = True
 
 
 def quantize_weight_only(
@@ -181,6 +185,9 @@ def quantize_weight_only(
         )
         quantizer.process()
         model = quantizer.model.model
+    if settings.head and settings.tied_table:
+        table = tie_embedding(model)
+        log.info("token table %s", f"{table} -> the LM head's 8-bit blocks" if table else "kept (no tied 8-bit head)")
     onnx.save_model(model, str(dst))
     return op_counts(dst)
 
@@ -375,3 +382,75 @@ def _pack(values: Any, bits: int) -> Any:
     padded[..., : values.shape[-1]] = values
     grouped = padded.reshape(*values.shape[:-1], -1, per_byte)
     return np.bitwise_or.reduce([grouped[..., j] << (bits * j) for j in range(per_byte)], axis=0).astype(np.uint8)
+
+
+def tie_embedding(model: Any) -> str | None:
+    """Point the token-embedding Gather at the 8-bit LM head's own blocks (GatherBlockQuantized), as llama.cpp's
+    GGUF keeps one table for both; returns the name of the float table that left, or None.
+
+    A tied small LM's table is most of its file after weight-only quantization (SmolLM2-135M: 113 MB fp32 of
+    223 MB, the head's 8-bit copy 28 MB). The head's MatMulNBits stores the table's rows (its N axis) in blocks
+    along the hidden axis, which is the layout GatherBlockQuantized reads (gather axis 0, quantize axis 1).
+    Applies where the Gather reads `input_ids` from a float table, or from a Transpose of one, that the head's
+    blocks reproduce within half a step (so a model with an untied head keeps its table)."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    init = {i.name: i for i in graph.initializer}
+    head = next((n for n in graph.node if n.op_type == "MatMulNBits" and "logits" in n.output), None)
+    if head is None or len(head.input) < 4 or not head.input[3]:
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
+    k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
+    if attrs["bits"] != 8 or k % block or head.input[3] not in init:
+        return None
+    nodes = list(graph.node)
+    producer = {out: node for node in nodes for out in node.output}
+    at = next((i for i, g in enumerate(nodes) if g.op_type == "Gather" and g.input[1] == "input_ids"), None)
+    if at is None:
+        return None
+    gather = nodes[at]
+    source, transpose = gather.input[0], producer.get(gather.input[0])
+    if transpose is not None and transpose.op_type == "Transpose":
+        source = transpose.input[0]
+    if source not in init:
+        return None
+    table = numpy_helper.to_array(init[source])
+    table = table.T if transpose is not None else table
+    if table.shape != (n, k):
+        return None
+    q = numpy_helper.to_array(init[head.input[1]]).reshape(n, k // block, block).astype(np.float32)
+    scales = numpy_helper.to_array(init[head.input[2]]).astype(np.float32).reshape(n, k // block, 1)
+    zeros = numpy_helper.to_array(init[head.input[3]]).astype(np.float32).reshape(n, k // block, 1)
+    error = np.abs((q - zeros) * scales - table.reshape(n, k // block, block))
+    if not (error <= scales * 0.5 + 1e-6).all():
+        return None  # an untied head: its blocks are not this table
+    inputs, reshapes = [], []  # the head's initializers in GatherBlockQuantized's 2-D shapes
+    for name, shape in ((head.input[1], (n, k)), (head.input[2], (n, k // block)), (head.input[3], (n, k // block))):
+        if list(init[name].dims) == list(shape):
+            inputs.append(name)
+            continue
+        graph.initializer.append(numpy_helper.from_array(np.asarray(shape, dtype=np.int64), f"{name}/table_shape"))
+        reshapes.append(helper.make_node("Reshape", [name, f"{name}/table_shape"], [f"{name}/table"]))
+        inputs.append(f"{name}/table")
+    nodes[at] = helper.make_node(
+        "GatherBlockQuantized",
+        [inputs[0], gather.input[1], inputs[1], inputs[2]],
+        list(gather.output),
+        name=f"{gather.name}/tied",
+        domain="com.microsoft",
+        bits=8,
+        block_size=block,
+        gather_axis=0,
+        quantize_axis=1,
+    )
+    used = {name for node in nodes for name in node.input} | {o.name for o in graph.output}
+    nodes = [node for node in nodes if transpose is None or node is not transpose or node.output[0] in used]
+    graph.ClearField("node")
+    graph.node.extend(reshapes + nodes)  # the Reshapes read initializers only: first
+    used = {name for node in graph.node for name in node.input}
+    kept = [i for i in graph.initializer if i.name in used]
+    graph.ClearField("initializer")
+    graph.initializer.extend(kept)
+    return source

@@ -368,6 +368,11 @@ class WeightOnlyConfig(_Strict):
         default_factory=list, description="MatMuls at 8 bits by name part (e.g. lm_head, down_proj), beside those"
     )
     head: bool = Field(True, description="quantize the LM head (the tied embedding's MatMul)")
+    tied_table: bool = Field(
+        True,
+        description="with tied embeddings and an 8-bit head: the token lookup reads the head's 8-bit blocks "
+        "(GatherBlockQuantized) and the float table leaves the file, as in llama.cpp's GGUF",
+    )
     calibration_texts: int = Field(32, ge=1, description="train texts for GPTQ and the sensitivity measurement")
 
     @model_validator(mode="after")

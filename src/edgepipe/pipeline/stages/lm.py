@@ -305,6 +305,7 @@ def weight_only_settings(cfg: QuantizeConfig, onnx_path: Path, sensitivity: dict
         accuracy_level=weights.accuracy_level,
         eight_bit=tuple(dict.fromkeys(chosen)),
         head=weights.head,
+        tied_table=weights.tied_table,
     )
 
 
