@@ -290,6 +290,29 @@ def test_weight_only_quantizes_the_fused_graph(fused: Path, tmp_path: Path) -> N
     assert np.abs(OnnxCausalLM(out).logits(ids, np.ones_like(ids)) - reference).max() < INT4_ATOL
 
 
+@pytest.mark.skipif(fused_available() is not None, reason=str(fused_available()))
+def test_the_fused_graph_of_a_tied_model_reads_its_table_from_the_head(tmp_path: Path) -> None:
+    """onnxruntime-genai's builder gathers from a Transpose of the head's float weight: that pair goes too."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from edgepipe.export.causal_lm import export_fused
+    from edgepipe.pipeline.models import resolve_model
+
+    tiny_llama(layers=LAYERS, tie=True).save_pretrained(tmp_path / "hf")
+    AutoTokenizer.from_pretrained(resolve_model("minilm-l6")).save_pretrained(tmp_path / "hf")
+    fused = export_fused(tmp_path / "hf", tmp_path / "fp32-fused", tmp_path / "builder.log")
+    assert op_counts(fused)["Transpose"] >= 1
+    shutil.copy2(fused.with_name("genai_config.json"), tmp_path)
+    out = tmp_path / "w4.onnx"
+    ops = quantize_weight_only(fused, out, WeightOnly(bits=4, algorithm="hqq", eight_bit=tuple(head_nodes(fused))))
+    assert ops["GatherBlockQuantized"] == 1 and ops.get("Transpose", 0) == op_counts(fused)["Transpose"] - 1
+    ids = np.arange(1, 21, dtype=np.int64).reshape(2, 10) % 250
+    reference = OnnxCausalLM(fused).logits(ids, np.ones_like(ids))
+    assert np.abs(OnnxCausalLM(out).logits(ids, np.ones_like(ids)) - reference).max() < INT4_ATOL
+
+
 def test_export_leaves_a_model_with_dropout_in_eval_mode_and_decodes_like_it(tmp_path: Path) -> None:
     """GPT-2 has 0.1 dropout: a wrapper exported in train mode switched it on in the model afterwards, so
     PyTorch, not the ONNX graph, was off (by ~1 logit) in the parity check."""
