@@ -242,14 +242,17 @@ def test_fake_quantize_is_what_matmulnbits_stores(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def fused(exported: tuple[LlamaForCausalLM, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The same model through onnxruntime-genai's builder (it reads the folder's tokenizer too)."""
+    """The same model through onnxruntime-genai's builder."""
+    return _fused(exported[0], tmp_path_factory.mktemp("fused"))
+
+
+def _fused(model: LlamaForCausalLM, folder: Path) -> Path:
+    """`model`'s fused graph in `folder` (the builder reads the folder's tokenizer too)."""
     from transformers import AutoTokenizer
 
     from edgepipe.export.causal_lm import export_fused
     from edgepipe.pipeline.models import resolve_model
 
-    model, _ = exported
-    folder = tmp_path_factory.mktemp("fused")
     model.save_pretrained(folder / "hf")
     AutoTokenizer.from_pretrained(resolve_model("minilm-l6")).save_pretrained(folder / "hf")
     return export_fused(folder / "hf", folder / "fp32-fused", folder / "builder.log")
@@ -295,14 +298,7 @@ def test_the_fused_graph_of_a_tied_model_reads_its_table_from_the_head(tmp_path:
     """onnxruntime-genai's builder gathers from a Transpose of the head's float weight: that pair goes too."""
     import shutil
 
-    from transformers import AutoTokenizer
-
-    from edgepipe.export.causal_lm import export_fused
-    from edgepipe.pipeline.models import resolve_model
-
-    tiny_llama(layers=LAYERS, tie=True).save_pretrained(tmp_path / "hf")
-    AutoTokenizer.from_pretrained(resolve_model("minilm-l6")).save_pretrained(tmp_path / "hf")
-    fused = export_fused(tmp_path / "hf", tmp_path / "fp32-fused", tmp_path / "builder.log")
+    fused = _fused(tiny_llama(layers=LAYERS, tie=True), tmp_path)
     assert op_counts(fused)["Transpose"] >= 1
     shutil.copy2(fused.with_name("genai_config.json"), tmp_path)
     out = tmp_path / "w4.onnx"

@@ -277,7 +277,8 @@ def integer_kernel(model: Any, accuracy_level: int | None, levels: int = 1) -> i
             continue
         k, n, bits, block = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
         blocks, base = k // block, node.name or node.output[0]
-        extra = levels * -(-blocks // block)  # blocks of appended rows
+        per_level = -(-blocks // block)  # blocks of appended rows per pass over the offsets
+        extra = levels * per_level
         kernel = {name: value for name, value in attrs.items() if name not in ("accuracy_level", "K", "N")}
         if accuracy_level:
             kernel["accuracy_level"] = accuracy_level
@@ -292,7 +293,7 @@ def integer_kernel(model: Any, accuracy_level: int | None, levels: int = 1) -> i
             prefix = f"{node.input[0]}/blocksum{block}"
             ones = np.zeros((extra * block, blocks), dtype=np.uint8)  # (output, k-block): which sum goes where
             for level in range(levels):
-                ones[level * (extra // levels) * block + np.arange(blocks), np.arange(blocks)] = 1
+                ones[level * per_level * block + np.arange(blocks), np.arange(blocks)] = 1
             indicator = np.repeat(ones[:, :, None], block, axis=2).reshape(extra * block, blocks, block)
             graph.initializer.extend(
                 [
@@ -341,11 +342,15 @@ def integer_kernel(model: Any, accuracy_level: int | None, levels: int = 1) -> i
         rewritten += 1
     graph.ClearField("node")
     graph.node.extend(nodes)
+    _drop_unread_initializers(graph)
+    return rewritten
+
+
+def _drop_unread_initializers(graph: Any) -> None:
     used = {name for node in graph.node for name in node.input}
     kept = [i for i in graph.initializer if i.name in used]
     graph.ClearField("initializer")
     graph.initializer.extend(kept)
-    return rewritten
 
 
 def _offset_rows(offsets: Any, block: int, bits: int, levels: int) -> tuple[Any, Any, Any]:
@@ -411,9 +416,9 @@ def tie_embedding(model: Any) -> str | None:
     if at is None:
         return None
     gather = nodes[at]
-    source, transpose = gather.input[0], producer.get(gather.input[0])
-    if transpose is not None and transpose.op_type == "Transpose":
-        source = transpose.input[0]
+    transpose = producer.get(gather.input[0])
+    transpose = transpose if transpose is not None and transpose.op_type == "Transpose" else None
+    source = transpose.input[0] if transpose is not None else gather.input[0]
     if source not in init:
         return None
     table = numpy_helper.to_array(init[source])
@@ -446,11 +451,9 @@ def tie_embedding(model: Any) -> str | None:
         quantize_axis=1,
     )
     used = {name for node in nodes for name in node.input} | {o.name for o in graph.output}
-    nodes = [node for node in nodes if transpose is None or node is not transpose or node.output[0] in used]
+    if transpose is not None and transpose.output[0] not in used:  # it only fed the table's Gather
+        nodes = [node for node in nodes if node is not transpose]
     graph.ClearField("node")
     graph.node.extend(reshapes + nodes)  # the Reshapes read initializers only: first
-    used = {name for node in graph.node for name in node.input}
-    kept = [i for i in graph.initializer if i.name in used]
-    graph.ClearField("initializer")
-    graph.initializer.extend(kept)
+    _drop_unread_initializers(graph)
     return source
